@@ -1,0 +1,48 @@
+# birdbone — quick start:  `make demo`  (compress the built-in Gemma 3 270M)  and  `make test`.
+# Both create .venv and install what they need; torch is pinned to the local CPU wheel and installed
+# first, so nothing later pulls a CUDA build.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# llama-cpp-python compiles from source once; pip caches the wheel for later venvs. Portable build.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+
+.PHONY: demo test test-slow venv clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	touch $@
+
+$(VENV)/.core: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.demo: $(VENV)/.core
+	$(BIN)/pip install -q -e '.[demo]'
+	touch $@
+
+$(VENV)/.test: $(VENV)/.core
+	$(BIN)/pip install -q -e '.[test,llamacpp]'
+	touch $@
+
+venv: $(VENV)/.core
+
+# The main job: 50% unstructured SparseGPT on Gemma 3 270M, Q8_0 GGUF, table of base vs compressed.
+demo: $(VENV)/.demo
+	$(BIN)/birdbone compress -r birdbone_core/recipes/demo.yaml -o runs/demo
+
+test: $(VENV)/.test
+	BIRDBONE_PROGRESS=0 $(BIN)/python -m pytest -q -ra
+
+# Real-model checks on Gemma 3 270M (minutes): not part of the default run.
+test-slow: $(VENV)/.test $(VENV)/.demo
+	BIRDBONE_PROGRESS=0 $(BIN)/python -m pytest -q -ra -m slow
+
+clean-venv:
+	rm -rf $(VENV)

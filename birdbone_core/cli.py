@@ -1,0 +1,169 @@
+"""`birdbone` command line. Every step works on a run directory so it can run alone (e.g. as an Airflow
+task in its own container); `compress` chains them in one process.
+
+    birdbone compress [MODEL] -r recipe.yaml -o RUN      # all steps; MODEL defaults to Gemma 3 270M
+    birdbone init RUN [--model MODEL] [-r recipe.yaml]   # then: baseline, prune, export, evaluate
+    birdbone eval MODEL [--reference BASE]               # score any HF dir / GGUF / run dir
+
+User mistakes (bad files, bad recipes, unsupported models) print one line `error: ...` and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from birdbone_core import __version__
+from birdbone_core.errors import BirdboneError
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f}"
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def print_metrics_table(metrics: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    b, c = metrics["base"], metrics["compressed"]
+    t = Table(title=f"{metrics['recipe']}: {metrics['n_scored']} tokens of {metrics['eval_text']}, n_ctx={metrics['n_ctx']}")
+    for col in ("model", "file", "size MB", "zeros", "ppl (torch)", "ppl (llama.cpp)", "KLD vs base", "top-1 agree"):
+        t.add_column(col, justify="right" if col not in ("model", "file") else "left")
+    t.add_row("base", Path(b["path"]).name, _mb(b["bytes"]), "-", _f(b["ppl"], ".3f"), "-", "0", "100%")
+    t.add_row("compressed", Path(c["path"]).name if c["path"] else "-", _mb(c["bytes"]), f"{c['sparsity']:.1%}",
+              _f(c["ppl"], ".3f"), _f(c["ppl_llamacpp"], ".3f"), _f(c["kld"], ".4f"),
+              "-" if c["top1"] is None else f"{c['top1']:.1%}")
+    Console().print(t)
+
+
+def _cmd_compress(a) -> int:
+    from birdbone_core.steps import Run, compress
+
+    metrics = compress(Path(a.out), a.model, a.recipe)
+    print_metrics_table(metrics)
+    run = Run(Path(a.out))
+    print(f"GGUF:    {metrics['compressed']['path']}")
+    print(f"pruned:  {run.pruned_dir}  (transformers safetensors)")
+    print(f"metrics: {run.metrics_path}")
+    return 0
+
+
+def _cmd_init(a) -> int:
+    from birdbone_core.steps import init_run
+
+    run = init_run(Path(a.run), a.model, a.recipe)
+    print(f"run directory ready: {run.root}")
+    return 0
+
+
+def _cmd_step(a) -> int:
+    from birdbone_core import steps
+
+    run = steps.Run(Path(a.run))
+    run.manifest()  # validates the directory
+    if a.cmd == "baseline":
+        r = steps.step_baseline(run)
+        print(f"baseline perplexity {r.ppl:.3f} on {r.n_scored} tokens")
+    elif a.cmd == "prune":
+        steps.step_prune(run)
+        info = run.manifest()["steps"]["prune"]
+        print(f"pruned to {info['sparsity']:.1%} zeros in {info['seconds']:.0f}s -> {run.pruned_dir}")
+    elif a.cmd == "export":
+        r = steps.step_export(run)
+        print(f"wrote {r.path} ({_mb(r.n_bytes)} MB, {r.bits_per_weight:.2f} bits/weight)")
+    elif a.cmd == "evaluate":
+        print_metrics_table(steps.step_evaluate(run))
+    return 0
+
+
+def _cmd_eval(a) -> int:
+    from birdbone_core.data.text import evaluation_chunks, read_text
+    from birdbone_core.eval.perplexity import evaluate
+    from birdbone_core.model.load import load_model
+
+    spec = a.model
+    if (Path(spec) / "run.json").is_file():
+        spec = str(Path(spec) / "pruned")
+    lm = load_model(spec)
+    text, desc = read_text(a.text, "eval")
+    chunks = evaluation_chunks(lm.tokenizer, text, a.n_ctx, a.max_chunks)
+    ref_hidden = None
+    if a.reference:
+        ref = load_model(a.reference)
+        if ref.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
+            raise BirdboneError(f"{a.reference}: reference model has a different vocabulary; KL needs the same one")
+        _, ref_hidden = evaluate(ref.model, chunks, description="scoring reference")
+        del ref
+    result, _ = evaluate(lm.model, chunks, reference_hidden=ref_hidden, description="scoring model")
+    out = {"model": a.model, "text": desc, **result.as_dict()}
+    if a.json:
+        print(json.dumps(out, indent=2))
+    else:
+        line = f"{a.model}: ppl {result.ppl:.3f} over {result.n_scored} tokens of {desc} (n_ctx={result.n_ctx})"
+        if result.kld is not None:
+            line += f", KLD {result.kld:.4f}, top-1 agreement {result.top1:.1%}"
+        print(line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="birdbone", description="Prune, heal and quantize causal LMs into GGUF.")
+    p.add_argument("--version", action="version", version=f"birdbone {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compress", help="run every step: baseline, prune, export, evaluate")
+    c.add_argument("model", nargs="?", help="HF dir, .gguf file or hub id (default: built-in Gemma 3 270M)")
+    c.add_argument("-r", "--recipe", help="YAML recipe (default: 50%% unstructured SparseGPT, Q8_0)")
+    c.add_argument("-o", "--out", required=True, help="run directory to write")
+    c.set_defaults(fn=_cmd_compress)
+
+    i = sub.add_parser("init", help="create a run directory")
+    i.add_argument("run")
+    i.add_argument("--model", help="HF dir, .gguf file or hub id (default: built-in Gemma 3 270M)")
+    i.add_argument("-r", "--recipe")
+    i.set_defaults(fn=_cmd_init)
+
+    for name, help_ in (("baseline", "score the dense model, keep its outputs for KL"),
+                        ("prune", "one-shot layer-by-layer pruning"),
+                        ("export", "write the GGUF"),
+                        ("evaluate", "score the compressed model against the baseline")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("run")
+        s.set_defaults(fn=_cmd_step)
+
+    e = sub.add_parser("eval", help="perplexity (and KL vs a reference) of any model")
+    e.add_argument("model", help="HF dir, .gguf file, or run directory (its pruned model)")
+    e.add_argument("--reference", help="uncompressed model for KL divergence and top-1 agreement")
+    e.add_argument("--text", help="evaluation text (.txt/.jsonl[.gz]); default: built-in held-out slice")
+    e.add_argument("--n-ctx", type=int, default=512)
+    e.add_argument("--max-chunks", type=int, default=8)
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(fn=_cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except BirdboneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not a user error: one line unless asked for the traceback
+        if os.environ.get("BIRDBONE_DEBUG"):
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (set BIRDBONE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Perplexity, KL divergence and top-1 agreement, following llama.cpp's `llama-perplexity` protocol so
+torch numbers and llama.cpp numbers can be compared one for one:
+
+    chunks [n_chunks, n_ctx] (first token = BOS), logits at positions j in [n_ctx/2, n_ctx-1)
+    predict tokens j+1: n_ctx/2 - 1 scored tokens per chunk.
+
+The LM head is applied to a few positions at a time (`head_chunk`), so a 262k vocabulary never
+materialises [n_ctx, vocab] logits. KL divergence is KL(reference || model) per token, as llama.cpp's
+--kl-divergence reports it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from birdbone_core.progress import progress_bar
+
+
+@dataclass
+class EvalResult:
+    ppl: float
+    nll: float             # mean negative log-likelihood per scored token (nats)
+    n_scored: int
+    n_chunks: int
+    n_ctx: int
+    kld: float | None = None        # mean KL(reference || model), nats
+    top1: float | None = None       # fraction of positions where argmax agrees with the reference
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _first(n_ctx: int) -> int:
+    return n_ctx // 2
+
+
+@torch.no_grad()
+def scored_hidden_states(model, chunks: torch.Tensor, description: str = "evaluating") -> torch.Tensor:
+    """Final (normed) hidden states at the scored positions.
+
+    chunks: [n_chunks, n_ctx] -> [n_chunks, n_ctx - 1 - n_ctx/2, d_model] float32.
+    """
+    n_chunks, n_ctx = chunks.shape
+    first = _first(n_ctx)
+    base = model.get_decoder()
+    out = []
+    with progress_bar(description, total=n_chunks) as advance:
+        for c in range(n_chunks):
+            h = base(input_ids=chunks[c : c + 1], use_cache=False).last_hidden_state  # [1, n_ctx, d]
+            out.append(h[0, first : n_ctx - 1].float())
+            advance()
+    return torch.stack(out)
+
+
+def _logits(model, h: torch.Tensor) -> torch.Tensor:
+    """LM head (+ final soft-capping where the architecture has it). h: [t, d] -> [t, vocab]."""
+    logits = model.get_output_embeddings()(h.to(model.dtype)).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.no_grad()
+def score_hidden(
+    model,
+    hidden: torch.Tensor,
+    chunks: torch.Tensor,
+    reference_hidden: torch.Tensor | None = None,
+    head_chunk: int = 64,
+) -> EvalResult:
+    """Score scored-position hidden states [n_chunks, t, d] against the chunks' next tokens.
+
+    With reference_hidden (same shape, from the uncompressed model), also KL and top-1 agreement;
+    both sides go through this model's LM head, which compression leaves untouched.
+    """
+    n_chunks, n_ctx = chunks.shape
+    first = _first(n_ctx)
+    targets = chunks[:, first + 1 : n_ctx]                       # [n_chunks, t]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = targets.reshape(-1)
+    ref = reference_hidden.reshape(-1, hidden.shape[-1]) if reference_hidden is not None else None
+    nll_sum = 0.0
+    kld_sum = 0.0
+    agree = 0
+    for s in range(0, h.shape[0], head_chunk):
+        logp = torch.log_softmax(_logits(model, h[s : s + head_chunk]), dim=-1).double()
+        nll_sum += -logp.gather(1, y[s : s + head_chunk, None]).sum().item()
+        if ref is not None:
+            ref_logp = torch.log_softmax(_logits(model, ref[s : s + head_chunk]), dim=-1).double()
+            kld_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+            agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
+    n = h.shape[0]
+    nll = nll_sum / n
+    return EvalResult(
+        ppl=math.exp(nll), nll=nll, n_scored=n, n_chunks=n_chunks, n_ctx=n_ctx,
+        kld=kld_sum / n if ref is not None else None,
+        top1=agree / n if ref is not None else None,
+    )
+
+
+def evaluate(model, chunks: torch.Tensor, reference_hidden: torch.Tensor | None = None,
+             description: str = "evaluating") -> tuple[EvalResult, torch.Tensor]:
+    """Perplexity (and KL/top-1 when a reference is given). Returns (result, this model's hidden states)."""
+    hidden = scored_hidden_states(model, chunks, description)
+    return score_hidden(model, hidden, chunks, reference_hidden), hidden

@@ -1,0 +1,177 @@
+"""Recipes: what to do to a model, as YAML validated by pydantic (unknown keys are errors).
+
+    name: sparsegpt-50-q8
+    calibration: {n_samples: 64, seq_len: 512, seed: 0}
+    evaluation:  {n_ctx: 512, max_chunks: 8}
+    prune:       {method: sparsegpt, sparsity: 0.5, pattern: unstructured}
+    export:      {type: q8_0}
+
+Every error names the file, the field path and the problem, on one line.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from birdbone_core.errors import BirdboneError
+
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TextSource(_Strict):
+    """Where text comes from: a .txt/.jsonl(.gz) file, or None for the shipped Python-docs slice."""
+
+    text: str | None = Field(None, description="path to .txt, .jsonl (field 'text') or their .gz; None = built-in slice")
+    seed: int = 0
+
+
+class Calibration(TextSource):
+    n_samples: int = Field(64, ge=1, le=100_000)
+    seq_len: int = Field(512, ge=8, le=131_072)
+
+
+class Evaluation(TextSource):
+    # llama-perplexity protocol: chunks of n_ctx tokens, second half of each chunk is scored
+    n_ctx: int = Field(512, ge=16, le=131_072)
+    max_chunks: int | None = Field(8, ge=1, description="cap on chunks scored (None = whole text)")
+
+
+class SparseGPTSettings(_Strict):
+    blocksize: int = Field(128, ge=1)
+    percdamp: float = Field(0.01, gt=0, le=1)
+
+
+class Prune(_Strict):
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of weights set to zero")
+    pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (N zeros in every M inputs), e.g. 2:4")
+    # regex over module names relative to the model ("model.layers.3.mlp.down_proj") -> sparsity
+    layer_sparsity: dict[str, float] = Field(default_factory=dict)
+    skip: list[str] = Field(default_factory=list, description="regexes of linear modules left dense")
+    sparsegpt: SparseGPTSettings = SparseGPTSettings()
+    batch_size: int = Field(8, ge=1, description="calibration samples per forward batch")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        if v == "unstructured":
+            return v
+        m = _NM.match(v)
+        if not m or not (0 < int(m.group(1)) < int(m.group(2))):
+            raise ValueError(f"{v!r} is neither 'unstructured' nor 'N:M' with 0 < N < M (e.g. '2:4')")
+        return v
+
+    @field_validator("layer_sparsity")
+    @classmethod
+    def _layer_sparsity(cls, v: dict[str, float]) -> dict[str, float]:
+        for pat, s in v.items():
+            _compile(pat)
+            if not 0.0 <= s < 1.0:
+                raise ValueError(f"sparsity for {pat!r} must be in [0, 1), got {s}")
+        return v
+
+    @field_validator("skip")
+    @classmethod
+    def _skip(cls, v: list[str]) -> list[str]:
+        for pat in v:
+            _compile(pat)
+        return v
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N zeros, M group) for N:M patterns, else None."""
+        if self.pattern == "unstructured":
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+    def sparsity_for(self, module_name: str) -> float | None:
+        """Target sparsity of one linear module (None = skip it). First matching override wins."""
+        if any(re.search(p, module_name) for p in self.skip):
+            return None
+        for pat, s in self.layer_sparsity.items():
+            if re.search(pat, module_name):
+                return s
+        return self.sparsity
+
+
+class Export(_Strict):
+    type: Literal["f32", "f16", "bf16", "q8_0"] = "q8_0"
+
+
+class Recipe(_Strict):
+    name: str = "default"
+    calibration: Calibration = Calibration()
+    evaluation: Evaluation = Evaluation()
+    prune: Prune = Prune()
+    export: Export = Export()
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "Recipe":
+        c, e = self.calibration.text, self.evaluation.text
+        if c is not None and e is not None and Path(c).resolve() == Path(e).resolve():
+            raise ValueError("calibration.text and evaluation.text are the same file: evaluation must be held out")
+        return self
+
+    def sha256(self) -> str:
+        """Hash of the canonical JSON form: two recipes with the same meaning hash the same."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+def _compile(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"invalid regex {pattern!r}: {e}") from None
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: invalid recipe: " + "; ".join(parts)
+
+
+def parse_recipe(data: object, source: str = "recipe") -> Recipe:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise BirdboneError(f"{source}: invalid recipe: top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise BirdboneError(_format_error(source, e)) from None
+
+
+def load_recipe(path: str | Path | None) -> Recipe:
+    """Read a YAML recipe; None gives the default recipe (50% unstructured SparseGPT, Q8_0)."""
+    if path is None:
+        return Recipe()
+    p = Path(path)
+    if not p.is_file():
+        raise BirdboneError(f"{p}: recipe file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BirdboneError(f"{p}: not valid YAML ({first})") from None
+    return parse_recipe(data, str(p))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,248 @@
+"""The steps of a run. Each reads the run directory, does one thing, and writes its outputs atomically,
+so any step can run in its own process (or container) and be retried after a crash.
+
+    RUN/run.json                  manifest: model source, recipe hash, versions, completed steps
+    RUN/recipe.yaml               the recipe as validated
+    RUN/baseline/                 eval token chunks + the dense model's scored hidden states (for KL)
+    RUN/pruned/                   the pruned model, a transformers-loadable safetensors dir
+    RUN/prune_report.json         per-module sparsity, per-layer reconstruction error, time
+    RUN/model-<type>.gguf         the export, served by stock llama.cpp
+    RUN/metrics.json              base vs compressed: size, perplexity, KL, top-1
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from birdbone_core import __version__, atomic
+from birdbone_core.data.text import calibration_blocks, evaluation_chunks, read_text
+from birdbone_core.errors import BirdboneError
+from birdbone_core.eval.perplexity import EvalResult, evaluate
+from birdbone_core.model.load import LoadedModel, load_model, resolve_source
+from birdbone_core.model.save import save_hf
+from birdbone_core.progress import console
+from birdbone_core.prune.sequential import count_zeros, prune_sequential
+from birdbone_core.recipe import Recipe, dump_recipe, load_recipe, parse_recipe
+
+import yaml
+
+
+def _versions() -> dict[str, str]:
+    import gguf
+    import transformers
+
+    return {"birdbone": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "gguf": getattr(gguf, "__version__", "?"), "python": platform.python_version()}
+
+
+@dataclass
+class Run:
+    root: Path
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def recipe_path(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def baseline_dir(self) -> Path:
+        return self.root / "baseline"
+
+    @property
+    def pruned_dir(self) -> Path:
+        return self.root / "pruned"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.json"
+
+    def gguf_path(self, recipe: Recipe) -> Path:
+        return self.root / f"model-{recipe.export.type}.gguf"
+
+    def manifest(self) -> dict:
+        if not self.manifest_path.is_file():
+            raise BirdboneError(f"{self.root}: not a birdbone run directory (no run.json); create it with `birdbone init`")
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise BirdboneError(f"{self.manifest_path}: corrupt manifest ({e.msg})") from None
+
+    def recipe(self) -> Recipe:
+        return parse_recipe(yaml.safe_load(self.recipe_path.read_text()), str(self.recipe_path))
+
+    def model_spec(self) -> str:
+        return self.manifest()["model"]["path"]
+
+    def mark_done(self, step: str, info: dict) -> None:
+        m = self.manifest()
+        m["steps"][step] = {"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info}
+        atomic.write_json(self.manifest_path, m)
+
+    def done(self, step: str) -> bool:
+        return step in self.manifest().get("steps", {})
+
+    def require(self, step: str, needed_by: str) -> None:
+        if not self.done(step):
+            raise BirdboneError(f"{self.root}: step '{step}' has not run yet (needed by '{needed_by}')")
+
+
+def init_run(root: Path, model_spec: str | None, recipe_file: str | None) -> Run:
+    """Create RUN/run.json and RUN/recipe.yaml. Re-running with the same model and recipe is a no-op;
+    a different one is refused, so a run directory always describes one experiment."""
+    from birdbone_core.model.default import default_model_path
+
+    recipe = load_recipe(recipe_file)
+    spec = str(default_model_path()) if model_spec is None else model_spec
+    source = resolve_source(spec)
+    run = Run(Path(root))
+    model = {"spec": model_spec or "default", "kind": source.kind, "path": source.path}
+    if run.manifest_path.exists():
+        m = run.manifest()
+        if m["recipe_sha256"] != recipe.sha256() or m["model"]["path"] != source.path:
+            raise BirdboneError(
+                f"{run.root}: run directory already holds a different model or recipe; use a new directory"
+            )
+        return run
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(run.recipe_path, dump_recipe(recipe))
+    atomic.write_json(run.manifest_path, {
+        "birdbone_run": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": model, "recipe_name": recipe.name, "recipe_sha256": recipe.sha256(),
+        "versions": _versions(), "steps": {},
+    })
+    return run
+
+
+def _load(spec: str, what: str) -> LoadedModel:
+    console().print(f"loading {what}: {spec}")
+    t0 = time.perf_counter()
+    lm = load_model(spec)
+    console().print(f"loaded {lm.model_type} ({sum(p.numel() for p in lm.model.parameters()) / 1e6:.1f}M params) "
+                    f"in {time.perf_counter() - t0:.0f}s")
+    return lm
+
+
+def _file_size(path: Path) -> int:
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.glob("*.safetensors"))
+    return p.stat().st_size
+
+
+def step_baseline(run: Run, lm: LoadedModel | None = None) -> EvalResult:
+    """Tokenize the evaluation text and score the dense model; keep its hidden states for KL later."""
+    recipe = run.recipe()
+    lm = lm or _load(run.model_spec(), "base model")
+    ev = recipe.evaluation
+    text, text_desc = read_text(ev.text, "eval")
+    chunks = evaluation_chunks(lm.tokenizer, text, ev.n_ctx, ev.max_chunks)
+    result, hidden = evaluate(lm.model, chunks, description="scoring base model")
+    with atomic.staged_dir(run.baseline_dir) as tmp:
+        save_file({"chunks": chunks.contiguous(), "hidden": hidden.contiguous()}, str(tmp / "reference.safetensors"))
+        atomic.write_json(tmp / "eval.json", {"text": text_desc, **result.as_dict()})
+    run.mark_done("baseline", {"ppl": result.ppl, "n_scored": result.n_scored, "text": text_desc})
+    return result
+
+
+def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
+    """Layer-by-layer one-shot pruning on the calibration text; writes RUN/pruned/."""
+    recipe = run.recipe()
+    lm = lm or _load(run.model_spec(), "base model")
+    cal = recipe.calibration
+    text, text_desc = read_text(cal.text, "calib")
+    blocks = calibration_blocks(lm.tokenizer, text, cal.n_samples, cal.seq_len, cal.seed)
+    report = prune_sequential(lm.model, blocks, recipe.prune,
+                              description=f"{recipe.prune.method} {recipe.prune.pattern}")
+    bad = [n for n, p in lm.model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise BirdboneError(f"pruning produced NaN/Inf in {bad[0]} (and {len(bad) - 1} more); nothing was saved")
+    save_hf(lm.model, lm.tokenizer, run.pruned_dir)
+    info = {"method": report.method, "pattern": report.pattern, "sparsity": report.overall_sparsity(),
+            "seconds": report.seconds, "calibration": {"text": text_desc, "n_samples": cal.n_samples,
+                                                       "seq_len": cal.seq_len, "seed": cal.seed}}
+    atomic.write_json(run.root / "prune_report.json", {
+        **info, "layer_rel_error": report.layer_rel_error,
+        "modules": [dataclasses.asdict(m) for m in report.modules]})
+    run.mark_done("prune", info)
+    return lm
+
+
+def step_export(run: Run, lm: LoadedModel | None = None):
+    """Write the pruned model as a GGUF of the recipe's type."""
+    from birdbone_core.export.gguf_file import export_gguf
+
+    run.require("prune", "export")
+    recipe = run.recipe()
+    lm = lm or _load(str(run.pruned_dir), "pruned model")
+    m = run.manifest()
+    source_gguf = Path(m["model"]["path"]) if m["model"]["kind"] == "gguf" else None
+    result = export_gguf(lm.model, lm.tokenizer, run.gguf_path(recipe), out_type=recipe.export.type,
+                         source_gguf=source_gguf,
+                         extra_metadata={"birdbone.recipe_sha256": m["recipe_sha256"],
+                                         "birdbone.prune.method": recipe.prune.method,
+                                         "birdbone.prune.pattern": recipe.prune.pattern})
+    run.mark_done("export", {"path": str(result.path), "bytes": result.n_bytes,
+                             "bits_per_weight": result.bits_per_weight})
+    return result
+
+
+def _llamacpp_ppl(gguf: Path, chunks: torch.Tensor) -> float | None:
+    """Perplexity of the GGUF by llama.cpp on the very same token chunks, when llama-cpp-python is installed."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None
+    from birdbone_core.eval.llamacpp import llama_perplexity
+
+    n_ctx = chunks.shape[1]
+    ppl, _ = llama_perplexity(gguf, chunks.reshape(-1).tolist(), n_ctx)
+    return ppl
+
+
+def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
+    """Score the pruned model against the baseline (perplexity, KL, top-1) and the GGUF in llama.cpp."""
+    run.require("baseline", "evaluate")
+    run.require("prune", "evaluate")
+    recipe = run.recipe()
+    lm = lm or _load(str(run.pruned_dir), "pruned model")
+    ref = load_file(str(run.baseline_dir / "reference.safetensors"))
+    base_eval = json.loads((run.baseline_dir / "eval.json").read_text())
+    result, _ = evaluate(lm.model, ref["chunks"], reference_hidden=ref["hidden"], description="scoring pruned model")
+    zeros, total = count_zeros(lm.model)
+    m = run.manifest()
+    gguf = run.gguf_path(recipe)
+    llama_ppl = _llamacpp_ppl(gguf, ref["chunks"]) if gguf.is_file() else None
+    metrics = {
+        "recipe": recipe.name, "recipe_sha256": m["recipe_sha256"], "eval_text": base_eval["text"],
+        "n_ctx": result.n_ctx, "n_scored": result.n_scored,
+        "base": {"path": m["model"]["path"], "bytes": _file_size(Path(m["model"]["path"])),
+                 "ppl": base_eval["ppl"]},
+        "compressed": {"path": str(gguf) if gguf.is_file() else None,
+                       "bytes": gguf.stat().st_size if gguf.is_file() else None,
+                       "gguf_type": recipe.export.type, "sparsity": zeros / max(total, 1),
+                       "ppl": result.ppl, "ppl_llamacpp": llama_ppl, "kld": result.kld, "top1": result.top1},
+    }
+    atomic.write_json(run.metrics_path, metrics)
+    run.mark_done("evaluate", {"ppl": result.ppl, "kld": result.kld})
+    return metrics
+
+
+def compress(root: Path, model_spec: str | None, recipe_file: str | None) -> dict:
+    """All steps in one process on one loaded model (the model is pruned in place after the baseline)."""
+    run = init_run(root, model_spec, recipe_file)
+    lm = _load(run.model_spec(), "base model")
+    step_baseline(run, lm)
+    step_prune(run, lm)
+    step_export(run, lm)
+    return step_evaluate(run, lm)

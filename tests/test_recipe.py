@@ -1,0 +1,63 @@
+import pytest
+
+from birdbone_core.errors import BirdboneError
+from birdbone_core.recipe import Recipe, dump_recipe, load_recipe, parse_recipe
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_default_recipe_is_sparsegpt_50_q8():
+    r = load_recipe(None)
+    assert (r.prune.method, r.prune.sparsity, r.prune.pattern, r.export.type) == ("sparsegpt", 0.5, "unstructured", "q8_0")
+
+
+def test_round_trip_and_hash(tmp_path):
+    p = _write(tmp_path, "name: x\nprune: {method: wanda, sparsity: 0.3, pattern: '2:4'}\n")
+    r = load_recipe(p)
+    assert r.prune.nm == (2, 4)
+    again = load_recipe(_write(tmp_path, dump_recipe(r)))
+    assert again == r and again.sha256() == r.sha256()
+    assert r.sha256() != Recipe().sha256()
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("prune: {sparsity: 1.5}", "prune.sparsity: Input should be less than 1"),
+    ("prune: {method: obs}", "prune.method: Input should be 'magnitude', 'wanda' or 'sparsegpt'"),
+    ("prune: {pattern: '4:2'}", "prune.pattern"),
+    ("prune: {sparsty: 0.5}", "prune.sparsty: unknown field"),
+    ("bogus: 1", "bogus: unknown field"),
+    ("export: {type: q4_k}", "export.type"),
+    ("prune: {layer_sparsity: {'(': 0.5}}", "invalid regex"),
+    ("- a\n- b", "top level must be a mapping"),
+    ("prune: {sparsity: [", "not valid YAML"),
+    ("calibration: {n_samples: 0}", "calibration.n_samples"),
+])
+def test_invalid_recipes_name_field(tmp_path, text, needle):
+    p = _write(tmp_path, text)
+    with pytest.raises(BirdboneError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert needle in msg and str(p) in msg and "\n" not in msg
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(BirdboneError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_sparsity_for_overrides_and_skip():
+    r = parse_recipe({"prune": {"sparsity": 0.5, "layer_sparsity": {r"layers\.0\.": 0.2}, "skip": ["down_proj"]}})
+    assert r.prune.sparsity_for("model.layers.0.self_attn.q_proj") == 0.2
+    assert r.prune.sparsity_for("model.layers.1.self_attn.q_proj") == 0.5
+    assert r.prune.sparsity_for("model.layers.1.mlp.down_proj") is None
+
+
+def test_same_calibration_and_eval_file_refused(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("x")
+    with pytest.raises(BirdboneError, match="held out"):
+        parse_recipe({"calibration": {"text": str(f)}, "evaluation": {"text": str(f)}})
