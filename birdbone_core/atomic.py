@@ -9,6 +9,17 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path | str, is_dir: bool) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; published ones get the usual umask mode."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -18,6 +29,7 @@ def write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _publish_mode(tmp, is_dir=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -42,6 +54,7 @@ def staged_file(path: Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        _publish_mode(tmp, is_dir=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -57,6 +70,10 @@ def staged_dir(path: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _publish_mode(tmp, is_dir=True)
+        for f in tmp.rglob("*"):
+            if f.is_file() and not (f.stat().st_mode & 0o044):
+                _publish_mode(f, is_dir=False)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -29,23 +29,26 @@ def _f(x: float | None, fmt: str) -> str:
 
 def print_metrics_table(metrics: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     b, c = metrics["base"], metrics["compressed"]
-    t = Table(title=f"{metrics['recipe']}: {metrics['n_scored']} tokens of {metrics['eval_text']}, n_ctx={metrics['n_ctx']}")
+    t = Table(title=escape(f"{metrics['recipe']}: {metrics['n_scored']} tokens of {metrics['eval_text']}, "
+                           f"n_ctx={metrics['n_ctx']}"))
     for col in ("model", "file", "size MB", "zeros", "ppl (torch)", "ppl (llama.cpp)", "KLD vs base", "top-1 agree"):
         t.add_column(col, justify="right" if col not in ("model", "file") else "left")
-    t.add_row("base", Path(b["path"]).name, _mb(b["bytes"]), "-", _f(b["ppl"], ".3f"), "-", "0", "100%")
+    t.add_row("base", Path(b["path"]).name, _mb(b["bytes"]), "-", _f(b["ppl"], ".3f"),
+              _f(b.get("ppl_llamacpp"), ".3f"), "0", "100%")
     t.add_row("compressed", Path(c["path"]).name if c["path"] else "-", _mb(c["bytes"]), f"{c['sparsity']:.1%}",
               _f(c["ppl"], ".3f"), _f(c["ppl_llamacpp"], ".3f"), _f(c["kld"], ".4f"),
               "-" if c["top1"] is None else f"{c['top1']:.1%}")
-    Console().print(t)
+    Console(width=max(140, Console().width)).print(t)
 
 
 def _cmd_compress(a) -> int:
     from birdbone_core.steps import Run, compress
 
-    metrics = compress(Path(a.out), a.model, a.recipe)
+    metrics = compress(Path(a.out), a.model, a.recipe, _load_options(a))
     print_metrics_table(metrics)
     run = Run(Path(a.out))
     print(f"GGUF:    {metrics['compressed']['path']}")
@@ -57,7 +60,7 @@ def _cmd_compress(a) -> int:
 def _cmd_init(a) -> int:
     from birdbone_core.steps import init_run
 
-    run = init_run(Path(a.run), a.model, a.recipe)
+    run = init_run(Path(a.run), a.model, a.recipe, _load_options(a))
     print(f"run directory ready: {run.root}")
     return 0
 
@@ -85,17 +88,17 @@ def _cmd_step(a) -> int:
 def _cmd_eval(a) -> int:
     from birdbone_core.data.text import evaluation_chunks, read_text
     from birdbone_core.eval.perplexity import evaluate
-    from birdbone_core.model.load import load_model
+    from birdbone_core.steps import load_with_options
 
     spec = a.model
     if (Path(spec) / "run.json").is_file():
         spec = str(Path(spec) / "pruned")
-    lm = load_model(spec)
+    lm = load_with_options(spec, _load_options(a))
     text, desc = read_text(a.text, "eval")
     chunks = evaluation_chunks(lm.tokenizer, text, a.n_ctx, a.max_chunks)
     ref_hidden = None
     if a.reference:
-        ref = load_model(a.reference)
+        ref = load_with_options(a.reference, _load_options(a))
         if ref.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
             raise BirdboneError(f"{a.reference}: reference model has a different vocabulary; KL needs the same one")
         _, ref_hidden = evaluate(ref.model, chunks, description="scoring reference")
@@ -112,6 +115,17 @@ def _cmd_eval(a) -> int:
     return 0
 
 
+def _load_options(a) -> dict:
+    return {"allow_pickle": a.allow_pickle, "trust_remote_code": a.trust_remote_code, "online": a.online}
+
+
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model loading (all off by default)")
+    g.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (.bin/.pt): they can run code")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code from its repo")
+    g.add_argument("--online", action="store_true", help="allow downloading a hub id")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="birdbone", description="Prune, heal and quantize causal LMs into GGUF.")
     p.add_argument("--version", action="version", version=f"birdbone {__version__}")
@@ -121,12 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", nargs="?", help="HF dir, .gguf file or hub id (default: built-in Gemma 3 270M)")
     c.add_argument("-r", "--recipe", help="YAML recipe (default: 50%% unstructured SparseGPT, Q8_0)")
     c.add_argument("-o", "--out", required=True, help="run directory to write")
+    _add_load_flags(c)
     c.set_defaults(fn=_cmd_compress)
 
     i = sub.add_parser("init", help="create a run directory")
     i.add_argument("run")
     i.add_argument("--model", help="HF dir, .gguf file or hub id (default: built-in Gemma 3 270M)")
     i.add_argument("-r", "--recipe")
+    _add_load_flags(i)
     i.set_defaults(fn=_cmd_init)
 
     for name, help_ in (("baseline", "score the dense model, keep its outputs for KL"),
@@ -144,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-ctx", type=int, default=512)
     e.add_argument("--max-chunks", type=int, default=8)
     e.add_argument("--json", action="store_true", help="print JSON")
+    _add_load_flags(e)
     e.set_defaults(fn=_cmd_eval)
     return p
 

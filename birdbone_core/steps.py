@@ -26,7 +26,7 @@ from birdbone_core import __version__, atomic
 from birdbone_core.data.text import calibration_blocks, evaluation_chunks, read_text
 from birdbone_core.errors import BirdboneError
 from birdbone_core.eval.perplexity import EvalResult, evaluate
-from birdbone_core.model.load import LoadedModel, load_model, resolve_source
+from birdbone_core.model.load import LoadedModel, load_model, preflight, resolve_source
 from birdbone_core.model.save import save_hf
 from birdbone_core.progress import console
 from birdbone_core.prune.sequential import count_zeros, prune_sequential
@@ -84,6 +84,9 @@ class Run:
     def model_spec(self) -> str:
         return self.manifest()["model"]["path"]
 
+    def load_options(self) -> dict:
+        return self.manifest()["model"].get("options", {})
+
     def mark_done(self, step: str, info: dict) -> None:
         m = self.manifest()
         m["steps"][step] = {"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), **info}
@@ -97,16 +100,20 @@ class Run:
             raise BirdboneError(f"{self.root}: step '{step}' has not run yet (needed by '{needed_by}')")
 
 
-def init_run(root: Path, model_spec: str | None, recipe_file: str | None) -> Run:
+def init_run(root: Path, model_spec: str | None, recipe_file: str | None,
+             load_options: dict | None = None) -> Run:
     """Create RUN/run.json and RUN/recipe.yaml. Re-running with the same model and recipe is a no-op;
     a different one is refused, so a run directory always describes one experiment."""
     from birdbone_core.model.default import default_model_path
 
     recipe = load_recipe(recipe_file)
     spec = str(default_model_path()) if model_spec is None else model_spec
-    source = resolve_source(spec)
+    opts = {k: bool(v) for k, v in (load_options or {}).items() if k in _LOAD_OPTIONS}
+    source = resolve_source(spec, offline=not opts.get("online", False))
+    preflight(source, allow_pickle=opts.get("allow_pickle", False),
+              trust_remote_code=opts.get("trust_remote_code", False))
     run = Run(Path(root))
-    model = {"spec": model_spec or "default", "kind": source.kind, "path": source.path}
+    model = {"spec": model_spec or "default", "kind": source.kind, "path": source.path, "options": opts}
     if run.manifest_path.exists():
         m = run.manifest()
         if m["recipe_sha256"] != recipe.sha256() or m["model"]["path"] != source.path:
@@ -124,10 +131,19 @@ def init_run(root: Path, model_spec: str | None, recipe_file: str | None) -> Run
     return run
 
 
-def _load(spec: str, what: str) -> LoadedModel:
+_LOAD_OPTIONS = ("allow_pickle", "trust_remote_code", "online")
+
+
+def load_with_options(spec: str, options: dict | None = None) -> LoadedModel:
+    o = options or {}
+    return load_model(spec, allow_pickle=o.get("allow_pickle", False),
+                      trust_remote_code=o.get("trust_remote_code", False), offline=not o.get("online", False))
+
+
+def _load(spec: str, what: str, options: dict | None = None) -> LoadedModel:
     console().print(f"loading {what}: {spec}")
     t0 = time.perf_counter()
-    lm = load_model(spec)
+    lm = load_with_options(spec, options)
     console().print(f"loaded {lm.model_type} ({sum(p.numel() for p in lm.model.parameters()) / 1e6:.1f}M params) "
                     f"in {time.perf_counter() - t0:.0f}s")
     return lm
@@ -143,7 +159,7 @@ def _file_size(path: Path) -> int:
 def step_baseline(run: Run, lm: LoadedModel | None = None) -> EvalResult:
     """Tokenize the evaluation text and score the dense model; keep its hidden states for KL later."""
     recipe = run.recipe()
-    lm = lm or _load(run.model_spec(), "base model")
+    lm = lm or _load(run.model_spec(), "base model", run.load_options())
     ev = recipe.evaluation
     text, text_desc = read_text(ev.text, "eval")
     chunks = evaluation_chunks(lm.tokenizer, text, ev.n_ctx, ev.max_chunks)
@@ -158,7 +174,7 @@ def step_baseline(run: Run, lm: LoadedModel | None = None) -> EvalResult:
 def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
     """Layer-by-layer one-shot pruning on the calibration text; writes RUN/pruned/."""
     recipe = run.recipe()
-    lm = lm or _load(run.model_spec(), "base model")
+    lm = lm or _load(run.model_spec(), "base model", run.load_options())
     cal = recipe.calibration
     text, text_desc = read_text(cal.text, "calib")
     blocks = calibration_blocks(lm.tokenizer, text, cal.n_samples, cal.seq_len, cal.seed)
@@ -223,11 +239,13 @@ def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
     m = run.manifest()
     gguf = run.gguf_path(recipe)
     llama_ppl = _llamacpp_ppl(gguf, ref["chunks"]) if gguf.is_file() else None
+    base_path = Path(m["model"]["path"])
+    base_llama_ppl = _llamacpp_ppl(base_path, ref["chunks"]) if m["model"]["kind"] == "gguf" else None
     metrics = {
         "recipe": recipe.name, "recipe_sha256": m["recipe_sha256"], "eval_text": base_eval["text"],
         "n_ctx": result.n_ctx, "n_scored": result.n_scored,
         "base": {"path": m["model"]["path"], "bytes": _file_size(Path(m["model"]["path"])),
-                 "ppl": base_eval["ppl"]},
+                 "ppl": base_eval["ppl"], "ppl_llamacpp": base_llama_ppl},
         "compressed": {"path": str(gguf) if gguf.is_file() else None,
                        "bytes": gguf.stat().st_size if gguf.is_file() else None,
                        "gguf_type": recipe.export.type, "sparsity": zeros / max(total, 1),
@@ -238,10 +256,10 @@ def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
     return metrics
 
 
-def compress(root: Path, model_spec: str | None, recipe_file: str | None) -> dict:
+def compress(root: Path, model_spec: str | None, recipe_file: str | None, load_options: dict | None = None) -> dict:
     """All steps in one process on one loaded model (the model is pruned in place after the baseline)."""
     run = init_run(root, model_spec, recipe_file)
-    lm = _load(run.model_spec(), "base model")
+    lm = _load(run.model_spec(), "base model", run.load_options())
     step_baseline(run, lm)
     step_prune(run, lm)
     step_export(run, lm)

@@ -29,7 +29,7 @@ def test_self_kl_is_zero_and_head_chunking_is_invisible(tiny):
     res, hidden = evaluate(tiny.model, chunks, reference_hidden=None)
     a = score_hidden(tiny.model, hidden, chunks, reference_hidden=hidden, head_chunk=7)
     assert abs(a.kld) < 1e-9 and a.top1 == 1.0
-    assert math.isclose(a.ppl, res.ppl, rel_tol=1e-9)
+    assert math.isclose(a.ppl, res.ppl, rel_tol=1e-6)   # float32 head, other chunking
 
 
 def test_kl_against_perturbed_model_is_positive(tiny):

@@ -1,0 +1,329 @@
+"""Models in: resolve a user's model spec, validate the files cheaply, then load a float CPU causal LM.
+
+Every problem a user can cause (missing/corrupt files, pickle weights, unsupported architecture, hub
+access while offline) becomes a one-line BirdboneError naming the file and the problem, raised before
+the expensive transformers load whenever the files themselves can tell.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+if TYPE_CHECKING:  # transformers is imported lazily, when a model is actually loaded
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from birdbone_core.errors import BirdboneError
+from birdbone_core.model import checks
+from birdbone_core.model.layers import decoder_layers
+from birdbone_core.model.save import strip_gguf_traces
+
+# HF model_type -> llama.cpp GGUF architecture. llama.cpp has no separate mistral graph: it serves
+# mistral checkpoints as "llama". "gemma3" is the multimodal wrapper; only its text model is used.
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",
+}
+SUPPORTED_GGUF_ARCHS = sorted(set(SUPPORTED_ARCHITECTURES.values()))
+
+# Org/name as on the Hugging Face hub (one slash, no path-ish prefix).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HUB_HINT = "enable downloads with offline=False (CLI: --online)"
+_TRUST_HINT = "trust_remote_code=True (CLI: --trust-remote-code)"
+
+
+@dataclass
+class ModelSource:
+    kind: Literal["hf_dir", "gguf", "hub"]
+    path: str  # directory, GGUF file path, or hub id
+
+    def describe(self) -> str:
+        what = {"hf_dir": "Hugging Face directory", "gguf": "GGUF file", "hub": "hub model"}[self.kind]
+        return f"{what} {self.path}"
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel  # float (requested dtype), eval(), CPU, the *text* causal LM
+    tokenizer: PreTrainedTokenizerBase
+    source: ModelSource
+    model_type: str  # normalised HF model_type, e.g. "llama", "gemma3_text"
+    gguf_arch: str  # llama.cpp architecture, e.g. "llama", "gemma3"
+
+
+def supported_list() -> str:
+    return ", ".join(SUPPORTED_ARCHITECTURES)
+
+
+def resolve_source(spec: str, *, offline: bool = True) -> ModelSource:
+    """Decide what `spec` names: a local HF directory, a local .gguf file, or a hub id."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        # A directory with only a GGUF in it (no config.json) is taken as that GGUF file.
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            return ModelSource("gguf", str(ggufs[0]))
+        return ModelSource("hf_dir", str(path))
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return ModelSource("gguf", str(path))
+        raise BirdboneError(
+            f"{spec}: not a model; give a Hugging Face model directory (with config.json) or a .gguf file"
+        )
+    if spec.lower().endswith(".gguf"):
+        raise BirdboneError(f"{spec}: GGUF file not found")
+    if _HUB_ID.match(spec) and not spec.startswith("."):
+        if offline:
+            raise BirdboneError(
+                f"{spec}: not a local path, and hub downloads are off; {_HUB_HINT} to fetch it from the hub"
+            )
+        return ModelSource("hub", spec)
+    raise BirdboneError(f"{spec}: no such file or directory")
+
+
+def preflight(source: ModelSource, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> None:
+    """The cheap checks of a local source (headers, config, files present), without loading weights:
+    lets a step refuse bad input before it creates any output."""
+    if source.kind == "gguf":
+        checks.check_gguf(Path(source.path), SUPPORTED_GGUF_ARCHS)
+    elif source.kind == "hf_dir":
+        directory = Path(source.path)
+        config = checks.read_config(directory / "config.json")
+        _check_config(config, str(directory / "config.json"), trust_remote_code)
+        checks.check_weights(directory, allow_pickle)
+        checks.check_tokenizer_files(directory)
+
+
+def load_model(
+    spec: str | None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    offline: bool = True,
+) -> LoadedModel:
+    """Load the causal LM named by `spec` (None: the built-in default model) as a float CPU model."""
+    if spec is None:
+        from birdbone_core.model.default import default_model_path
+
+        source = ModelSource("gguf", str(default_model_path()))
+    else:
+        source = resolve_source(spec, offline=offline)
+
+    try:
+        with _quiet_transformers_progress():
+            model, tokenizer = _load(source, dtype, allow_pickle, trust_remote_code)
+    except BirdboneError:
+        raise
+    except MemoryError as exc:
+        raise BirdboneError(f"{source.path}: out of memory while loading the model") from exc
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError/RuntimeError/...
+        raise BirdboneError(f"{source.path}: failed to load model ({_one_line(exc)})") from exc
+
+    model_type = model.config.model_type
+    if model_type not in SUPPORTED_ARCHITECTURES:  # e.g. custom code that declared a new type
+        raise BirdboneError(
+            f"{source.path}: model_type {model_type!r} is not supported (supported: {supported_list()})"
+        )
+    decoder_layers(model)  # fail now, not mid-pipeline, if the module layout is unexpected
+    model.eval()
+    return LoadedModel(model, tokenizer, source, model_type, SUPPORTED_ARCHITECTURES[model_type])
+
+
+# --- per-source loaders ---------------------------------------------------------------------------
+
+
+def _load(source: ModelSource, dtype, allow_pickle: bool, trust_remote_code: bool):
+    if source.kind == "gguf":
+        return _load_gguf(source.path, dtype)
+    if source.kind == "hf_dir":
+        return _load_hf_dir(source.path, dtype, allow_pickle, trust_remote_code)
+    return _load_hub(source.path, dtype, allow_pickle, trust_remote_code)
+
+
+def _load_gguf(path: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    checks.check_gguf(Path(path), SUPPORTED_GGUF_ARCHS)
+    _require_accelerate(path)
+    file = Path(path)
+    # Ask for full dequantization explicitly: newer transformers can keep GGUF blocks packed when the
+    # optional `kernels` package is present, and pruning/quantization code needs plain float weights.
+    model = _checked_load(
+        AutoModelForCausalLM,
+        str(file.parent),
+        path,
+        gguf_file=file.name,
+        dtype=dtype,
+        quantization_config=GgufConfig(dequantize=True),
+        local_files_only=True,
+    )
+    strip_gguf_traces(model)
+    tokenizer = _load_tokenizer(str(file.parent), path, gguf_file=file.name, local_files_only=True)
+    return model, tokenizer
+
+
+def _load_hf_dir(path: str, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool):
+    directory = Path(path)
+    config = checks.read_config(directory / "config.json")
+    _check_config(config, str(directory / "config.json"), trust_remote_code)
+    weights = checks.check_weights(directory, allow_pickle)
+    checks.check_tokenizer_files(directory)
+    model = _from_pretrained(
+        str(directory), config, dtype, weights == "safetensors", trust_remote_code, local_files_only=True
+    )
+    tokenizer = _load_tokenizer(str(directory), path, local_files_only=True, **_trust(trust_remote_code))
+    return model, tokenizer
+
+
+def _load_hub(hub_id: str, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    # The config is tiny: check the architecture before downloading gigabytes of weights.
+    config = AutoConfig.from_pretrained(hub_id, **_trust(trust_remote_code)).to_dict()
+    _check_config(config, f"{hub_id}/config.json", trust_remote_code)
+    # Without allow_pickle, insist on safetensors: transformers then refuses pickle-only repos.
+    model = _from_pretrained(hub_id, config, dtype, not allow_pickle, trust_remote_code, local_files_only=False)
+    tokenizer = _load_tokenizer(hub_id, hub_id, **_trust(trust_remote_code))
+    return model, tokenizer
+
+
+def _from_pretrained(where, config: dict, dtype, use_safetensors, trust_remote_code, local_files_only):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=dtype, local_files_only=local_files_only, **_trust(trust_remote_code))
+    if use_safetensors:
+        kwargs["use_safetensors"] = True
+    if config.get("model_type") == "gemma3":
+        return _load_gemma3_text_only(where, kwargs)
+    return _checked_load(AutoModelForCausalLM, where, where, **kwargs)
+
+
+def _load_gemma3_text_only(where, kwargs) -> PreTrainedModel:
+    """Gemma 3 multimodal checkpoint -> its text model as a Gemma3ForCausalLM.
+
+    The checkpoint's keys live under `model.language_model.*`, so the wrapper is loaded whole and its
+    text half re-housed; the vision tower (a few hundred M params at most) is then dropped.
+    """
+    from transformers import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+
+    full = _checked_load(Gemma3ForConditionalGeneration, where, where, **kwargs)
+    text_config = full.config.get_text_config()
+    text_config.tie_word_embeddings = full.config.tie_word_embeddings
+    with torch.device("meta"):  # skeleton only: its modules are replaced below
+        text = Gemma3ForCausalLM(text_config)
+    text.model = full.model.language_model
+    text.lm_head = full.lm_head
+    if text_config.tie_word_embeddings:
+        text.lm_head.weight = text.model.embed_tokens.weight
+    text.generation_config = full.generation_config
+    del full
+    return text.to(dtype=kwargs["dtype"])
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _checked_load(cls, where: str, label: str, **kwargs) -> PreTrainedModel:
+    """`cls.from_pretrained`, refusing checkpoints that leave parameters at random init.
+
+    transformers only logs missing or mis-shaped weights and initialises them randomly; a model that
+    silently is partly noise would poison every later measurement, so that is an error here.
+    """
+    # ignore_mismatched_sizes=True only defers the shape error to us: transformers' own message just
+    # points at a log report, ours names the tensor and both shapes.
+    model, info = cls.from_pretrained(where, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        name, found, expected = (list(mismatched[0]) + ["?", "?"])[:3]
+        raise BirdboneError(
+            f"{label}: {len(mismatched)} weight(s) have the wrong shape for config.json (e.g. {name}: "
+            f"checkpoint {_shape(found)}, config expects {_shape(expected)})"
+        )
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise BirdboneError(
+            f"{label}: {len(missing)} weight(s) missing from the checkpoint for this config.json "
+            f"(e.g. {missing[0]}); the weights do not match the config"
+        )
+    return model
+
+
+def _load_tokenizer(where: str, label: str, **kwargs):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(where, **kwargs)
+    except Exception as exc:  # tokenizer files are parsed by several libraries, each with its own errors
+        raise BirdboneError(f"{label}: failed to load tokenizer ({_one_line(exc)})") from exc
+
+
+def _shape(shape) -> str:
+    return "x".join(str(d) for d in shape) if isinstance(shape, (tuple, list, torch.Size)) else str(shape)
+
+
+def _check_config(config: dict, where: str, trust_remote_code: bool) -> None:
+    model_type = config.get("model_type")
+    if not model_type:
+        raise BirdboneError(f"{where}: no model_type field")
+    if model_type in SUPPORTED_ARCHITECTURES:
+        return
+    if config.get("auto_map") and not trust_remote_code:
+        raise BirdboneError(
+            f"{where}: model_type {model_type!r} is not built into transformers; its config asks for "
+            f"custom code (auto_map), which runs only with {_TRUST_HINT}, and birdbone supports only: "
+            f"{supported_list()}"
+        )
+    raise BirdboneError(f"{where}: model_type {model_type!r} is not supported (supported: {supported_list()})")
+
+
+@contextlib.contextmanager
+def _quiet_transformers_progress():
+    # BIRDBONE_PROGRESS=0 (tests, scripted runs) also silences transformers' own tqdm bars.
+    from transformers.utils import logging as hf_logging
+
+    quiet = os.environ.get("BIRDBONE_PROGRESS") == "0" and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+
+
+def _trust(trust_remote_code: bool) -> dict:
+    # Only mention the flag when the user asked for it, so transformers' own default (never run
+    # repository code) applies otherwise.
+    return {"trust_remote_code": True} if trust_remote_code else {}
+
+
+def _require_accelerate(path: str) -> None:
+    # transformers refuses GGUF loading without `accelerate` (a plain runtime dependency for it).
+    try:
+        import accelerate  # noqa: F401
+    except ImportError as exc:
+        raise BirdboneError(f"{path}: loading GGUF needs the `accelerate` package: pip install accelerate") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "LoadedModel",
+    "ModelSource",
+    "load_model",
+    "resolve_source",
+]

@@ -1,0 +1,130 @@
+"""The CLI end to end on the fixture model, and how it treats bad input: one line, non-zero exit,
+no traceback, nothing partial left behind."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from birdbone_core.cli import main
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "BIRDBONE_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "birdbone_core.cli", *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+FAST = """
+name: fast-{method}
+calibration: {{n_samples: 16, seq_len: 128}}
+evaluation: {{n_ctx: 128, max_chunks: 8}}
+prune: {{method: {method}, sparsity: 0.5}}
+export: {{type: {type}}}
+"""
+
+
+def _recipe(tmp_path, method="sparsegpt", type="f16"):
+    p = tmp_path / f"{method}-{type}.yaml"
+    p.write_text(FAST.format(method=method, type=type))
+    return p
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory, tiny_path):
+    tmp = tmp_path_factory.mktemp("cli")
+    out = tmp / "run"
+    assert main(["compress", str(tiny_path), "-r", str(_recipe(tmp)), "-o", str(out)]) == 0
+    return out
+
+
+def test_compress_writes_everything(compressed):
+    m = json.loads((compressed / "metrics.json").read_text())
+    c = m["compressed"]
+    assert Path(c["path"]).is_file() and c["path"].endswith("model-f16.gguf")
+    assert abs(c["sparsity"] - 0.5) < 1e-3
+    assert c["ppl"] > m["base"]["ppl"] and c["kld"] > 0 and 0 < c["top1"] < 1
+    # the pruned safetensors reload in transformers with the zeros in place
+    w = load_file(str(compressed / "pruned" / "model.safetensors"))
+    q = w["model.layers.1.self_attn.q_proj.weight"]
+    assert abs((q == 0).float().mean().item() - 0.5) < 0.01
+    manifest = json.loads((compressed / "run.json").read_text())
+    assert set(manifest["steps"]) == {"baseline", "prune", "export", "evaluate"}
+    assert not [p for p in compressed.rglob("*.tmp")]
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_perplexity_agrees_with_torch(compressed):
+    pytest.importorskip("llama_cpp")
+    c = json.loads((compressed / "metrics.json").read_text())["compressed"]
+    # F16 export of the pruned weights, same token chunks, same protocol: within 1%
+    assert abs(c["ppl_llamacpp"] / c["ppl"] - 1) < 0.01, c
+
+
+def test_steps_one_by_one_match_compress(tmp_path, compressed, tiny_path):
+    run = tmp_path / "steps"
+    recipe = _recipe(tmp_path)
+    assert run_cli("init", run, "--model", tiny_path, "-r", recipe).returncode == 0
+    for step in ("baseline", "prune", "prune", "export", "evaluate"):   # a retried step is harmless
+        r = run_cli(step, run)
+        assert r.returncode == 0, r.stderr
+    a = load_file(str(run / "pruned" / "model.safetensors"))
+    b = load_file(str(compressed / "pruned" / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert (run / "model-f16.gguf").read_bytes() == (compressed / "model-f16.gguf").read_bytes()
+    r = run_cli("init", run, "--model", tiny_path, "-r", _recipe(tmp_path, "wanda"))
+    assert r.returncode == 2 and "different model or recipe" in r.stderr
+
+
+def test_eval_command_on_run_dir(compressed, tiny_path):
+    r = run_cli("eval", compressed, "--reference", tiny_path, "--n-ctx", "128", "--max-chunks", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["n_scored"] == 2 * 63 and out["kld"] > 0
+
+
+def _assert_clean_failure(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_corrupt_safetensors(tmp_path, tiny_path):
+    bad = tmp_path / "bad-model"
+    shutil.copytree(tiny_path, bad)
+    st = bad / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    out = tmp_path / "out"
+    r = run_cli("compress", bad, "-r", _recipe(tmp_path), "-o", out)
+    _assert_clean_failure(r, "model.safetensors", "corrupt")
+    assert not (out / "pruned").exists() and not list(out.glob("*.gguf"))
+
+
+def test_truncated_gguf(tmp_path, compressed):
+    g = tmp_path / "trunc.gguf"
+    src = (compressed / "model-f16.gguf").read_bytes()
+    g.write_bytes(src[: len(src) // 3])
+    out = tmp_path / "out"
+    r = run_cli("compress", g, "-r", _recipe(tmp_path), "-o", out)
+    _assert_clean_failure(r, "trunc.gguf", "truncated or corrupt GGUF")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_invalid_recipe(tmp_path, tiny_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("prune: {method: sparsegpt, sparsity: 2}\n")
+    out = tmp_path / "out"
+    r = run_cli("compress", tiny_path, "-r", p, "-o", out)
+    _assert_clean_failure(r, "r.yaml", "prune.sparsity")
+    assert not out.exists()
+
+
+def test_step_on_missing_run(tmp_path):
+    _assert_clean_failure(run_cli("prune", tmp_path / "nope"), "not a birdbone run directory")
