@@ -1,0 +1,185 @@
+"""Write an in-memory transformers causal LM to a llama.cpp GGUF file.
+
+Tensors are streamed: the header and tensor table are written first (sizes come from the format table
+in `birdbone_core.quant.formats`), then each tensor is converted and written in turn, so peak memory is
+one tensor on top of the model. The file is written under a temporary name in the target directory and
+moved into place with os.replace() only when complete (birdbone_core.atomic.staged_file); on any error
+the temporary file is removed and an existing file at `out_path` is left untouched.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+import birdbone_core
+from birdbone_core.atomic import staged_file
+from birdbone_core.errors import BirdboneError
+from birdbone_core.export.arch import TensorPlan, arch_for, model_dims, plan_tensors, write_arch_metadata
+from birdbone_core.export.vocab import write_vocab
+from birdbone_core.quant.formats import can_apply, get_format
+
+# out_type -> (format of 2-D weights, general.file_type, fallback format for rows that don't fit the blocks)
+OUT_TYPES: dict[str, tuple[str, gguf.LlamaFileType, str | None]] = {
+    "f32": ("F32", gguf.LlamaFileType.ALL_F32, None),
+    "f16": ("F16", gguf.LlamaFileType.MOSTLY_F16, None),
+    "bf16": ("BF16", gguf.LlamaFileType.MOSTLY_BF16, None),
+    "q8_0": ("Q8_0", gguf.LlamaFileType.MOSTLY_Q8_0, "F16"),
+}
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    n_bytes: int
+    tensor_types: dict[str, str]  # gguf tensor name -> format name ("F32", "Q8_0", ...)
+    bits_per_weight: float  # tensor data bits / weights, all tensors
+    n_weights: int = 0
+    fallbacks: dict[str, str] = field(default_factory=dict)  # gguf name -> "Q8_0->F16 (row length 72 ...)"
+    notes: dict[str, str] = field(default_factory=dict)  # gguf name -> other change, e.g. FFN zero-padding
+    tokenizer_source: str = ""
+
+
+def _choose_format(plan: TensorPlan, out_type: str, fallbacks: dict[str, str]) -> str:
+    fmt, _, fallback = OUT_TYPES[out_type]
+    if len(plan.shape) < 2:
+        return "F32"  # norms, biases, rope factors: llama.cpp keeps 1-D tensors in F32
+    row = plan.shape[-1]
+    if can_apply(fmt, row):
+        return fmt
+    assert fallback is not None
+    fallbacks[plan.gguf_name] = f"{fmt}->{fallback} (row length {row} not a multiple of {get_format(fmt).block_size})"
+    return fallback
+
+
+def _encode(a: np.ndarray, fmt: str) -> np.ndarray:
+    f = get_format(fmt)
+    if f.name == "F32":
+        return a.astype(np.float32, copy=False)
+    if f.name == "F16":
+        return a.astype(np.float16)
+    return gguf.quants.quantize(a, f.qtype)
+
+
+def _types_summary(types: dict[str, str]) -> str:
+    return ", ".join(f"{k}:{v}" for k, v in sorted(Counter(types.values()).items()))
+
+
+def export_gguf(model: torch.nn.Module, tokenizer: Any, out_path: str | os.PathLike, *, out_type: str = "f16",
+                source_gguf: Path | None = None,
+                extra_metadata: dict[str, str | int | float] | None = None) -> ExportResult:
+    """Write `model` (a transformers causal LM in memory) as a GGUF file stock llama.cpp can run.
+
+    out_type: f32 | f16 | bf16 | q8_0 for 2-D weights; 1-D tensors stay F32; a weight whose row length
+    is not a multiple of the format's block falls back (q8_0 -> f16) and is listed in `fallbacks`.
+    source_gguf: the GGUF file the model was loaded from; its tokenizer.* keys are copied verbatim.
+    extra_metadata: more string/int/float keys (e.g. `birdbone.recipe`).
+    """
+    out_type = out_type.lower()
+    if out_type not in OUT_TYPES:
+        raise BirdboneError(f"unknown GGUF out_type {out_type!r}; choose one of {', '.join(OUT_TYPES)}")
+    config = model.config
+    spec = arch_for(config)
+    out_path = Path(out_path)
+    out_dir = out_path.parent if str(out_path.parent) else Path(".")
+    if not out_dir.is_dir():
+        raise BirdboneError(f"output directory {out_dir} does not exist")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise BirdboneError(f"output directory {out_dir} is not writable")
+    if source_gguf is not None:
+        source_gguf = Path(source_gguf)
+        if not source_gguf.is_file():
+            raise BirdboneError(f"source GGUF {source_gguf} does not exist")
+
+    state = model.state_dict()
+    dims = model_dims(config, state)
+    plans = plan_tensors(model, spec, dims, config, state)
+
+    try:
+        with staged_file(out_path) as tmp:  # renamed onto out_path only if the block completes
+            result = _write(model, tokenizer, tmp, spec, dims, config, plans, out_type, source_gguf, extra_metadata)
+    except OSError as e:
+        raise BirdboneError(f"writing {out_path} failed: {e}") from e
+    result.path = out_path
+    result.n_bytes = out_path.stat().st_size
+    return result
+
+
+def _write(model: torch.nn.Module, tokenizer: Any, path: Path, spec, dims, config, plans: list[TensorPlan],
+           out_type: str, source_gguf: Path | None, extra_metadata: dict | None) -> ExportResult:
+    _, file_type, _ = OUT_TYPES[out_type]
+    writer = gguf.GGUFWriter(path, spec.name)
+    try:
+        origin = str(getattr(config, "name_or_path", None) or getattr(model, "name_or_path", None) or "")
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_file_type(int(file_type))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        extra_tensors = write_arch_metadata(writer, spec, config, dims)
+        tok_source, source_name = write_vocab(writer, tokenizer, dims.n_vocab, source_gguf)
+        writer.add_name(source_name or Path(origin).name or spec.name)
+
+        # tensor table: every tensor's final format and size are known before any data is converted
+        for tname, arr in extra_tensors.items():
+            plans.append(TensorPlan(tname, "", arr.shape, lambda a=arr: a))
+        fallbacks: dict[str, str] = {}
+        types: dict[str, str] = {}
+        n_weights = n_data = 0
+        for p in plans:
+            fmt = _choose_format(p, out_type, fallbacks)
+            types[p.gguf_name] = fmt
+            f = get_format(fmt)
+            n = int(np.prod(p.shape))
+            nbytes = f.n_bytes(n)
+            n_weights += n
+            n_data += nbytes
+            if fmt in ("F32", "F16"):
+                dtype = np.dtype(np.float32 if fmt == "F32" else np.float16)
+                writer.add_tensor_info(p.gguf_name, p.shape, dtype, nbytes)
+            else:
+                byte_shape = (*p.shape[:-1], p.shape[-1] // f.block_size * f.type_size)
+                writer.add_tensor_info(p.gguf_name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=f.qtype)
+
+        writer.add_string("birdbone.version", birdbone_core.__version__)
+        writer.add_string("birdbone.source", source_gguf.name if source_gguf else (origin or "in-memory model"))
+        writer.add_string("birdbone.out_type", out_type)
+        writer.add_string("birdbone.tensor_types", _types_summary(types))
+        writer.add_string("birdbone.tokenizer", tok_source)
+        if fallbacks:
+            writer.add_string("birdbone.fallbacks", "; ".join(f"{k}: {v}" for k, v in fallbacks.items()))
+        notes = {p.gguf_name: p.note for p in plans if p.note}
+        if notes:
+            writer.add_string("birdbone.notes", "; ".join(f"{k}: {v}" for k, v in notes.items()))
+        for key, value in (extra_metadata or {}).items():
+            _add_extra(writer, key, value)
+
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for p in plans:
+            data = _encode(p.load(), types[p.gguf_name])
+            writer.write_tensor_data(data)
+    finally:
+        writer.close()
+    bpw = 8.0 * n_data / n_weights if n_weights else 0.0
+    return ExportResult(path, 0, types, bpw, n_weights, fallbacks, notes, tok_source)
+
+
+def _add_extra(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+    if not isinstance(key, str) or not key or key.startswith(("general.architecture", "GGUF.")):
+        raise BirdboneError(f"invalid extra metadata key {key!r}")
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_int64(key, value) if not 0 <= value < 2**32 else writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    else:
+        raise BirdboneError(f"extra metadata {key!r}: value must be str, int or float, not {type(value).__name__}")
