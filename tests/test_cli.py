@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from gguf import GGUFReader
 from safetensors.torch import load_file
 
 from birdbone_core.cli import main
@@ -75,7 +76,10 @@ def test_steps_one_by_one_match_compress(tmp_path, compressed, tiny_path):
     a = load_file(str(run / "pruned" / "model.safetensors"))
     b = load_file(str(compressed / "pruned" / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    assert (run / "model-f16.gguf").read_bytes() == (compressed / "model-f16.gguf").read_bytes()
+    ra, rb = GGUFReader(run / "model-f16.gguf"), GGUFReader(compressed / "model-f16.gguf")
+    ta, tb = {t.name: t for t in ra.tensors}, {t.name: t for t in rb.tensors}
+    assert ta.keys() == tb.keys()
+    assert all(ta[k].data.tobytes() == tb[k].data.tobytes() and ta[k].tensor_type == tb[k].tensor_type for k in ta)
     r = run_cli("init", run, "--model", tiny_path, "-r", _recipe(tmp_path, "wanda"))
     assert r.returncode == 2 and "different model or recipe" in r.stderr
 
