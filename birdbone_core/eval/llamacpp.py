@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from birdbone_core.errors import BirdboneError
+from birdbone_core.progress import progress_bar
 
 DEFAULT_THREADS = int(os.environ.get("BIRDBONE_LLAMA_THREADS", "1"))
 
@@ -91,16 +92,18 @@ def llama_perplexity(gguf_path: str | os.PathLike, token_ids: list[int], n_ctx: 
     with open_llama(gguf_path, n_ctx=n_ctx, logits_all=True, n_threads=n_threads) as llm:
         add_bos = bool(llm._model.add_bos_token())
         bos = llm.token_bos()
-        for c in range(n_chunks):
-            chunk = [int(t) for t in token_ids[c * n_ctx:(c + 1) * n_ctx]]
-            if add_bos:
-                chunk[0] = bos
-            llm.reset()
-            llm.eval(chunk)
-            logits = np.asarray(llm.scores[first:n_ctx - 1], dtype=np.float64)
-            targets = np.asarray(chunk[first + 1:], dtype=np.int64)
-            nll += float(np.sum(_nll(logits, targets)))
-            count += len(targets)
+        with progress_bar(f"llama.cpp perplexity {Path(gguf_path).name}", total=n_chunks) as advance:
+            for c in range(n_chunks):
+                chunk = [int(t) for t in token_ids[c * n_ctx:(c + 1) * n_ctx]]
+                if add_bos:
+                    chunk[0] = bos
+                llm.reset()
+                llm.eval(chunk)
+                logits = np.asarray(llm.scores[first:n_ctx - 1], dtype=np.float64)
+                targets = np.asarray(chunk[first + 1:], dtype=np.int64)
+                nll += float(np.sum(_nll(logits, targets)))
+                count += len(targets)
+                advance()
     return float(np.exp(nll / count)), count
 
 

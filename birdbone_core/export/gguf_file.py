@@ -21,6 +21,7 @@ import torch
 import birdbone_core
 from birdbone_core.atomic import staged_file
 from birdbone_core.errors import BirdboneError
+from birdbone_core.progress import progress_bar
 from birdbone_core.export.arch import TensorPlan, arch_for, model_dims, plan_tensors, write_arch_metadata
 from birdbone_core.export.vocab import write_vocab
 from birdbone_core.quant.formats import can_apply, get_format
@@ -161,9 +162,11 @@ def _write(model: torch.nn.Module, tokenizer: Any, path: Path, spec, dims, confi
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for p in plans:
-            data = _encode(p.load(), types[p.gguf_name])
-            writer.write_tensor_data(data)
+        with progress_bar(f"writing {Path(path).name}", total=len(plans)) as advance:
+            for p in plans:
+                data = _encode(p.load(), types[p.gguf_name])
+                writer.write_tensor_data(data)
+                advance()
     finally:
         writer.close()
     bpw = 8.0 * n_data / n_weights if n_weights else 0.0
