@@ -132,3 +132,11 @@ def test_invalid_recipe(tmp_path, tiny_path):
 
 def test_step_on_missing_run(tmp_path):
     _assert_clean_failure(run_cli("prune", tmp_path / "nope"), "not a birdbone run directory")
+
+
+def test_eval_command_on_exported_gguf(compressed):
+    """`birdbone eval` reads our own GGUF back (dequantized by transformers) and agrees with the run."""
+    m = json.loads((compressed / "metrics.json").read_text())
+    r = run_cli("eval", compressed / "model-f16.gguf", "--n-ctx", "128", "--max-chunks", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    assert abs(json.loads(r.stdout)["ppl"] / m["compressed"]["ppl"] - 1) < 2e-3
