@@ -54,6 +54,8 @@ def _cmd_compress(a) -> int:
     print(f"GGUF:    {metrics['compressed']['path']}")
     print(f"pruned:  {run.pruned_dir}  (transformers safetensors)")
     print(f"metrics: {run.metrics_path}")
+    if metrics["compressed"]["ppl_llamacpp"] is None:
+        print("(pip install 'birdbone-core[llamacpp]' to also score the GGUF in llama.cpp)")
     return 0
 
 
