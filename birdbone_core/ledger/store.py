@@ -1,0 +1,334 @@
+"""The ledger of a run: every wave's weight change, stored sparsely, so any state can be rebuilt exactly.
+
+    RUN/ledger/index.json               the commit point: base digest + one row per recorded wave
+    RUN/ledger/base.json                per-tensor hash/shape/dtype/zeros of the base state (wave 0)
+    RUN/ledger/base.safetensors         optional copy of the base (init_base(..., base_snapshot=True))
+    RUN/ledger/wave-0001/delta.safetensors   {name}.idx/.old/.new per changed tensor (see codec.py)
+    RUN/ledger/wave-0001/entry.json     wave, time, metrics, decision, per-tensor hash/changes/sparsity/bytes
+
+A wave directory is written whole (staged_dir), then index.json is rewritten; a wave missing from the
+index does not exist, so a crash at any point leaves a consistent ledger and the write can be retried.
+History is append-only: a rollback is a new wave whose delta leads back to an earlier state.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from birdbone_core import atomic
+from birdbone_core.errors import BirdboneError
+from birdbone_core.ledger import codec
+from birdbone_core.ledger.delta import (DeltaMismatch, TensorDelta, apply_forward, change_norm, compose,
+                                        compute_delta, dtype_name, tensor_hash)
+from birdbone_core.ledger.entries import TensorDiff, TensorRecord, WaveDiff, WaveEntry, change_digest
+
+FORMAT = "birdbone-ledger/1"
+StateDict = Mapping[str, Tensor]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _record(t: Tensor, **kw) -> TensorRecord:
+    t = t.detach().cpu()
+    return TensorRecord(hash=tensor_hash(t), shape=tuple(t.shape), dtype=dtype_name(t.dtype),
+                        numel=t.numel(), zeros=int((t == 0).sum()), **kw)
+
+
+def _json_safe(obj, what: str):
+    try:
+        return json.loads(json.dumps(obj))
+    except (TypeError, ValueError) as e:
+        raise BirdboneError(f"{what} must be JSON-serialisable ({e})") from None
+
+
+class Ledger:
+    """The ledger of the run directory `root` (stored under root/ledger/)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.dir = self.root / "ledger"
+
+    # ---- layout -------------------------------------------------------------------------------------
+    @property
+    def index_path(self) -> Path:
+        return self.dir / "index.json"
+
+    @property
+    def base_path(self) -> Path:
+        return self.dir / "base.json"
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.dir / "base.safetensors"
+
+    def wave_dir(self, wave: int) -> Path:
+        return self.dir / f"wave-{wave:04d}"
+
+    def _read_json(self, path: Path) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise BirdboneError(f"{path}: missing from the ledger") from None
+        except json.JSONDecodeError as e:
+            raise BirdboneError(f"{path}: corrupt ledger file ({e.msg})") from None
+
+    def exists(self) -> bool:
+        return self.index_path.is_file()
+
+    def _index(self) -> dict:
+        if not self.exists():
+            raise BirdboneError(f"{self.root}: no ledger (ledger/index.json); record the base first")
+        idx = self._read_json(self.index_path)
+        if idx.get("format") != FORMAT:
+            raise BirdboneError(f"{self.index_path}: not a {FORMAT} index")
+        return idx
+
+    def _commit_index(self, index: dict) -> None:
+        """The single write that makes a base or wave part of the ledger."""
+        atomic.write_json(self.index_path, index)
+
+    @property
+    def last_wave(self) -> int:
+        return len(self._index()["waves"])
+
+    # ---- reading ------------------------------------------------------------------------------------
+    def entry(self, wave: int) -> WaveEntry:
+        index = self._index()
+        if wave == 0:
+            e = WaveEntry.from_json(self._read_json(self.base_path))
+            expect = index["base"]
+        else:
+            self._check_recorded(wave, index)
+            e = WaveEntry.from_json(self._read_json(self.wave_dir(wave) / "entry.json"))
+            expect = index["waves"][wave - 1]["digest"]
+        if e.wave != wave or e.digest != expect:
+            raise BirdboneError(f"ledger wave {wave}: entry does not match ledger/index.json (damaged ledger)")
+        return e
+
+    def log(self) -> list[WaveEntry]:
+        """Every recorded wave, base (wave 0) first."""
+        return [self.entry(w) for w in range(self.last_wave + 1)]
+
+    def _check_recorded(self, wave: int, index: dict | None = None) -> None:
+        last = len((index or self._index())["waves"])
+        if not 0 <= wave <= last:
+            raise BirdboneError(f"ledger: wave {wave} is not recorded (waves 0..{last} are)")
+
+    def load_delta(self, wave: int) -> dict[str, TensorDelta]:
+        """The deltas of a recorded wave (wave >= 1), by tensor name."""
+        self._check_recorded(wave)
+        if wave == 0:
+            return {}
+        path = self.wave_dir(wave) / "delta.safetensors"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BirdboneError(f"{path}: missing from the ledger (wave {wave})") from None
+        return codec.unpack(data, f"{path} (wave {wave})")
+
+    def _table(self, wave: int) -> dict[str, TensorRecord]:
+        """Every tensor's record in the state after `wave` (base order)."""
+        table = dict(self.entry(0).tensors)
+        for w in range(1, wave + 1):
+            table.update(self.entry(w).tensors)
+        return table
+
+    def base_state(self) -> dict[str, Tensor] | None:
+        """The stored copy of the base, when init_base was asked for one."""
+        return load_file(str(self.snapshot_path)) if self.snapshot_path.is_file() else None
+
+    # ---- writing ------------------------------------------------------------------------------------
+    def init_base(self, state_dict: StateDict, meta: dict | None = None, metrics: dict | None = None,
+                  base_snapshot: bool = False) -> WaveEntry:
+        """Record the base state (wave 0) by per-tensor hashes; with base_snapshot, also a copy of it.
+        Again with the same base: no-op; with a different one: error."""
+        tensors = {n: _record(t) for n, t in state_dict.items()}
+        digest = change_digest("base", None, None, tensors)
+        if self.exists():
+            if self._index()["base"] != digest:
+                raise BirdboneError(f"{self.dir}: ledger already records a different base state")
+            if base_snapshot and not self.snapshot_path.is_file():
+                self._write_snapshot(state_dict)
+            return self.entry(0)
+        if base_snapshot:
+            self._write_snapshot(state_dict)
+        total = sum(r.numel for r in tensors.values())
+        entry = WaveEntry(wave=0, kind="base", time=_now(), metrics=_json_safe(metrics or {}, "metrics"),
+                          tensors=tensors, sparsity=sum(r.zeros for r in tensors.values()) / max(total, 1),
+                          digest=digest, meta=_json_safe(meta or {}, "meta"))
+        atomic.write_json(self.base_path, entry.to_json())
+        self._commit_index({"format": FORMAT, "base": digest, "waves": []})
+        return entry
+
+    def _write_snapshot(self, state_dict: StateDict) -> None:
+        seen: set[int] = set()
+        out = {}
+        for n, t in state_dict.items():             # safetensors refuses shared storage (tied weights)
+            t = t.detach().cpu().contiguous()
+            ptr = t.untyped_storage().data_ptr()
+            out[n] = t.clone() if ptr in seen else t
+            seen.add(ptr)
+        with atomic.staged_file(self.snapshot_path) as tmp:
+            save_file(out, str(tmp), metadata={"format": "birdbone-ledger-base/1"})
+
+    def record_wave(self, wave: int, old_state: StateDict, new_state: StateDict, metrics: dict,
+                    decision: str | None = None) -> WaveEntry:
+        """Record the change old_state -> new_state as `wave` (the next one). `old_state` must be the
+        ledger's state after wave-1 (checked by hashes). Recording a wave again: same change -> no-op
+        (the first entry, with its metrics, is kept); different change -> error."""
+        index = self._index()
+        last = len(index["waves"])
+        if not 1 <= wave <= last + 1:
+            raise BirdboneError(f"ledger: cannot record wave {wave}; the next wave is {last + 1}")
+        before = self._table(wave - 1)
+        self._check_names(old_state, before, wave - 1, "old state")
+        self._check_names(new_state, before, wave - 1, "new state")
+        deltas: dict[str, TensorDelta] = {}
+        after: dict[str, TensorRecord] = {}
+        for name, rec in before.items():
+            old = old_state[name].detach().cpu()
+            if tensor_hash(old) != rec.hash:
+                raise BirdboneError(f"ledger wave {wave}: old state's tensor '{name}' differs from the "
+                                    f"recorded state after wave {wave - 1}")
+            try:
+                d = compute_delta(old, new_state[name].detach().cpu())
+            except DeltaMismatch as e:
+                raise BirdboneError(f"ledger wave {wave}: tensor '{name}': {e}") from None
+            if d is not None:
+                deltas[name] = d
+                after[name] = _record(new_state[name], changed=d.n_changed, hash_before=rec.hash)
+        return self._record(wave, "wave", deltas, after, before, metrics, decision, None, index)
+
+    def revert_marker(self, to_wave: int, metrics: dict | None = None,
+                      decision: str | None = None) -> WaveEntry:
+        """Record a rollback to `to_wave` as a new wave whose delta takes the latest state back to it.
+        Built from the recorded deltas alone (no base needed); nothing is deleted. If the latest wave
+        already is a revert to `to_wave` (a retried command), it is returned and nothing is recorded."""
+        index = self._index()
+        last = len(index["waves"])
+        if not 0 <= to_wave < last:
+            raise BirdboneError(f"ledger: cannot revert to wave {to_wave}; choose one of 0..{last - 1}")
+        latest = self.entry(last)
+        if latest.kind == "revert" and latest.reverts_to == to_wave:
+            return latest
+        deltas = self._net(last, to_wave)
+        now, target = self._table(last), self._table(to_wave)
+        after = {n: TensorRecord(hash=target[n].hash, shape=target[n].shape, dtype=target[n].dtype,
+                                 numel=target[n].numel, zeros=target[n].zeros, changed=d.n_changed,
+                                 hash_before=now[n].hash) for n, d in deltas.items()}
+        return self._record(last + 1, "revert", deltas, after, now, metrics or {},
+                            decision or f"revert to wave {to_wave}", to_wave, index)
+
+    def _check_names(self, state: StateDict, table: dict, wave: int, what: str) -> None:
+        missing = [n for n in table if n not in state]
+        extra = [n for n in state if n not in table]
+        if missing or extra:
+            which = f"lacks tensor '{missing[0]}'" if missing else f"has unrecorded tensor '{extra[0]}'"
+            raise BirdboneError(f"ledger wave {wave}: {what} {which} "
+                                f"({len(missing)} missing, {len(extra)} extra)")
+
+    def _record(self, wave: int, kind: str, deltas: dict[str, TensorDelta], after: dict[str, TensorRecord],
+                before: dict[str, TensorRecord], metrics: dict, decision: str | None, reverts_to: int | None,
+                index: dict) -> WaveEntry:
+        data, sizes = codec.pack(deltas)
+        tensors = {n: replace(r, delta_bytes=sizes[n]) for n, r in after.items()}
+        digest = change_digest(kind, decision, reverts_to, tensors)
+        if wave <= len(index["waves"]):
+            old = self.entry(wave)
+            if old.digest != digest:
+                raise BirdboneError(f"ledger: wave {wave} is already recorded with a different change; "
+                                    f"record wave {len(index['waves']) + 1} or revert instead")
+            return old
+        state = {**before, **tensors}
+        total = sum(r.numel for r in state.values())
+        entry = WaveEntry(wave=wave, kind=kind, time=_now(), metrics=_json_safe(metrics, "metrics"),
+                          tensors=tensors, sparsity=sum(r.zeros for r in state.values()) / max(total, 1),
+                          digest=digest, decision=decision, reverts_to=reverts_to)
+        with atomic.staged_dir(self.wave_dir(wave)) as tmp:
+            atomic.write_bytes(tmp / "delta.safetensors", data)
+            atomic.write_json(tmp / "entry.json", entry.to_json())
+        self._commit_index({**index, "waves": [*index["waves"], {"wave": wave, "kind": kind, "digest": digest}]})
+        return entry
+
+    # ---- rebuilding ---------------------------------------------------------------------------------
+    def state_at(self, wave: int, base_state: StateDict | None = None, verify: bool = True) -> dict[str, Tensor]:
+        """The exact state after `wave` (0 = base): base + forward deltas, every tensor checked against
+        its recorded hash. Without base_state, the stored snapshot is used. Tensors no wave changed are
+        the base_state's own (CPU) tensors, not copies."""
+        self._check_recorded(wave)
+        if base_state is None:
+            base_state = self.base_state()
+            if base_state is None:
+                raise BirdboneError(f"{self.dir}: no base snapshot; pass the base model's state")
+        base = self.entry(0)
+        self._check_names(base_state, base.tensors, 0, "base state")
+        state = {n: base_state[n].detach().cpu() for n in base.tensors}
+        if verify:
+            for n, rec in base.tensors.items():
+                if tensor_hash(state[n]) != rec.hash:
+                    raise BirdboneError(f"ledger wave 0 (base): tensor '{n}' differs from the recorded base "
+                                        f"(the model source changed?)")
+        owned: set[str] = set()                      # tensors already copied, safe to change in place
+        for w in range(1, wave + 1):
+            entry, deltas = self.entry(w), self.load_delta(w)
+            if set(deltas) != set(entry.tensors):
+                raise BirdboneError(f"ledger wave {w}: delta file and entry.json list different tensors")
+            for n, d in deltas.items():
+                try:
+                    state[n] = apply_forward(state[n], d, inplace=n in owned)
+                except DeltaMismatch as e:
+                    raise BirdboneError(f"ledger wave {w}: tensor '{n}': {e}") from None
+                owned.add(n)
+                if verify and tensor_hash(state[n]) != entry.tensors[n].hash:
+                    raise BirdboneError(f"ledger wave {w}: tensor '{n}' does not match its recorded hash "
+                                        f"after applying the delta (damaged delta file)")
+        return state
+
+    def _net(self, a: int, b: int) -> dict[str, TensorDelta]:
+        """Net change from the state after wave a to the state after wave b, from the deltas alone."""
+        lo, hi = min(a, b), max(a, b)
+        chains: dict[str, list[TensorDelta]] = {}
+        for w in range(lo + 1, hi + 1):
+            for n, d in self.load_delta(w).items():
+                chains.setdefault(n, []).append(d)
+        out = {}
+        for n in self.entry(0).tensors:              # base order
+            if n not in chains:
+                continue
+            try:
+                d = compose(chains[n])
+            except DeltaMismatch as e:
+                raise BirdboneError(f"ledger waves {lo + 1}..{hi}: tensor '{n}': {e}") from None
+            if d is not None:
+                out[n] = d if a <= b else d.inverse()
+        return out
+
+    def diff(self, a: int, b: int, base_state: StateDict | None = None) -> WaveDiff:
+        """Per changed tensor: elements changed, L2 norm of the change, sparsity in a and b; plus both
+        waves' entries. Without base_state it is computed from the deltas alone; with it, from both
+        rebuilt (hash-verified) states."""
+        self._check_recorded(a)
+        self._check_recorded(b)
+        if base_state is None:
+            deltas = self._net(a, b)
+        else:
+            sa, sb = self.state_at(a, base_state), self.state_at(b, base_state)
+            deltas = {n: d for n in sa if (d := compute_delta(sa[n], sb[n])) is not None}
+        ta, tb = self._table(a), self._table(b)
+        rows = [TensorDiff(name=n, changed=d.n_changed, numel=ta[n].numel, l2=change_norm(d),
+                           sparsity_a=ta[n].sparsity, sparsity_b=tb[n].sparsity) for n, d in deltas.items()]
+        return WaveDiff(a=self.entry(a), b=self.entry(b), tensors=rows)
+
+
+def state_of(model: torch.nn.Module) -> dict[str, Tensor]:
+    """A model's state (CPU tensors, detached), as the ledger records it."""
+    return {n: t.detach().cpu() for n, t in model.state_dict().items()}
