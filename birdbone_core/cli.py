@@ -4,6 +4,7 @@ task in its own container); `compress` chains them in one process.
     birdbone compress [MODEL] -r recipe.yaml -o RUN      # all steps; MODEL defaults to Gemma 3 270M
     birdbone init RUN [--model MODEL] [-r recipe.yaml]   # then: baseline, prune, export, evaluate
     birdbone eval MODEL [--reference BASE]               # score any HF dir / GGUF / run dir
+    birdbone log RUN | diff RUN A B | revert RUN --to W -o OUT   # the ledger of weight changes
 
 User mistakes (bad files, bad recipes, unsupported models) print one line `error: ...` and exit 2.
 """
@@ -87,6 +88,47 @@ def _cmd_step(a) -> int:
     return 0
 
 
+def _ledger(a):
+    from birdbone_core.ledger import Ledger
+    from birdbone_core.steps import Run
+
+    Run(Path(a.run)).manifest()
+    ledger = Ledger(Path(a.run))
+    if not ledger.exists():
+        raise BirdboneError(f"{a.run}: this run has no ledger yet (run `birdbone prune` first)")
+    return ledger
+
+
+def _cmd_log(a) -> int:
+    from rich.console import Console
+
+    from birdbone_core.ledger import format_log
+
+    Console(width=max(140, Console().width)).print(format_log(_ledger(a).log()))
+    return 0
+
+
+def _cmd_diff(a) -> int:
+    from rich.console import Console
+
+    from birdbone_core.ledger import format_diff
+
+    ledger = _ledger(a)
+    for w in (a.a, a.b):
+        if not 0 <= w <= ledger.last_wave:
+            raise BirdboneError(f"{a.run}: no wave {w}; the ledger holds waves 0..{ledger.last_wave}")
+    Console(width=max(140, Console().width)).print(format_diff(ledger.diff(a.a, a.b), top=a.top))
+    return 0
+
+
+def _cmd_revert(a) -> int:
+    from birdbone_core.steps import Run, revert
+
+    out = revert(Run(Path(a.run)), a.to, Path(a.out))
+    print(f"wrote the exact state after wave {a.to} to {out}")
+    return 0
+
+
 def _cmd_eval(a) -> int:
     from birdbone_core.data.text import evaluation_chunks, read_text
     from birdbone_core.eval.perplexity import evaluate
@@ -154,6 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("run")
         s.set_defaults(fn=_cmd_step)
+
+    lg = sub.add_parser("log", help="the run's ledger: one line per wave")
+    lg.add_argument("run")
+    lg.set_defaults(fn=_cmd_log)
+    d = sub.add_parser("diff", help="per-tensor changes and metrics between two waves")
+    d.add_argument("run")
+    d.add_argument("a", type=int)
+    d.add_argument("b", type=int)
+    d.add_argument("--top", type=int, default=20, help="show the N most-changed tensors")
+    d.set_defaults(fn=_cmd_diff)
+    rv = sub.add_parser("revert", help="write the exact weights after a wave (0 = base)")
+    rv.add_argument("run")
+    rv.add_argument("--to", type=int, required=True)
+    rv.add_argument("-o", "--out", required=True, help="output directory (transformers safetensors)")
+    rv.set_defaults(fn=_cmd_revert)
 
     e = sub.add_parser("eval", help="perplexity (and KL vs a reference) of any model")
     e.add_argument("model", help="HF dir, .gguf file, or run directory (its pruned model)")

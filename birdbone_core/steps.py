@@ -26,6 +26,7 @@ from birdbone_core import __version__, atomic
 from birdbone_core.data.text import calibration_blocks, evaluation_chunks, read_text
 from birdbone_core.errors import BirdboneError
 from birdbone_core.eval.perplexity import EvalResult, evaluate
+from birdbone_core.ledger import Ledger, state_of
 from birdbone_core.model.load import LoadedModel, load_model, preflight, resolve_source
 from birdbone_core.model.save import save_hf
 from birdbone_core.progress import console
@@ -178,15 +179,22 @@ def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
     cal = recipe.calibration
     text, text_desc = read_text(cal.text, "calib")
     blocks = calibration_blocks(lm.tokenizer, text, cal.n_samples, cal.seq_len, cal.seed)
+    ledger = Ledger(run.root)
+    before = {n: t.clone() for n, t in state_of(lm.model).items()}     # the base, for the ledger
+    ledger.init_base(before, meta={"source": run.manifest()["model"]})
     report = prune_sequential(lm.model, blocks, recipe.prune,
                               description=f"{recipe.prune.method} {recipe.prune.pattern}")
     bad = [n for n, p in lm.model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise BirdboneError(f"pruning produced NaN/Inf in {bad[0]} (and {len(bad) - 1} more); nothing was saved")
-    save_hf(lm.model, lm.tokenizer, run.pruned_dir)
     info = {"method": report.method, "pattern": report.pattern, "sparsity": report.overall_sparsity(),
             "seconds": report.seconds, "calibration": {"text": text_desc, "n_samples": cal.n_samples,
                                                        "seq_len": cal.seq_len, "seed": cal.seed}}
+    # wave 1 of the ledger: the sparse change base -> pruned (a retried step records nothing new)
+    ledger.record_wave(1, before, state_of(lm.model), metrics={"linear_sparsity": info["sparsity"]},
+                       decision=f"one-shot {report.method} {report.pattern}")
+    del before
+    save_hf(lm.model, lm.tokenizer, run.pruned_dir)
     atomic.write_json(run.root / "prune_report.json", {
         **info, "layer_rel_error": report.layer_rel_error,
         "modules": [dataclasses.asdict(m) for m in report.modules]})
@@ -254,6 +262,21 @@ def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
     atomic.write_json(run.metrics_path, metrics)
     run.mark_done("evaluate", {"ppl": result.ppl, "kld": result.kld})
     return metrics
+
+
+def revert(run: Run, wave: int, out_dir: Path) -> Path:
+    """Rebuild the exact weights after `wave` (0 = base) from the base plus the ledger's deltas and write
+    them as a transformers directory; every tensor is checked against the recorded hashes."""
+    ledger = Ledger(run.root)
+    if not ledger.exists():
+        raise BirdboneError(f"{run.root}: this run has no ledger yet (run `birdbone prune` first)")
+    if not 0 <= wave <= ledger.last_wave:
+        raise BirdboneError(f"{run.root}: no wave {wave}; the ledger holds waves 0..{ledger.last_wave}")
+    lm = _load(run.model_spec(), "base model", run.load_options())
+    state = ledger.state_at(wave, state_of(lm.model))
+    lm.model.load_state_dict(state, strict=True)
+    save_hf(lm.model, lm.tokenizer, out_dir)
+    return out_dir
 
 
 def compress(root: Path, model_spec: str | None, recipe_file: str | None, load_options: dict | None = None) -> dict:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from gguf import GGUFReader
 from safetensors.torch import load_file
 
@@ -140,3 +141,20 @@ def test_eval_command_on_exported_gguf(compressed):
     r = run_cli("eval", compressed / "model-f16.gguf", "--n-ctx", "128", "--max-chunks", "8", "--json")
     assert r.returncode == 0, r.stderr
     assert abs(json.loads(r.stdout)["ppl"] / m["compressed"]["ppl"] - 1) < 2e-3
+
+
+def test_ledger_log_diff_revert(tmp_path, compressed, tiny_path):
+    r = run_cli("log", compressed)
+    assert r.returncode == 0 and "one-shot sparsegpt" in r.stdout, r.stdout + r.stderr
+    r = run_cli("diff", compressed, "0", "1", "--top", "3")
+    assert r.returncode == 0 and "28 tensors changed" in r.stdout and "mlp" in r.stdout, r.stderr
+    # revert to the base reproduces the source bytes; to wave 1 the pruned bytes
+    assert run_cli("revert", compressed, "--to", "0", "-o", tmp_path / "w0").returncode == 0
+    assert run_cli("revert", compressed, "--to", "1", "-o", tmp_path / "w1").returncode == 0
+    base = load_file(str(tiny_path / "model.safetensors"))
+    w0 = load_file(str(tmp_path / "w0" / "model.safetensors"))
+    w1 = load_file(str(tmp_path / "w1" / "model.safetensors"))
+    pruned = load_file(str(compressed / "pruned" / "model.safetensors"))
+    assert all(torch.equal(w0[k], base[k]) for k in base)
+    assert w1.keys() == pruned.keys() and all(torch.equal(w1[k], pruned[k]) for k in pruned)
+    _assert_clean_failure(run_cli("revert", compressed, "--to", "7", "-o", tmp_path / "w7"), "no wave 7")

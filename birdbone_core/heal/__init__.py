@@ -1,0 +1,31 @@
+"""Healing: train a pruned model back toward the dense one, pruning masks enforced (zeros stay zero).
+
+    blockwise  per decoder layer, MSE to the dense layer's output (birdbone_core.heal.blockwise)
+    distill    end to end, KL to the dense model's cached top-k next-token logits (heal.distill)
+    none       nothing
+
+`heal(...)` picks the method from the recipe section and applies the wave taper (`schedule`).
+"""
+from __future__ import annotations
+
+import torch
+
+from birdbone_core.heal.config import HEAL_METHODS, Heal, healing_data, schedule
+
+__all__ = ["HEAL_METHODS", "Heal", "heal", "healing_data", "schedule"]
+
+
+def heal(model, dense_model, blocks: torch.Tensor, cfg: Heal, wave: int = 1, n_waves: int = 1,
+         description: str = "healing"):
+    """Heal `model` in place toward `dense_model` on `blocks` [n, seq_len] after pruning wave `wave` of
+    `n_waves`. Returns a HealReport (blockwise), a DistillReport (distill) or None (method 'none')."""
+    steps, lr = schedule(cfg, wave, n_waves)
+    if cfg.method == "none":
+        return None
+    if cfg.method == "blockwise":
+        from birdbone_core.heal.blockwise import heal_blockwise
+        return heal_blockwise(model, dense_model, blocks, cfg, steps=steps, lr=lr, description=description)
+    if cfg.method == "distill":
+        from birdbone_core.heal.distill import heal_distill
+        return heal_distill(model, dense_model, blocks, cfg, steps=steps, lr=lr, description=description)
+    raise ValueError(f"unknown heal method {cfg.method!r}; known: {', '.join(HEAL_METHODS)}")

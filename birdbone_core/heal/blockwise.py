@@ -1,0 +1,154 @@
+"""Block-wise reconstruction: train each pruned decoder layer to reproduce the dense layer's output.
+
+For layer i, inputs come from the healed/pruned model's previous layers (so layer i learns to correct
+the error that reaches it), targets are the dense model's layer-i outputs on the dense model's own
+inputs. Loss: MSE(layer(x_pruned), y_dense) over the cached calibration batches, one cached batch per
+step. Layers are healed one after another; at any time only three sets of one layer's activations are
+held (pruned inputs, dense inputs, dense targets), never all layers' at once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from birdbone_core.heal.config import Heal
+from birdbone_core.heal.train import MaskedAdam, keep_masks, only_these_require_grad, trainable_params
+from birdbone_core.model.layers import decoder_layers, linear_modules
+from birdbone_core.progress import progress_bar
+from birdbone_core.prune.sequential import _layer_out, capture_layer_inputs
+
+
+@dataclass
+class HealStats:
+    """One block's healing. Losses are mean squared errors over all cached tokens and channels."""
+    loss_before: float
+    loss_after: float
+    rel_error_before: float          # ||Y - Y_dense|| / ||Y_dense|| over the cached batches
+    rel_error_after: float
+    curve: list[float] = field(default_factory=list)  # minibatch loss at each step (before that step's update)
+    n_trained: int = 0               # trainable entries (surviving weights + biases, or norm scales)
+    steps: int = 0
+    lr: float = 0.0
+    reverted: bool = False           # healing raised the loss, the block was restored
+
+
+@dataclass
+class HealReport:
+    method: str
+    trainable: str
+    steps: int
+    lr: float
+    layers: list[HealStats] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def _error(layer, inputs, targets, layer_kwargs) -> tuple[float, float]:
+    """(mean squared error, relative error) of the layer's outputs against the targets."""
+    sq = ref = 0.0
+    n = 0
+    for x, y, kw in zip(inputs, targets, layer_kwargs):
+        d = _layer_out(layer, x, kw).float() - y.float()
+        sq += d.pow(2).sum().item()
+        ref += y.float().pow(2).sum().item()
+        n += d.numel()
+    return sq / max(n, 1), (sq / max(ref, 1e-30)) ** 0.5
+
+
+def heal_block(
+    layer: nn.Module,
+    inputs: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    layer_kwargs: list[dict],
+    masks: dict[str, torch.Tensor],
+    steps: int,
+    lr: float,
+    trainable: Literal["weights", "norms"] = "weights",
+    *,
+    weight_decay: float = 0.0,
+    schedule: str = "cosine",
+    revert_if_worse: bool = True,
+    seed: int = 0,
+) -> HealStats:
+    """Train one block in place so that layer(inputs[b], **layer_kwargs[b]) ~ targets[b].
+
+    masks: linear name relative to the block -> bool keep mask [d_out, d_in]; masked weights are zero
+    before, during and after training. Linear modules without a mask are trained dense. With
+    trainable='norms' only norm parameters move. Each step uses one cached batch (shuffled, cycled).
+    """
+    if not (len(inputs) == len(targets) == len(layer_kwargs)) or not inputs:
+        raise ValueError("inputs, targets and layer_kwargs must be non-empty lists of equal length")
+    with torch.no_grad():  # enforce the masks first: the baseline is the pruned block
+        for name, mod in linear_modules(layer).items():
+            if name in masks:
+                mod.weight.mul_(masks[name].to(mod.weight.device))
+    params = trainable_params(layer, trainable, masks)
+    loss0, rel0 = _error(layer, inputs, targets, layer_kwargs)
+    stats = HealStats(loss_before=loss0, loss_after=loss0, rel_error_before=rel0, rel_error_after=rel0,
+                      n_trained=sum(int(k.sum()) if k is not None else p.numel() for _, p, k in params),
+                      steps=steps, lr=lr)
+    if steps <= 0 or not params:
+        return stats
+
+    opt = MaskedAdam([(p, k) for _, p, k in params], lr, steps, weight_decay, schedule)
+    saved = opt.snapshot() if revert_if_worse else None
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    with only_these_require_grad(layer, [p for _, p, _ in params]):
+        for _ in range(steps):
+            if not order:
+                order = torch.randperm(len(inputs), generator=gen).tolist()
+            b = order.pop()
+            out = _layer_out(layer, inputs[b], layer_kwargs[b])
+            loss = (out.float() - targets[b].float()).pow(2).mean()
+            loss.backward()
+            stats.curve.append(loss.item())
+            opt.step()
+
+    stats.loss_after, stats.rel_error_after = _error(layer, inputs, targets, layer_kwargs)
+    if saved is not None and stats.loss_after > stats.loss_before:
+        opt.restore(saved)
+        stats.loss_after, stats.rel_error_after, stats.reverted = loss0, rel0, True
+    return stats
+
+
+def heal_blockwise(model, dense_model, blocks: torch.Tensor, cfg: Heal, *, steps: int | None = None,
+                   lr: float | None = None, description: str = "healing") -> HealReport:
+    """Heal every decoder layer of `model` (pruned, in place) toward `dense_model` on `blocks` [n, seq_len].
+
+    Masks are the current zeros of each linear weight. steps/lr override cfg's (e.g. from `schedule`).
+    """
+    t0 = time.perf_counter()
+    steps = cfg.steps if steps is None else steps
+    lr = cfg.lr if lr is None else lr
+    report = HealReport(method="blockwise", trainable=cfg.trainable, steps=steps, lr=lr)
+    hidden, kwargs = capture_layer_inputs(model, blocks, cfg.batch_size)
+    dense_hidden, dense_kwargs = capture_layer_inputs(dense_model, blocks, cfg.batch_size)
+    layers, dense_layers = decoder_layers(model), decoder_layers(dense_model)
+    if len(layers) != len(dense_layers):
+        raise ValueError(f"model has {len(layers)} layers, dense model {len(dense_layers)}")
+
+    with progress_bar(description, total=len(layers)) as advance:
+        for i, (layer, dense_layer) in enumerate(zip(layers, dense_layers)):
+            with torch.no_grad():
+                for b, h in enumerate(dense_hidden):
+                    dense_hidden[b] = _layer_out(dense_layer, h, dense_kwargs[i][b])
+            report.layers.append(heal_block(
+                layer, hidden, dense_hidden, kwargs[i], keep_masks(layer), steps, lr, cfg.trainable,
+                weight_decay=cfg.weight_decay, schedule=cfg.schedule,
+                revert_if_worse=cfg.revert_if_worse, seed=i,
+            ))
+            with torch.no_grad():
+                for b, h in enumerate(hidden):
+                    hidden[b] = _layer_out(layer, h, kwargs[i][b])
+            advance()
+
+    report.seconds = time.perf_counter() - t0
+    return report

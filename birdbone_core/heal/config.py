@@ -1,0 +1,56 @@
+"""The `heal:` recipe section: how a pruned model is trained back toward the dense one.
+
+    heal: {method: blockwise, steps: 200, lr: 2.0e-4, trainable: weights, taper: true}
+
+Healing data defaults to the recipe's calibration blocks; n_samples / seq_len / seed override them.
+With taper, wave k of R (k = 1..R) gets steps_k = steps * (1 - (k-1)/R) and lr_k = lr * (1 - (k-1)/R):
+early waves, which remove the most salient structure first, get the most repair.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+HEAL_METHODS = ("blockwise", "distill", "none")
+
+
+class Heal(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["blockwise", "distill", "none"] = "blockwise"
+    steps: int = Field(200, ge=0, description="optimizer steps (per layer for blockwise, total for distill)")
+    lr: float = Field(2e-4, gt=0, le=1.0)
+    trainable: Literal["weights", "norms"] = Field(
+        "weights", description="'weights': surviving linear weights (+ biases), pruning mask enforced; "
+                               "'norms': only the norm scales")
+    batch_size: int = Field(8, ge=1, description="samples per minibatch")
+    n_samples: int | None = Field(None, ge=1, le=100_000, description="healing samples; None = calibration's")
+    seq_len: int | None = Field(None, ge=8, le=131_072, description="healing sample length; None = calibration's")
+    seed: int | None = Field(None, description="healing data seed; None = calibration's")
+    taper: bool = Field(False, description="shrink steps and lr linearly over pruning waves")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay (0 = Adam)")
+    schedule: Literal["constant", "cosine"] = Field("cosine", description="lr over the steps of one cycle")
+    top_k: int = Field(64, ge=1, le=4096, description="distill: teacher logits kept per position")
+    revert_if_worse: bool = Field(
+        True, description="blockwise: restore a layer whose reconstruction loss healing did not lower")
+
+
+def schedule(cfg: Heal, wave: int, n_waves: int) -> tuple[int, float]:
+    """(steps, lr) for pruning wave `wave` (1-based) of `n_waves`; without taper, the configured values."""
+    if n_waves < 1 or not 1 <= wave <= n_waves:
+        raise ValueError(f"wave must be in 1..n_waves, got wave={wave}, n_waves={n_waves}")
+    if not cfg.taper:
+        return cfg.steps, cfg.lr
+    f = 1.0 - (wave - 1) / n_waves
+    return max(int(round(cfg.steps * f)), 0), cfg.lr * f
+
+
+def healing_data(cfg: Heal, calibration):
+    """The calibration section to draw healing blocks from: `calibration` with this section's overrides.
+
+    `calibration` is the recipe's Calibration (any pydantic model with n_samples, seq_len, seed).
+    """
+    update = {k: v for k, v in (("n_samples", cfg.n_samples), ("seq_len", cfg.seq_len), ("seed", cfg.seed))
+              if v is not None}
+    return calibration.model_copy(update=update) if update else calibration

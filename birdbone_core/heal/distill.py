@@ -1,0 +1,208 @@
+"""End-to-end distillation from the dense teacher, on the teacher's cached top-k logits.
+
+The teacher runs once: for every position of the healing blocks it keeps its k largest logits, their
+token ids and the log-sum-exp over the whole vocabulary ([n, seq_len, k] + [n, seq_len]), so full-vocab
+teacher logits (vocab up to 262k) are never stored. The loss is the KL divergence between teacher and
+student next-token distributions coarsened to k+1 outcomes (the k teacher tokens, everything else):
+
+    KL = sum_{i in top-k} p_i (log p_i - log q_i) + p_rest (log p_rest - log q_rest)
+
+with p from the teacher's cached logits and lse, q the student's full softmax. It is exact when the
+teacher's top-k hold all its mass and a lower bound of the full KL otherwise. The student's LM head is
+applied a few positions at a time, with the backward pass run per chunk (gradients collected on the
+final hidden states), so no [tokens, vocab] tensor outlives one chunk. The LM head and embeddings are
+frozen; the decoder layers' surviving weights (or norms) train with the pruning mask enforced.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from birdbone_core.heal.config import Heal
+from birdbone_core.heal.train import MaskedAdam, keep_masks, only_these_require_grad, trainable_params
+from birdbone_core.model.layers import decoder_layers, final_norm
+from birdbone_core.progress import progress_bar
+
+
+@dataclass
+class TeacherCache:
+    values: torch.Tensor    # [n, seq_len, k] float32 top-k logits
+    indices: torch.Tensor   # [n, seq_len, k] int64 token ids
+    lse: torch.Tensor       # [n, seq_len] float32 log-sum-exp over the full vocabulary
+
+
+@dataclass
+class DistillReport:
+    method: str
+    trainable: str
+    steps: int
+    lr: float
+    top_k: int
+    kl_before: float        # mean top-k KL(teacher || student) per position on the healing blocks
+    kl_after: float
+    curve: list[float] = field(default_factory=list)
+    n_trained: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _head(model, h: torch.Tensor) -> torch.Tensor:
+    """LM head (+ final soft-capping where the architecture has it), float32. h: [t, d] -> [t, vocab]."""
+    logits = model.get_output_embeddings()(h.to(model.dtype)).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    return model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+@torch.no_grad()
+def teacher_topk(teacher, blocks: torch.Tensor, k: int, batch_size: int = 8, head_chunk: int = 128,
+                 description: str = "teacher logits") -> TeacherCache:
+    """Top-k logits, their ids and the full log-sum-exp at every position of `blocks` [n, seq_len]."""
+    n, s = blocks.shape
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    k = min(k, vocab)
+    values = torch.empty(n, s, k)
+    indices = torch.empty(n, s, k, dtype=torch.long)
+    lse = torch.empty(n, s)
+    with progress_bar(description, total=n) as advance:
+        for start in range(0, n, batch_size):
+            ids = blocks[start : start + batch_size]
+            h = _final_hidden(teacher, ids)
+            h = h.reshape(-1, h.shape[-1])
+            v_parts, i_parts, l_parts = [], [], []
+            for c in range(0, h.shape[0], head_chunk):
+                logits = _head(teacher, h[c : c + head_chunk])
+                v, i = logits.topk(k, dim=-1)
+                v_parts.append(v.cpu())
+                i_parts.append(i.cpu())
+                l_parts.append(torch.logsumexp(logits, -1).cpu())
+            b = ids.shape[0]
+            values[start : start + b] = torch.cat(v_parts).reshape(b, s, k)
+            indices[start : start + b] = torch.cat(i_parts).reshape(b, s, k)
+            lse[start : start + b] = torch.cat(l_parts).reshape(b, s)
+            advance(b)
+    return TeacherCache(values, indices, lse)
+
+
+def topk_kl(student_logits: torch.Tensor, t_values: torch.Tensor, t_indices: torch.Tensor,
+            t_lse: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(teacher || student) over {top-k tokens, rest}. Shapes [t, V], [t, k], [t, k], [t]."""
+    logq_all = torch.log_softmax(student_logits.float(), dim=-1)
+    logq = logq_all.gather(1, t_indices.to(student_logits.device))                # [t, k]
+    logp = t_values.to(logq) - t_lse.to(logq)[:, None]                            # [t, k]
+    p = logp.exp()
+    kl = (p * (logp - logq)).sum(-1)
+    # the rest: teacher mass outside its top-k, student mass outside the same tokens
+    p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)
+    q_rest = (1.0 - logq.exp().sum(-1)).clamp_min(1e-12)
+    rest = torch.where(p_rest > 1e-12, p_rest * (p_rest.clamp_min(1e-12).log() - q_rest.log()),
+                       torch.zeros_like(p_rest))
+    return kl + rest
+
+
+def _kl_backward(model, h: torch.Tensor, cache: TeacherCache, rows: torch.Tensor, head_chunk: int,
+                 scale: float, backward: bool) -> float:
+    """Sum of top-k KL over all positions of h [b, s, d] (teacher rows `rows`); with backward, the
+    gradient of scale*sum flows into the model through h, one LM-head chunk at a time."""
+    b, s, d = h.shape
+    flat = h.reshape(-1, d)
+    leaf = flat.detach().requires_grad_(backward)
+    tv = cache.values[rows].reshape(b * s, -1)
+    ti = cache.indices[rows].reshape(b * s, -1)
+    tl = cache.lse[rows].reshape(b * s)
+    total = 0.0
+    for c in range(0, b * s, head_chunk):
+        sl = slice(c, c + head_chunk)
+        with torch.set_grad_enabled(backward):
+            kl = topk_kl(_head(model, leaf[sl]), tv[sl], ti[sl], tl[sl]).sum()
+            if backward:
+                (kl * scale).backward()
+        total += kl.item()
+    if backward:
+        flat.backward(leaf.grad)
+    return total
+
+
+@torch.no_grad()
+def mean_topk_kl(model, blocks: torch.Tensor, cache: TeacherCache, batch_size: int = 8,
+                 head_chunk: int = 128) -> float:
+    """Mean top-k KL(teacher || model) per position over `blocks`."""
+    total = 0.0
+    for start in range(0, blocks.shape[0], batch_size):
+        ids = blocks[start : start + batch_size]
+        rows = torch.arange(start, start + ids.shape[0])
+        total += _kl_backward(model, _final_hidden(model, ids), cache, rows, head_chunk, 1.0, False)
+    return total / blocks.numel()
+
+
+def distill_params(model, trainable: str):
+    """(name, param, mask) over every decoder layer; masks from the current zeros of linear weights."""
+    out = []
+    for i, layer in enumerate(decoder_layers(model)):
+        out += trainable_params(layer, trainable, keep_masks(layer), prefix=f"layers.{i}.")
+    if trainable == "norms":
+        norm = final_norm(model)
+        out += [("norm." + n, p, None) for n, p in norm.named_parameters()]
+    return out
+
+
+def heal_distill(model, teacher, blocks: torch.Tensor, cfg: Heal, *, steps: int | None = None,
+                 lr: float | None = None, head_chunk: int = 128, cache: TeacherCache | None = None,
+                 description: str = "distilling") -> DistillReport:
+    """Distil `teacher` (dense) into `model` (pruned, in place) on `blocks` [n, seq_len].
+
+    Each step: a random minibatch of cfg.batch_size blocks, loss = mean top-k KL over its positions.
+    A precomputed `cache` (from teacher_topk on the same blocks) may be passed to skip the teacher run.
+    """
+    t0 = time.perf_counter()
+    steps = cfg.steps if steps is None else steps
+    lr = cfg.lr if lr is None else lr
+    if cache is None:
+        cache = teacher_topk(teacher, blocks, cfg.top_k, cfg.batch_size, head_chunk)
+    params = distill_params(model, cfg.trainable)
+    report = DistillReport(
+        method="distill", trainable=cfg.trainable, steps=steps, lr=lr, top_k=cache.values.shape[-1],
+        kl_before=mean_topk_kl(model, blocks, cache, cfg.batch_size, head_chunk), kl_after=0.0,
+        n_trained=sum(int(k.sum()) if k is not None else p.numel() for _, p, k in params),
+    )
+    report.kl_after = report.kl_before
+    if steps <= 0 or not params:
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    opt = MaskedAdam([(p, k) for _, p, k in params], lr, steps, cfg.weight_decay, cfg.schedule)
+    gen = torch.Generator().manual_seed(0 if cfg.seed is None else cfg.seed)
+    n = blocks.shape[0]
+    bs = min(cfg.batch_size, n)
+    order: list[int] = []
+    was_training = model.training
+    model.eval()  # no dropout: the student should match the teacher's deterministic forward
+    try:
+        with only_these_require_grad(model, [p for _, p, _ in params]), \
+                progress_bar(description, total=steps) as advance:
+            for _ in range(steps):
+                if len(order) < bs:
+                    order += torch.randperm(n, generator=gen).tolist()
+                rows = torch.tensor(order[:bs])
+                del order[:bs]
+                ids = blocks[rows]
+                h = _final_hidden(model, ids)
+                total = _kl_backward(model, h, cache, rows, head_chunk, 1.0 / ids.numel(), True)
+                report.curve.append(total / ids.numel())
+                opt.step()
+                advance()
+    finally:
+        model.train(was_training)
+    report.kl_after = mean_topk_kl(model, blocks, cache, cfg.batch_size, head_chunk)
+    report.seconds = time.perf_counter() - t0
+    return report
