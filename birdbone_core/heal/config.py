@@ -31,6 +31,8 @@ class Heal(BaseModel):
     taper: bool = Field(False, description="shrink steps and lr linearly over pruning waves")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay (0 = Adam)")
     schedule: Literal["constant", "cosine"] = Field("cosine", description="lr over the steps of one cycle")
+    block_loss: Literal["mse", "relative"] = Field(
+        "mse", description="blockwise: plain MSE, or per-token ||dY||^2/||Y||^2 (every token weighs alike)")
     top_k: int = Field(64, ge=1, le=4096, description="distill: teacher logits kept per position")
     revert_if_worse: bool = Field(
         True, description="blockwise: restore a layer whose reconstruction loss healing did not lower")

@@ -100,10 +100,12 @@ class MaskedAdam:
         self.t = 0
 
     def _lr_now(self) -> float:
+        # linear warmup over the first 10% of steps: Adam's first updates move every weight by ~lr at once
+        warm = min(1.0, (self.t + 1) / max(1, math.ceil(0.1 * self.steps)))
         if self.schedule == "constant":
-            return self.lr
+            return self.lr * warm
         # cosine from lr down to lr/10 over the cycle
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(self.t, self.steps) / self.steps)))
+        return warm * self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(self.t, self.steps) / self.steps)))
 
     @torch.no_grad()
     def step(self) -> None:
