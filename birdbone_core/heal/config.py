@@ -2,6 +2,8 @@
 
     heal: {method: blockwise, steps: 200, lr: 2.0e-4, trainable: weights, taper: true}
 
+lr defaults by method: 2e-4 for blockwise, 3e-5 for distill (see Heal.base_lr).
+
 Healing data defaults to the recipe's calibration blocks; n_samples / seq_len / seed override them.
 With taper, wave k of R (k = 1..R) gets steps_k = steps * (1 - (k-1)/R) and lr_k = lr * (1 - (k-1)/R):
 early waves, which remove the most salient structure first, get the most repair.
@@ -20,7 +22,8 @@ class Heal(BaseModel):
 
     method: Literal["blockwise", "distill", "none"] = "blockwise"
     steps: int = Field(200, ge=0, description="optimizer steps (per layer for blockwise, total for distill)")
-    lr: float = Field(2e-4, gt=0, le=1.0)
+    lr: float | None = Field(
+        None, gt=0, le=1.0, description="peak learning rate; None = 2e-4 for blockwise, 3e-5 for distill")
     trainable: Literal["weights", "norms"] = Field(
         "weights", description="'weights': surviving linear weights (+ biases), pruning mask enforced; "
                                "'norms': only the norm scales")
@@ -37,15 +40,26 @@ class Heal(BaseModel):
     revert_if_worse: bool = Field(
         True, description="blockwise: restore a layer whose reconstruction loss healing did not lower")
 
+    @property
+    def base_lr(self) -> float:
+        """The configured lr, or the method's default (end-to-end distillation moves every layer at once
+        and diverged at 2e-4 on Gemma 3 270M, where block-wise reconstruction heals best near it)."""
+        if self.lr is not None:
+            return self.lr
+        return DEFAULT_LR.get(self.method, DEFAULT_LR["blockwise"])
+
+
+DEFAULT_LR = {"blockwise": 2e-4, "distill": 3e-5}
+
 
 def schedule(cfg: Heal, wave: int, n_waves: int) -> tuple[int, float]:
     """(steps, lr) for pruning wave `wave` (1-based) of `n_waves`; without taper, the configured values."""
     if n_waves < 1 or not 1 <= wave <= n_waves:
         raise ValueError(f"wave must be in 1..n_waves, got wave={wave}, n_waves={n_waves}")
     if not cfg.taper:
-        return cfg.steps, cfg.lr
+        return cfg.steps, cfg.base_lr
     f = 1.0 - (wave - 1) / n_waves
-    return max(int(round(cfg.steps * f)), 0), cfg.lr * f
+    return max(int(round(cfg.steps * f)), 0), cfg.base_lr * f
 
 
 def healing_data(cfg: Heal, calibration):

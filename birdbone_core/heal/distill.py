@@ -12,6 +12,9 @@ teacher's top-k hold all its mass and a lower bound of the full KL otherwise. Th
 applied a few positions at a time, with the backward pass run per chunk (gradients collected on the
 final hidden states), so no [tokens, vocab] tensor outlives one chunk. The LM head and embeddings are
 frozen; the decoder layers' surviving weights (or norms) train with the pruning mask enforced.
+
+Measured, Gemma 3 270M, Wanda 50%, 8x128 tokens, 10 steps of 2 blocks: lr 3e-5 took held-out ppl
+35.48 -> 28.97 (dense 18.48), KL 0.687 -> 0.557, 84 s on one CPU thread; lr 2e-4 diverged (ppl 54).
 """
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import nn
 
 from birdbone_core.heal.config import Heal
 from birdbone_core.heal.train import MaskedAdam, keep_masks, only_these_require_grad, trainable_params
@@ -166,7 +168,7 @@ def heal_distill(model, teacher, blocks: torch.Tensor, cfg: Heal, *, steps: int 
     """
     t0 = time.perf_counter()
     steps = cfg.steps if steps is None else steps
-    lr = cfg.lr if lr is None else lr
+    lr = cfg.base_lr if lr is None else lr
     if cache is None:
         cache = teacher_topk(teacher, blocks, cfg.top_k, cfg.batch_size, head_chunk)
     params = distill_params(model, cfg.trainable)
