@@ -54,7 +54,7 @@ def scored_hidden_states(model, chunks: torch.Tensor, description: str = "evalua
     return torch.stack(out)
 
 
-def _logits(model, h: torch.Tensor) -> torch.Tensor:
+def head_logits(model, h: torch.Tensor) -> torch.Tensor:
     """LM head (+ final soft-capping where the architecture has it). h: [t, d] -> [t, vocab]."""
     logits = model.get_output_embeddings()(h.to(model.dtype)).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -86,10 +86,10 @@ def score_hidden(
     kld_sum = 0.0
     agree = 0
     for s in range(0, h.shape[0], head_chunk):
-        logp = torch.log_softmax(_logits(model, h[s : s + head_chunk]), dim=-1).double()
+        logp = torch.log_softmax(head_logits(model, h[s : s + head_chunk]), dim=-1).double()
         nll_sum += -logp.gather(1, y[s : s + head_chunk, None]).sum().item()
         if ref is not None:
-            ref_logp = torch.log_softmax(_logits(model, ref[s : s + head_chunk]), dim=-1).double()
+            ref_logp = torch.log_softmax(head_logits(model, ref[s : s + head_chunk]), dim=-1).double()
             kld_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()
             agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
     n = h.shape[0]

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from birdbone_core.eval.perplexity import head_logits
+
 from birdbone_core.heal.config import Heal
 from birdbone_core.heal.train import MaskedAdam, keep_masks, only_these_require_grad, trainable_params
 from birdbone_core.model.layers import decoder_layers, final_norm
@@ -53,13 +55,7 @@ class DistillReport:
         return asdict(self)
 
 
-def _head(model, h: torch.Tensor) -> torch.Tensor:
-    """LM head (+ final soft-capping where the architecture has it), float32. h: [t, d] -> [t, vocab]."""
-    logits = model.get_output_embeddings()(h.to(model.dtype)).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+_head = head_logits  # one LM-head definition for evaluation and distillation
 
 
 def _final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
