@@ -162,7 +162,7 @@ def _write(model: torch.nn.Module, tokenizer: Any, path: Path, spec, dims, confi
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with progress_bar(f"writing {Path(path).name}", total=len(plans)) as advance:
+        with progress_bar(f"writing GGUF ({out_type})", total=len(plans)) as advance:
             for p in plans:
                 data = _encode(p.load(), types[p.gguf_name])
                 writer.write_tensor_data(data)
