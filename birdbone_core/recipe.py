@@ -11,6 +11,7 @@ Every error names the file, the field path and the problem, on one line.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -19,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from birdbone_core.errors import BirdboneError
+from birdbone_core.heal.config import Heal
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -110,12 +112,31 @@ class Export(_Strict):
     type: Literal["f32", "f16", "bf16", "q8_0"] = "q8_0"
 
 
+class StopLoss(_Strict):
+    threshold: float = Field(0.03, gt=0, description="relative perplexity rise over the last accepted state")
+    patience: int = Field(2, ge=1, description="bad waves in a row before rolling back")
+
+
+class Waves(_Strict):
+    """Reach prune.sparsity gradually: prune at most max_per_wave more each wave, heal, check, repeat."""
+
+    max_per_wave: float = Field(0.10, gt=0, le=1, description="fraction of weights removed per wave at most")
+    heal: Heal = Heal()
+    stop_loss: StopLoss = StopLoss()
+
+    def targets(self, final: float) -> list[float]:
+        """Cumulative sparsity after each wave, e.g. 0.5 by 0.1 -> [0.1, 0.2, 0.3, 0.4, 0.5]."""
+        n = max(1, math.ceil(round(final / self.max_per_wave, 9)))
+        return [final * (k + 1) / n for k in range(n)]
+
+
 class Recipe(_Strict):
     name: str = "default"
     calibration: Calibration = Calibration()
     evaluation: Evaluation = Evaluation()
     prune: Prune = Prune()
     export: Export = Export()
+    waves: Waves | None = Field(None, description="absent: one-shot pruning; present: pruning in waves")
 
     @model_validator(mode="after")
     def _disjoint(self) -> "Recipe":

@@ -172,21 +172,36 @@ def step_baseline(run: Run, lm: LoadedModel | None = None) -> EvalResult:
     return result
 
 
+def _check_finite(lm: LoadedModel) -> None:
+    bad = [n for n, p in lm.model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise BirdboneError(f"pruning produced NaN/Inf in {bad[0]} (and {len(bad) - 1} more); nothing was saved")
+
+
 def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
     """Layer-by-layer one-shot pruning on the calibration text; writes RUN/pruned/."""
     recipe = run.recipe()
     lm = lm or _load(run.model_spec(), "base model", run.load_options())
     cal = recipe.calibration
     text, text_desc = read_text(cal.text, "calib")
+    if recipe.waves is not None:
+        run.require("baseline", "prune in waves")
+        from birdbone_core.waves import run_waves
+
+        summary = run_waves(run, lm, recipe)
+        _check_finite(lm)
+        save_hf(lm.model, lm.tokenizer, run.pruned_dir)
+        atomic.write_json(run.root / "prune_report.json", summary)
+        run.mark_done("prune", {k: summary[k] for k in ("mode", "method", "pattern", "sparsity", "seconds",
+                                                        "accepted_wave", "calibration")})
+        return lm
     blocks = calibration_blocks(lm.tokenizer, text, cal.n_samples, cal.seq_len, cal.seed)
     ledger = Ledger(run.root)
     before = {n: t.clone() for n, t in state_of(lm.model).items()}     # the base, for the ledger
     ledger.init_base(before, meta={"source": run.manifest()["model"]})
     report = prune_sequential(lm.model, blocks, recipe.prune,
                               description=f"{recipe.prune.method} {recipe.prune.pattern}")
-    bad = [n for n, p in lm.model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise BirdboneError(f"pruning produced NaN/Inf in {bad[0]} (and {len(bad) - 1} more); nothing was saved")
+    _check_finite(lm)
     info = {"method": report.method, "pattern": report.pattern, "sparsity": report.overall_sparsity(),
             "seconds": report.seconds, "calibration": {"text": text_desc, "n_samples": cal.n_samples,
                                                        "seq_len": cal.seq_len, "seed": cal.seed}}
