@@ -5,10 +5,8 @@ fetched from a hub.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -77,65 +75,11 @@ def build_model(arch: str, seed: int = 0):
     return model.eval()
 
 
-# --- a tiny llama GGUF, laid out the way llama.cpp's convert_hf_to_gguf.py writes one --------------
-
-
-def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    # llama.cpp interleaves the rotary halves of Q and K rows; transformers undoes it on load.
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+# --- a tiny llama GGUF ---------------------------------------------------------------------------
 
 
 def write_llama_gguf(path: Path, model, tokenizer, arch: str = "llama") -> None:
-    import gguf
+    """An F32 GGUF of `model`, written by birdbone's exporter (verified in llama.cpp by tests/export)."""
+    from birdbone_core.export.gguf_file import export_gguf
 
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name("tiny test model")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-
-    vocab = tokenizer.get_vocab()
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    tokens += [f"[PAD{i}]" for i in range(cfg.vocab_size - len(tokens))]
-    special = set(tokenizer.all_special_tokens)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
-    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_pad_token_id(0)
-    w.add_add_bos_token(True)
-
-    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
-    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.attn_q.weight", _permute_qk(sd[p + "self_attn.q_proj.weight"], nh))
-        w.add_tensor(f"blk.{i}.attn_k.weight", _permute_qk(sd[p + "self_attn.k_proj.weight"], nkv))
-        w.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
-        w.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    if not cfg.tie_word_embeddings:
-        w.add_tensor("output.weight", sd["lm_head.weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    export_gguf(model, tokenizer, path, out_type="f32")
