@@ -35,6 +35,9 @@ def test_round_trip_and_hash(tmp_path):
     ("- a\n- b", "top level must be a mapping"),
     ("prune: {sparsity: [", "not valid YAML"),
     ("calibration: {n_samples: 0}", "calibration.n_samples"),
+    ("waves: {heal: {method: lora}}", "waves.heal.method"),
+    ("waves: {max_per_wave: 0}", "waves.max_per_wave"),
+    ("waves: {stop_loss: {patience: 0}}", "waves.stop_loss.patience"),
 ])
 def test_invalid_recipes_name_field(tmp_path, text, needle):
     p = _write(tmp_path, text)
@@ -61,3 +64,9 @@ def test_same_calibration_and_eval_file_refused(tmp_path):
     f.write_text("x")
     with pytest.raises(BirdboneError, match="held out"):
         parse_recipe({"calibration": {"text": str(f)}, "evaluation": {"text": str(f)}})
+
+
+def test_wave_targets():
+    r = parse_recipe({"prune": {"sparsity": 0.5}, "waves": {"max_per_wave": 0.1}})
+    assert [round(t, 6) for t in r.waves.targets(0.5)] == [0.1, 0.2, 0.3, 0.4, 0.5]
+    assert parse_recipe({"waves": {"max_per_wave": 0.3}}).waves.targets(0.5) == [0.25, 0.5]
