@@ -179,11 +179,10 @@ def _check_finite(lm: LoadedModel) -> None:
 
 
 def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
-    """Layer-by-layer one-shot pruning on the calibration text; writes RUN/pruned/."""
+    """Layer-by-layer pruning on the calibration text, one-shot or in waves (recipe `waves:`); writes
+    RUN/pruned/ and records every change in the ledger."""
     recipe = run.recipe()
     lm = lm or _load(run.model_spec(), "base model", run.load_options())
-    cal = recipe.calibration
-    text, text_desc = read_text(cal.text, "calib")
     if recipe.waves is not None:
         run.require("baseline", "prune in waves")
         from birdbone_core.waves import run_waves
@@ -195,6 +194,8 @@ def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
         run.mark_done("prune", {k: summary[k] for k in ("mode", "method", "pattern", "sparsity", "seconds",
                                                         "accepted_wave", "calibration")})
         return lm
+    cal = recipe.calibration
+    text, text_desc = read_text(cal.text, "calib")
     blocks = calibration_blocks(lm.tokenizer, text, cal.n_samples, cal.seq_len, cal.seed)
     ledger = Ledger(run.root)
     before = {n: t.clone() for n, t in state_of(lm.model).items()}     # the base, for the ledger
