@@ -9,7 +9,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXA
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 
-.PHONY: demo test test-slow venv clean-venv
+.PHONY: demo test test-slow venv clean-venv sysdeps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,18 @@ $(VENV)/.demo: $(VENV)/.core
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core
-	$(BIN)/pip install -q -e '.[test,llamacpp]'
+	$(BIN)/pip install -q -e '.[test,llamacpp,heal,tasks,ops]'
 	touch $@
+
+# Services the tests start for real (Prometheus, Pushgateway) and the browser for the Airflow UI test.
+SYSDEPS := chromium prometheus prometheus-pushgateway
+sysdeps:
+	@missing=$$(for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	fi
 
 venv: $(VENV)/.core
 
@@ -37,7 +47,7 @@ venv: $(VENV)/.core
 demo: $(VENV)/.demo
 	$(BIN)/birdbone compress -r birdbone_core/recipes/demo.yaml -o runs/demo
 
-test: $(VENV)/.test
+test: $(VENV)/.test sysdeps
 	BIRDBONE_PROGRESS=0 $(BIN)/python -m pytest -q -ra
 
 # Real-model checks on Gemma 3 270M (minutes): not part of the default run.
