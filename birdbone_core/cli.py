@@ -19,6 +19,15 @@ from pathlib import Path
 from birdbone_core import __version__
 from birdbone_core.errors import BirdboneError
 
+# Subcommands that live beside their feature: each module defines add_commands(subparsers) and keeps its
+# top-level imports light (the parser is built on every call). A module not present is not registered.
+COMMAND_MODULES = (
+    "birdbone_core.quant.cli",        # quantize / bit budget
+    "birdbone_core.eval.tasks_cli",   # task accuracy (lm-eval), canaries
+    "birdbone_core.report.cli",       # healing curves and run report
+    "birdbone_core.ops.cli",          # DVC artifacts, Prometheus metrics
+)
+
 
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f}"
@@ -221,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON")
     _add_load_flags(e)
     e.set_defaults(fn=_cmd_eval)
+
+    import importlib
+    import importlib.util
+
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name.rsplit(".", 1)[0]) and importlib.util.find_spec(name):
+            importlib.import_module(name).add_commands(sub)
     return p
 
 
