@@ -47,8 +47,12 @@ venv: $(VENV)/.core
 demo: $(VENV)/.demo
 	$(BIN)/birdbone compress -r birdbone_core/recipes/demo.yaml -o runs/demo
 
-test: $(VENV)/.test sysdeps
-	BIRDBONE_PROGRESS=0 $(BIN)/python -m pytest -q -ra
+include airflow.mk
+
+# Two runs: the package in .venv, then the DAGs in Airflow's own venv (they call .venv's birdbone).
+test: $(VENV)/.test sysdeps $(VENV_AIRFLOW)/.stamp $(UI_TEST_DIR)/node_modules/.stamp
+	BIRDBONE_PROGRESS=0 $(BIN)/python -m pytest -q -ra --ignore=tests/dags
+	BIRDBONE_PROGRESS=0 OMP_NUM_THREADS=1 $(AIRFLOW_PY) -m pytest -q -ra tests/dags
 
 # Real-model checks on Gemma 3 270M (minutes): not part of the default run.
 test-slow: $(VENV)/.test $(VENV)/.demo

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "birdbone_core.eval.tasks_cli",   # task accuracy (lm-eval), canaries
     "birdbone_core.report.cli",       # healing curves and run report
     "birdbone_core.ops.cli",          # DVC artifacts, Prometheus metrics
+    "birdbone_core.loop.cli",         # the adaptive loop step by step: prepare, wave K STEP, ..., run, status
 )
 
 
@@ -82,9 +83,13 @@ def _cmd_step(a) -> int:
 
     run = steps.Run(Path(a.run))
     run.manifest()  # validates the directory
-    if a.cmd == "baseline":
-        r = steps.step_baseline(run)
-        print(f"baseline perplexity {r.ppl:.3f} on {r.n_scored} tokens")
+    if a.cmd == "baseline":   # alias of `prepare` (which scores the dense model first)
+        from birdbone_core.loop.context import Context
+        from birdbone_core.loop.ends import prepare
+
+        prepare(Context(run))
+        b = run.manifest()["steps"]["baseline"]
+        print(f"baseline perplexity {b['ppl']:.3f} on {b['n_scored']} tokens")
     elif a.cmd == "prune":
         steps.step_prune(run)
         info = run.manifest()["steps"]["prune"]

@@ -20,7 +20,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from birdbone_core.errors import BirdboneError
+from birdbone_core.eval.canaries import Canary
 from birdbone_core.heal.config import Heal
+from birdbone_core.quant.config import Quantize
+from birdbone_core.prune.owl import Allocation
+from birdbone_core.prune.regrow import Regrow
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -43,10 +47,39 @@ class Calibration(TextSource):
     seq_len: int = Field(512, ge=8, le=131_072)
 
 
+class AccuracyGuard(_Strict):
+    """Stop when a task's accuracy is more than `threshold` (relative) below the base model's for
+    `patience` waves in a row (birdbone_core.guard.accuracy_guard). Applies when `tasks` is not empty."""
+
+    threshold: float = Field(0.03, gt=0, lt=1, description="relative accuracy drop vs the base model")
+    patience: int = Field(2, ge=1, description="bad waves in a row before the run stops")
+
+
 class Evaluation(TextSource):
     # llama-perplexity protocol: chunks of n_ctx tokens, second half of each chunk is scored
     n_ctx: int = Field(512, ge=16, le=131_072)
     max_chunks: int | None = Field(8, ge=1, description="cap on chunks scored (None = whole text)")
+    # task accuracy (lm-eval): offline pydocs_lastword / pydocs_cloze, or lm-eval names (mmlu, arc_easy, ...)
+    tasks: list[str] = Field(default_factory=list, description="lm-eval tasks scored at evaluate steps")
+    task_limit: int | None = Field(None, ge=1, description="documents per task (None = all)")
+    canaries: list[Canary] = Field(default_factory=list, description="prompts with expected answers")
+    accuracy_guard: AccuracyGuard = AccuracyGuard()
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a task is listed twice")
+        return v
+
+    @field_validator("canaries")
+    @classmethod
+    def _canaries(cls, v: list[Canary]) -> list[Canary]:
+        names = [c.name for c in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"canary name(s) used twice: {', '.join(dup)}")
+        return v
 
 
 class SparseGPTSettings(_Strict):
@@ -63,6 +96,9 @@ class Prune(_Strict):
     skip: list[str] = Field(default_factory=list, description="regexes of linear modules left dense")
     sparsegpt: SparseGPTSettings = SparseGPTSettings()
     batch_size: int = Field(8, ge=1, description="calibration samples per forward batch")
+    allocation: Allocation = Field(
+        "uniform", description="'uniform', or 'owl' / {method: owl, m, lam}: outlier-weighted per-layer "
+                               "sparsity (birdbone_core.prune.owl)")
 
     @field_validator("pattern")
     @classmethod
@@ -123,6 +159,8 @@ class Waves(_Strict):
     max_per_wave: float = Field(0.10, gt=0, le=1, description="fraction of weights removed per wave at most")
     heal: Heal = Heal()
     stop_loss: StopLoss = StopLoss()
+    regrow: Regrow | None = Field(None, description="after healing, swap pruned and surviving weights "
+                                                    "(birdbone_core.prune.regrow); absent: no regrowth")
 
     def targets(self, final: float) -> list[float]:
         """Cumulative sparsity after each wave, e.g. 0.5 by 0.1 -> [0.1, 0.2, 0.3, 0.4, 0.5]."""
@@ -137,6 +175,7 @@ class Recipe(_Strict):
     prune: Prune = Prune()
     export: Export = Export()
     waves: Waves | None = Field(None, description="absent: one-shot pruning; present: pruning in waves")
+    quantize: Quantize | None = Field(None, description="mixed-type GGUF under a bit budget (export)")
 
     @model_validator(mode="after")
     def _disjoint(self) -> "Recipe":

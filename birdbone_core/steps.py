@@ -182,18 +182,11 @@ def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
     """Layer-by-layer pruning on the calibration text, one-shot or in waves (recipe `waves:`); writes
     RUN/pruned/ and records every change in the ledger."""
     recipe = run.recipe()
-    lm = lm or _load(run.model_spec(), "base model", run.load_options())
-    if recipe.waves is not None:
-        run.require("baseline", "prune in waves")
-        from birdbone_core.waves import run_waves
+    if recipe.waves is not None:   # the adaptive loop's steps (birdbone_core.loop), in this process
+        from birdbone_core.loop.driver import prune_in_waves
 
-        summary = run_waves(run, lm, recipe)
-        _check_finite(lm)
-        save_hf(lm.model, lm.tokenizer, run.pruned_dir)
-        atomic.write_json(run.root / "prune_report.json", summary)
-        run.mark_done("prune", {k: summary[k] for k in ("mode", "method", "pattern", "sparsity", "seconds",
-                                                        "accepted_wave", "calibration")})
-        return lm
+        return prune_in_waves(run, lm)
+    lm = lm or _load(run.model_spec(), "base model", run.load_options())
     cal = recipe.calibration
     text, text_desc = read_text(cal.text, "calib")
     blocks = calibration_blocks(lm.tokenizer, text, cal.n_samples, cal.seq_len, cal.seed)
@@ -219,7 +212,9 @@ def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
 
 
 def step_export(run: Run, lm: LoadedModel | None = None):
-    """Write the pruned model as a GGUF of the recipe's type."""
+    """Write the pruned model as a GGUF of the recipe's type (or mixed types, recipe `quantize:`)."""
+    from collections import Counter
+
     from birdbone_core.export.gguf_file import export_gguf
 
     run.require("prune", "export")
@@ -227,13 +222,21 @@ def step_export(run: Run, lm: LoadedModel | None = None):
     lm = lm or _load(str(run.pruned_dir), "pruned model")
     m = run.manifest()
     source_gguf = Path(m["model"]["path"]) if m["model"]["kind"] == "gguf" else None
-    result = export_gguf(lm.model, lm.tokenizer, run.gguf_path(recipe), out_type=recipe.export.type,
-                         source_gguf=source_gguf,
-                         extra_metadata={"birdbone.recipe_sha256": m["recipe_sha256"],
-                                         "birdbone.prune.method": recipe.prune.method,
-                                         "birdbone.prune.pattern": recipe.prune.pattern})
+    meta = {"birdbone.recipe_sha256": m["recipe_sha256"], "birdbone.prune.method": recipe.prune.method,
+            "birdbone.prune.pattern": recipe.prune.pattern}
+    if recipe.quantize is not None:  # mixed types under a bit budget (birdbone_core.quant)
+        from birdbone_core.quant.pipeline import quantize_and_export
+
+        result, q = quantize_and_export(lm.model, lm.tokenizer, recipe.quantize, run.gguf_path(recipe),
+                                        calibration=recipe.calibration, source_gguf=source_gguf,
+                                        extra_metadata=meta, report_path=run.root / "quant_report.json")
+        info = {"types": dict(Counter(q.types.values())), "budget_bytes": q.budget_bytes}
+    else:
+        result = export_gguf(lm.model, lm.tokenizer, run.gguf_path(recipe), out_type=recipe.export.type,
+                             source_gguf=source_gguf, extra_metadata=meta)
+        info = {}
     run.mark_done("export", {"path": str(result.path), "bytes": result.n_bytes,
-                             "bits_per_weight": result.bits_per_weight})
+                             "bits_per_weight": result.bits_per_weight, **info})
     return result
 
 

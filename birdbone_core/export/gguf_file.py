@@ -74,13 +74,17 @@ def _types_summary(types: dict[str, str]) -> str:
 
 def export_gguf(model: torch.nn.Module, tokenizer: Any, out_path: str | os.PathLike, *, out_type: str = "f16",
                 source_gguf: Path | None = None,
-                extra_metadata: dict[str, str | int | float] | None = None) -> ExportResult:
+                extra_metadata: dict[str, str | int | float] | None = None,
+                quantized: dict[str, tuple[str, np.ndarray]] | None = None) -> ExportResult:
     """Write `model` (a transformers causal LM in memory) as a GGUF file stock llama.cpp can run.
 
     out_type: f32 | f16 | bf16 | q8_0 for 2-D weights; 1-D tensors stay F32; a weight whose row length
     is not a multiple of the format's block falls back (q8_0 -> f16) and is listed in `fallbacks`.
     source_gguf: the GGUF file the model was loaded from; its tokenizer.* keys are copied verbatim.
     extra_metadata: more string/int/float keys (e.g. `birdbone.recipe`).
+    quantized: mixed-type export: GGUF tensor name -> (block type, packed bytes [rows, row bytes]) as
+    `birdbone_core.quant.engine.quantize_model` makes them; those tensors are written as given, the
+    others per out_type. general.file_type then names the type holding the most bytes.
     """
     out_type = out_type.lower()
     if out_type not in OUT_TYPES:
@@ -104,7 +108,8 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out_path: str | os.PathL
 
     try:
         with staged_file(out_path) as tmp:  # renamed onto out_path only if the block completes
-            result = _write(model, tokenizer, tmp, spec, dims, config, plans, out_type, source_gguf, extra_metadata)
+            result = _write(model, tokenizer, tmp, spec, dims, config, plans, out_type, source_gguf, extra_metadata,
+                            quantized or {})
     except OSError as e:
         raise BirdboneError(f"writing {out_path} failed: {e}") from e
     result.path = out_path
@@ -113,8 +118,12 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out_path: str | os.PathL
 
 
 def _write(model: torch.nn.Module, tokenizer: Any, path: Path, spec, dims, config, plans: list[TensorPlan],
-           out_type: str, source_gguf: Path | None, extra_metadata: dict | None) -> ExportResult:
+           out_type: str, source_gguf: Path | None, extra_metadata: dict | None,
+           quantized: dict[str, tuple[str, np.ndarray]]) -> ExportResult:
     _, file_type, _ = OUT_TYPES[out_type]
+    _check_quantized(quantized, plans)
+    if quantized:
+        file_type = _mixed_file_type(quantized)
     writer = gguf.GGUFWriter(path, spec.name)
     try:
         origin = str(getattr(config, "name_or_path", None) or getattr(model, "name_or_path", None) or "")
@@ -132,7 +141,7 @@ def _write(model: torch.nn.Module, tokenizer: Any, path: Path, spec, dims, confi
         types: dict[str, str] = {}
         n_weights = n_data = 0
         for p in plans:
-            fmt = _choose_format(p, out_type, fallbacks)
+            fmt = quantized[p.gguf_name][0] if p.gguf_name in quantized else _choose_format(p, out_type, fallbacks)
             types[p.gguf_name] = fmt
             f = get_format(fmt)
             n = int(np.prod(p.shape))
@@ -148,7 +157,7 @@ def _write(model: torch.nn.Module, tokenizer: Any, path: Path, spec, dims, confi
 
         writer.add_string("birdbone.version", birdbone_core.__version__)
         writer.add_string("birdbone.source", source_gguf.name if source_gguf else (origin or "in-memory model"))
-        writer.add_string("birdbone.out_type", out_type)
+        writer.add_string("birdbone.out_type", "mixed" if quantized else out_type)
         writer.add_string("birdbone.tensor_types", _types_summary(types))
         writer.add_string("birdbone.tokenizer", tok_source)
         if fallbacks:
@@ -164,13 +173,50 @@ def _write(model: torch.nn.Module, tokenizer: Any, path: Path, spec, dims, confi
         writer.write_ti_data_to_file()
         with progress_bar(f"writing GGUF ({out_type})", total=len(plans)) as advance:
             for p in plans:
-                data = _encode(p.load(), types[p.gguf_name])
+                q = quantized.get(p.gguf_name)
+                data = q[1] if q is not None else _encode(p.load(), types[p.gguf_name])
                 writer.write_tensor_data(data)
                 advance()
     finally:
         writer.close()
     bpw = 8.0 * n_data / n_weights if n_weights else 0.0
     return ExportResult(path, 0, types, bpw, n_weights, fallbacks, notes, tok_source)
+
+
+# the type holding most bytes of a mixed file -> general.file_type (llama.cpp only displays it)
+_MIXED_FILE_TYPES = {
+    "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
+    "Q8_0": "MOSTLY_Q8_0", "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_M",
+    "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K", "F16": "MOSTLY_F16", "F32": "ALL_F32",
+}
+
+
+def _mixed_file_type(quantized: dict[str, tuple[str, np.ndarray]]) -> gguf.LlamaFileType:
+    by_type: Counter = Counter()
+    for fmt, data in quantized.values():
+        by_type[get_format(fmt).name] += data.nbytes
+    top = by_type.most_common(1)[0][0]
+    return gguf.LlamaFileType[_MIXED_FILE_TYPES.get(top, "MOSTLY_F16")]
+
+
+def _check_quantized(quantized: dict[str, tuple[str, np.ndarray]], plans: list[TensorPlan]) -> None:
+    """Every pre-quantized tensor must exist and hold exactly the bytes its shape takes in its type."""
+    shapes = {p.gguf_name: p.shape for p in plans}
+    for name, (fmt, data) in quantized.items():
+        if name not in shapes:
+            raise BirdboneError(f"quantized tensor {name!r} is not a tensor of this model")
+        f = get_format(fmt)
+        shape = shapes[name]
+        if f.name not in ("F32", "F16") and (len(shape) < 2 or not can_apply(f.name, shape[-1])):
+            raise BirdboneError(f"{name}: shape {shape} cannot be stored as {f.name}")
+        if f.name in ("F32", "F16"):
+            if data.dtype != np.dtype(np.float32 if f.name == "F32" else np.float16) or tuple(data.shape) != shape:
+                raise BirdboneError(f"{name}: expected {f.name} data of shape {shape}, got {data.dtype} {data.shape}")
+            continue
+        want = (*shape[:-1], shape[-1] // f.block_size * f.type_size)
+        if data.dtype != np.uint8 or tuple(data.shape) != want:
+            raise BirdboneError(f"{name}: expected packed {f.name} bytes of shape {want}, got {data.dtype} "
+                                f"{tuple(data.shape)}")
 
 
 def _add_extra(writer: gguf.GGUFWriter, key: str, value: Any) -> None:

@@ -4,15 +4,19 @@
     distill    end to end, KL to the dense model's cached top-k next-token logits (heal.distill)
     none       nothing
 
-`heal(...)` picks the method from the recipe section and applies the wave taper (`schedule`).
+What trains (`trainable`): surviving weights, norms only, or LoRA / QLoRA adapters merged back into the
+fp32 weights with the mask re-applied (heal.lora). `heal(...)` picks the method from the recipe section
+and applies the wave taper (`schedule`). When a torch.distributed process group with more than one rank
+is up (`heal.distributed.init_distributed()`, e.g. under torchrun), both methods run data-parallel:
+every rank heals its shard of each minibatch and gradients are summed, so all ranks end identical.
 """
 from __future__ import annotations
 
 import torch
 
-from birdbone_core.heal.config import HEAL_METHODS, Heal, healing_data, schedule
+from birdbone_core.heal.config import HEAL_METHODS, TRAINABLE, Heal, Lora, healing_data, schedule
 
-__all__ = ["HEAL_METHODS", "Heal", "heal", "healing_data", "schedule"]
+__all__ = ["HEAL_METHODS", "TRAINABLE", "Heal", "Lora", "heal", "healing_data", "schedule"]
 
 
 def heal(model, dense_model, blocks: torch.Tensor, cfg: Heal, wave: int = 1, n_waves: int = 1,

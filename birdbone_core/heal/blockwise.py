@@ -20,7 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from birdbone_core.heal.config import Heal
+from birdbone_core.heal import distributed
+from birdbone_core.heal.config import Heal, Lora
 from birdbone_core.heal.train import MaskedAdam, keep_masks, only_these_require_grad, trainable_params
 from birdbone_core.model.layers import decoder_layers, linear_modules
 from birdbone_core.progress import progress_bar
@@ -71,8 +72,9 @@ def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
 
 
 @torch.no_grad()
-def _error(layer, inputs, targets, layer_kwargs, kind: str) -> tuple[float, float]:
-    """(loss averaged over the cached batches, relative error ||Y - Y_dense|| / ||Y_dense||)."""
+def _error(layer, inputs, targets, layer_kwargs, kind: str, reduce: bool = False) -> tuple[float, float]:
+    """(loss averaged over the cached batches, relative error ||Y - Y_dense|| / ||Y_dense||).
+    reduce: the batches are this rank's shards; sum the parts over all ranks (distributed healing)."""
     total = sq = ref = 0.0
     n = 0
     for x, y, kw in zip(inputs, targets, layer_kwargs):
@@ -81,6 +83,8 @@ def _error(layer, inputs, targets, layer_kwargs, kind: str) -> tuple[float, floa
         sq += (out.float() - y.float()).pow(2).sum().item()
         ref += y.float().pow(2).sum().item()
         n += out.shape[0]
+    if reduce:
+        total, sq, ref, n = distributed.all_reduce_sum([total, sq, ref, float(n)])
     return total / max(n, 1), (sq / max(ref, 1e-30)) ** 0.5
 
 
@@ -92,54 +96,97 @@ def heal_block(
     masks: dict[str, torch.Tensor],
     steps: int,
     lr: float,
-    trainable: Literal["weights", "norms"] = "weights",
+    trainable: Literal["weights", "norms", "lora", "qlora"] = "weights",
     *,
     weight_decay: float = 0.0,
     schedule: str = "cosine",
     revert_if_worse: bool = True,
     loss: str = "mse",
     seed: int = 0,
+    lora: Lora | None = None,
+    scales: list[float] | None = None,
 ) -> HealStats:
     """Train one block in place so that layer(inputs[b], **layer_kwargs[b]) ~ targets[b].
 
     masks: linear name relative to the block -> bool keep mask [d_out, d_in]; masked weights are zero
     before, during and after training. Linear modules without a mask are trained dense. With
-    trainable='norms' only norm parameters move. Each step uses one cached batch (shuffled, cycled).
+    trainable='norms' only norm parameters move; with 'lora'/'qlora' adapters (settings `lora`) are
+    trained and merged back with the masks re-applied (birdbone_core.heal.lora). Each step uses one
+    cached batch (shuffled, cycled). With a process group up (birdbone_core.heal.distributed) the
+    batches are this rank's shards of the global ones, `scales[b]` = shard rows / global rows, and the
+    gradients and errors are summed over ranks.
     """
+    reduce = distributed.active()
+    scales = scales or [1.0] * len(inputs)
     if not (len(inputs) == len(targets) == len(layer_kwargs)) or not inputs:
         raise ValueError("inputs, targets and layer_kwargs must be non-empty lists of equal length")
     with torch.no_grad():  # enforce the masks first: the baseline is the pruned block
         for name, mod in linear_modules(layer).items():
             if name in masks:
                 mod.weight.mul_(masks[name].to(mod.weight.device))
-    params = trainable_params(layer, trainable, masks)
-    loss0, rel0 = _error(layer, inputs, targets, layer_kwargs, loss)
+    loss0, rel0 = _error(layer, inputs, targets, layer_kwargs, loss, reduce)
     stats = HealStats(loss_before=loss0, loss_after=loss0, rel_error_before=rel0, rel_error_after=rel0,
-                      n_trained=sum(int(k.sum()) if k is not None else p.numel() for _, p, k in params),
                       steps=steps, lr=lr)
+    session = None
+    if trainable in ("lora", "qlora"):
+        if steps <= 0:
+            return stats
+        from birdbone_core.heal.lora import LoraSession
+        saved_w = {n: m.weight.detach().clone() for n, m in linear_modules(layer).items()}
+        session = LoraSession(layer, linear_modules(layer), masks, lora or Lora(),
+                              quantize=trainable == "qlora", seed=seed)
+        params = [(f"adapter.{i}", p, None) for i, p in enumerate(session.parameters())]
+    else:
+        params = trainable_params(layer, trainable, masks)
+    stats.n_trained = sum(int(k.sum()) if k is not None else p.numel() for _, p, k in params)
     if steps <= 0 or not params:
         return stats
 
     opt = MaskedAdam([(p, k) for _, p, k in params], lr, steps, weight_decay, schedule)
-    saved = opt.snapshot() if revert_if_worse else None
+    saved = opt.snapshot() if revert_if_worse and session is None else None
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    with only_these_require_grad(layer, [p for _, p, _ in params]):
-        for _ in range(steps):
-            if not order:
-                order = torch.randperm(len(inputs), generator=gen).tolist()
-            b = order.pop()
-            out = _layer_out(layer, inputs[b], layer_kwargs[b])
-            value = block_loss(out, targets[b], loss)
-            value.backward()
-            stats.curve.append(value.item())
-            opt.step()
+    try:
+        with only_these_require_grad(layer, [p for _, p, _ in params]):
+            for _ in range(steps):
+                if not order:
+                    order = torch.randperm(len(inputs), generator=gen).tolist()
+                b = order.pop()
+                out = _layer_out(layer, inputs[b], layer_kwargs[b])
+                value = block_loss(out, targets[b], loss) * scales[b]
+                value.backward()
+                stats.curve.append(value.item())
+                distributed.all_reduce_grads([p for _, p, _ in params])
+                opt.step()
+    except BaseException:
+        if session is not None:
+            session.abort()
+        raise
+    if session is not None:
+        session.merge()
+    if reduce:
+        stats.curve = distributed.all_reduce_sum(stats.curve)
 
-    stats.loss_after, stats.rel_error_after = _error(layer, inputs, targets, layer_kwargs, loss)
-    if saved is not None and stats.loss_after > stats.loss_before:
-        opt.restore(saved)
+    stats.loss_after, stats.rel_error_after = _error(layer, inputs, targets, layer_kwargs, loss, reduce)
+    if revert_if_worse and stats.loss_after > stats.loss_before:
+        if session is None:
+            opt.restore(saved)
+        else:
+            with torch.no_grad():
+                for n, m in linear_modules(layer).items():
+                    m.weight.copy_(saved_w[n])
         stats.loss_after, stats.rel_error_after, stats.reverted = loss0, rel0, True
     return stats
+
+
+def _capture(model, batches: list[tuple[torch.Tensor, float]]):
+    """capture_layer_inputs over explicit batches: (hidden per batch, kwargs[layer][batch])."""
+    hidden, kwargs = [], None
+    for ids, _ in batches:
+        h, kw = capture_layer_inputs(model, ids, ids.shape[0])
+        hidden += h
+        kwargs = kw if kwargs is None else [a + b for a, b in zip(kwargs, kw)]
+    return hidden, kwargs
 
 
 def heal_blockwise(model, dense_model, blocks: torch.Tensor, cfg: Heal, *, steps: int | None = None,
@@ -152,8 +199,10 @@ def heal_blockwise(model, dense_model, blocks: torch.Tensor, cfg: Heal, *, steps
     steps = cfg.steps if steps is None else steps
     lr = cfg.base_lr if lr is None else lr
     report = HealReport(method="blockwise", trainable=cfg.trainable, steps=steps, lr=lr)
-    hidden, kwargs = capture_layer_inputs(model, blocks, cfg.batch_size)
-    dense_hidden, dense_kwargs = capture_layer_inputs(dense_model, blocks, cfg.batch_size)
+    batches = distributed.shard_batches(blocks, cfg.batch_size)
+    scales = [sc for _, sc in batches]
+    hidden, kwargs = _capture(model, batches)
+    dense_hidden, dense_kwargs = _capture(dense_model, batches)
     layers, dense_layers = decoder_layers(model), decoder_layers(dense_model)
     if len(layers) != len(dense_layers):
         raise ValueError(f"model has {len(layers)} layers, dense model {len(dense_layers)}")
@@ -166,7 +215,8 @@ def heal_blockwise(model, dense_model, blocks: torch.Tensor, cfg: Heal, *, steps
             report.layers.append(heal_block(
                 layer, hidden, dense_hidden, kwargs[i], keep_masks(layer), steps, lr, cfg.trainable,
                 weight_decay=cfg.weight_decay, schedule=cfg.schedule,
-                revert_if_worse=cfg.revert_if_worse, loss=cfg.block_loss, seed=i,
+                revert_if_worse=cfg.revert_if_worse, loss=cfg.block_loss, seed=i, lora=cfg.lora,
+                scales=scales,
             ))
             with torch.no_grad():
                 for b, h in enumerate(hidden):

@@ -15,6 +15,19 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 HEAL_METHODS = ("blockwise", "distill", "none")
+TRAINABLE = ("weights", "norms", "lora", "qlora")
+
+
+class Lora(BaseModel):
+    """LoRA adapters for trainable 'lora' / 'qlora' (birdbone_core.heal.lora)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rank: int = Field(8, ge=1, le=4096, description="adapter rank r")
+    alpha: float = Field(16.0, gt=0, description="scaling alpha / r applied to B A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input while training")
+    targets: list[str] = Field(default_factory=list, description="regexes over linear module names inside "
+                                                                 "a decoder layer (e.g. 'proj$'); empty = all")
 
 
 class Heal(BaseModel):
@@ -24,9 +37,11 @@ class Heal(BaseModel):
     steps: int = Field(200, ge=0, description="optimizer steps (per layer for blockwise, total for distill)")
     lr: float | None = Field(
         None, gt=0, le=1.0, description="peak learning rate; None = 2e-4 for blockwise, 3e-5 for distill")
-    trainable: Literal["weights", "norms"] = Field(
+    trainable: Literal["weights", "norms", "lora", "qlora"] = Field(
         "weights", description="'weights': surviving linear weights (+ biases), pruning mask enforced; "
-                               "'norms': only the norm scales")
+                               "'norms': only the norm scales; 'lora': LoRA adapters merged back, mask "
+                               "re-applied; 'qlora': the same over an nf4 4-bit base")
+    lora: Lora = Lora()
     batch_size: int = Field(8, ge=1, description="samples per minibatch")
     n_samples: int | None = Field(None, ge=1, le=100_000, description="healing samples; None = calibration's")
     seq_len: int | None = Field(None, ge=8, le=131_072, description="healing sample length; None = calibration's")

@@ -25,9 +25,11 @@ import torch
 
 from birdbone_core.eval.perplexity import head_logits
 
+from birdbone_core.errors import BirdboneError
+from birdbone_core.heal import distributed
 from birdbone_core.heal.config import Heal
 from birdbone_core.heal.train import MaskedAdam, keep_masks, only_these_require_grad, trainable_params
-from birdbone_core.model.layers import decoder_layers, final_norm
+from birdbone_core.model.layers import decoder_layers, final_norm, linear_modules
 from birdbone_core.progress import progress_bar
 
 
@@ -167,13 +169,31 @@ def heal_distill(model, teacher, blocks: torch.Tensor, cfg: Heal, *, steps: int 
     lr = cfg.base_lr if lr is None else lr
     if cache is None:
         cache = teacher_topk(teacher, blocks, cfg.top_k, cfg.batch_size, head_chunk)
-    params = distill_params(model, cfg.trainable)
+    if min(cfg.batch_size, blocks.shape[0]) < distributed.world_size():
+        raise BirdboneError(f"distill: minibatches of {min(cfg.batch_size, blocks.shape[0])} samples cannot "
+                            f"be split over {distributed.world_size()} processes")
+    kl0 = mean_topk_kl(model, blocks, cache, cfg.batch_size, head_chunk)
+    session = None
+    if cfg.trainable in ("lora", "qlora") and steps > 0:
+        from birdbone_core.heal.lora import LoraSession
+        names = {m: n for n, m in model.named_modules()}
+        mods, masks = {}, {}
+        for layer in decoder_layers(model):
+            keep = keep_masks(layer)
+            for rel, mod in linear_modules(layer).items():
+                mods[names[mod]] = mod
+                if rel in keep:
+                    masks[names[mod]] = keep[rel]
+        session = LoraSession(model, mods, masks, cfg.lora, quantize=cfg.trainable == "qlora",
+                              seed=0 if cfg.seed is None else cfg.seed)
+        params = [(f"adapter.{i}", p, None) for i, p in enumerate(session.parameters())]
+    else:
+        params = distill_params(model, cfg.trainable) if cfg.trainable not in ("lora", "qlora") else []
     report = DistillReport(
         method="distill", trainable=cfg.trainable, steps=steps, lr=lr, top_k=cache.values.shape[-1],
-        kl_before=mean_topk_kl(model, blocks, cache, cfg.batch_size, head_chunk), kl_after=0.0,
+        kl_before=kl0, kl_after=kl0,
         n_trained=sum(int(k.sum()) if k is not None else p.numel() for _, p, k in params),
     )
-    report.kl_after = report.kl_before
     if steps <= 0 or not params:
         report.seconds = time.perf_counter() - t0
         return report
@@ -193,14 +213,23 @@ def heal_distill(model, teacher, blocks: torch.Tensor, cfg: Heal, *, steps: int 
                     order += torch.randperm(n, generator=gen).tolist()
                 rows = torch.tensor(order[:bs])
                 del order[:bs]
+                n_global = rows.numel() * blocks.shape[1]     # positions of the global minibatch
+                rows = distributed.shard(rows)                # this rank's part (all of it alone)
                 ids = blocks[rows]
                 h = _final_hidden(model, ids)
-                total = _kl_backward(model, h, cache, rows, head_chunk, 1.0 / ids.numel(), True)
-                report.curve.append(total / ids.numel())
+                total = _kl_backward(model, h, cache, rows, head_chunk, 1.0 / n_global, True)
+                distributed.all_reduce_grads([p for _, p, _ in params])
+                report.curve.append(distributed.all_reduce_sum([total])[0] / n_global)
                 opt.step()
                 advance()
+    except BaseException:
+        if session is not None:
+            session.abort()
+        raise
     finally:
         model.train(was_training)
+    if session is not None:
+        session.merge()
     report.kl_after = mean_topk_kl(model, blocks, cache, cfg.batch_size, head_chunk)
     report.seconds = time.perf_counter() - t0
     return report

@@ -31,6 +31,10 @@ def _fmt(v: object) -> str:
         return f"{v:.4g}"
     if isinstance(v, int):
         return f"{v:,}"
+    if isinstance(v, list) and any(isinstance(x, list) for x in v):   # e.g. healing curves per layer
+        return f"[{len(v)} series of {sum(len(x) for x in v if isinstance(x, list)):,} values]"
+    if isinstance(v, list) and len(v) > 8:   # a long per-layer / per-step series: its length
+        return f"[{len(v)} values]"
     return escape(str(v))
 
 

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Sequence
 
 try:  # run as a script from tests/benchmarks, or imported as tests.benchmarks.reference
-    from llamacpp_tools import build_info, tool
+    from llamacpp_tools import build_info, log_drain_lib, tool
 except ImportError:  # pragma: no cover
-    from tests.benchmarks.llamacpp_tools import build_info, tool
+    from tests.benchmarks.llamacpp_tools import build_info, log_drain_lib, tool
 
 # Named variants: name -> (llama-quantize type, extra arguments).
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -100,8 +100,13 @@ def run_tool(cmd: Sequence[str], *, timeout: float | None = None, check: bool = 
     with tempfile.TemporaryFile("w+b") as out, tempfile.TemporaryFile("w+b") as err, \
             tempfile.NamedTemporaryFile("w+", suffix=".time") as tf:
         argv = [GNU_TIME, "-v", "-o", tf.name, *cmd] if _GNU_TIME_OK else cmd
+        env = None
+        if Path(cmd[0]).name == "llama-perplexity":  # (+0.3 s wall) let llama.cpp's logger thread finish (see log_drain_lib)
+            drain = log_drain_lib()
+            if drain is not None:
+                env = dict(os.environ, LD_PRELOAD=str(drain))
         t0 = time.perf_counter()
-        p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+        p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         hwm = [0]
         done = threading.Event()
 

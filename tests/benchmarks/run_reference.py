@@ -55,7 +55,12 @@ def machine() -> dict:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
         affinity = None
+    try:
+        mem_kib = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        mem_kib = None
     return {"nproc": affinity or os.cpu_count(), "cpu_count": os.cpu_count(), "cpu_model": llamacpp_tools.cpu_model(),
+            "mem_total_gib": None if mem_kib is None else round(mem_kib / 2**20, 1),
             "machine": platform.machine(), "kernel": platform.release(), "python": platform.python_version(),
             "loadavg_start": list(os.getloadavg()), "nice": os.nice(0)}
 

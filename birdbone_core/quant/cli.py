@@ -1,0 +1,140 @@
+"""`birdbone quantize` (mixed-type GGUF under a bit budget) and `birdbone imatrix` (llama.cpp imatrix file).
+
+    birdbone quantize MODEL_OR_RUN -o OUT.gguf --bpw 4.5 [--types Q4_0,Q4_K,...] [--override REGEX=TYPE]
+                      [--imatrix FILE] [--no-gptq] [-r RECIPE] [--report FILE]
+    birdbone imatrix MODEL -o imatrix.gguf      # from our calibration pass; llama-quantize --imatrix reads it
+
+MODEL_OR_RUN: an HF dir or .gguf, or a run directory (its RUN/pruned model, its recipe's calibration and
+`quantize:` section as defaults). Top-level imports stay light: the parser is built on every call.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _split_types(s: str) -> list[str]:
+    return [t.strip() for t in s.split(",") if t.strip()]
+
+
+def _overrides(items: list[str]) -> dict[str, str]:
+    from birdbone_core.errors import BirdboneError
+
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise BirdboneError(f"--override {it!r}: expected REGEX=TYPE (e.g. token_embd=q4_0)")
+        k, v = it.rsplit("=", 1)
+        out[k] = v
+    return out
+
+
+def _model_and_recipe(spec: str, recipe_file: str | None):
+    from birdbone_core.recipe import load_recipe
+
+    p = Path(spec)
+    if (p / "run.json").is_file():
+        recipe = load_recipe(recipe_file or p / "recipe.yaml")
+        return str(p / "pruned"), recipe, p
+    return spec, load_recipe(recipe_file), None
+
+
+def _cmd_quantize(a) -> int:
+    from pydantic import ValidationError
+
+    from birdbone_core.errors import BirdboneError
+    from birdbone_core.model.load import load_model
+    from birdbone_core.quant.config import Quantize
+    from birdbone_core.quant.pipeline import quantize_and_export
+
+    spec, recipe, run_dir = _model_and_recipe(a.model, a.recipe)
+    base = recipe.quantize.model_dump() if recipe.quantize is not None else {}
+    if a.bpw is not None or a.bytes is not None:
+        base["target_bpw"], base["target_bytes"] = a.bpw, a.bytes
+    if a.types:
+        base["types"] = _split_types(a.types)
+    if a.override:
+        base["overrides"] = {**base.get("overrides", {}), **_overrides(a.override)}
+    if a.imatrix:
+        base["imatrix"] = a.imatrix
+    if a.no_gptq:
+        base.setdefault("gptq", {})["enabled"] = False
+    if a.n_samples:
+        base["n_samples"] = a.n_samples
+    try:
+        cfg = Quantize.model_validate(base)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise BirdboneError(f"quantize settings: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    if cfg.target_bpw is None and cfg.target_bytes is None:
+        raise BirdboneError("quantize: give --bpw or --bytes (or a recipe with quantize.target_bpw)")
+    if cfg.imatrix and not Path(cfg.imatrix).is_file():  # before minutes of model loading
+        raise BirdboneError(f"imatrix file {cfg.imatrix} does not exist")
+    out = Path(a.out) if a.out else (run_dir / "model-mixed.gguf" if run_dir else None)
+    if out is None:
+        raise BirdboneError("quantize: give -o OUT.gguf")
+    lm = load_model(spec)
+    src = Path(spec) if spec.endswith(".gguf") else None
+    result, q = quantize_and_export(lm.model, lm.tokenizer, cfg, out, calibration=recipe.calibration,
+                                    source_gguf=src, report_path=Path(a.report) if a.report else None)
+    counts: dict[str, int] = {}
+    for t in q.types.values():
+        counts[t] = counts.get(t, 0) + 1
+    print(f"wrote {result.path}: {result.n_bytes:,} bytes, {q.bits_per_weight:.3f} bits per weight "
+          f"(budget {q.budget_bytes:,} B of tensor data); types " + ", ".join(f"{k}×{v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def _cmd_imatrix(a) -> int:
+    import torch
+
+    from birdbone_core.data.text import calibration_blocks, read_text
+    from birdbone_core.export.arch import arch_for, model_dims, plan_tensors
+    from birdbone_core.model.load import load_model
+    from birdbone_core.quant.importance import Imatrix, collect_hessians, write_imatrix
+
+    lm = load_model(a.model)
+    text, desc = read_text(a.text, "calib")
+    blocks = calibration_blocks(lm.tokenizer, text, a.n_samples, a.seq_len, 0)
+    stats = collect_hessians(lm.model, blocks)
+    model = lm.model
+    state = model.state_dict()
+    plans = plan_tensors(model, arch_for(model.config), model_dims(model.config, state), model.config, state)
+    im = Imatrix(datasets=[desc], chunk_count=int(blocks.shape[0]), chunk_size=int(blocks.shape[1]))
+    for p in plans:
+        mod = p.hf_name[: -len(".weight")] if p.hf_name.endswith(".weight") else p.hf_name
+        s = stats.get(mod)
+        if s is None or len(p.shape) < 2:
+            continue  # llama-imatrix also leaves out the token embedding (a lookup) and 1-D tensors
+        v = s.importance
+        if v.shape[0] < p.shape[-1]:  # zero-padded FFN columns
+            v = torch.nn.functional.pad(v, (0, p.shape[-1] - v.shape[0]))
+        im.values[p.gguf_name] = v.numpy()
+        im.counts[p.gguf_name] = float(s.n_tokens)
+    write_imatrix(a.out, im)
+    print(f"wrote {a.out}: {len(im.values)} tensors from {blocks.numel()} tokens of {desc}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    q = sub.add_parser("quantize", help="mixed-type GGUF under a bit budget (grid-aware GPTQ)")
+    q.add_argument("model", help="HF dir, .gguf file, or run directory (its pruned model)")
+    q.add_argument("-o", "--out", help="GGUF to write (default for a run: RUN/model-mixed.gguf)")
+    q.add_argument("-r", "--recipe", help="recipe for calibration and quantize: settings")
+    q.add_argument("--bpw", type=float, help="target bits per weight (all tensor data)")
+    q.add_argument("--bytes", type=int, help="target bytes of tensor data")
+    q.add_argument("--types", help="comma-separated candidate block types, e.g. Q4_0,Q4_K,Q6_K")
+    q.add_argument("--override", action="append", metavar="REGEX=TYPE", help="fixed type for matching tensors")
+    q.add_argument("--imatrix", help="llama-imatrix file (GGUF or .dat) for the scale search")
+    q.add_argument("--no-gptq", action="store_true", help="plain importance-weighted rounding")
+    q.add_argument("--n-samples", type=int, help="calibration blocks (default: the recipe's)")
+    q.add_argument("--report", help="write a JSON report (types, per-type sensitivity)")
+    q.set_defaults(fn=_cmd_quantize)
+
+    m = sub.add_parser("imatrix", help="write a llama.cpp imatrix (GGUF format) from calibration text")
+    m.add_argument("model")
+    m.add_argument("-o", "--out", required=True)
+    m.add_argument("--text", help="calibration text (.txt/.jsonl[.gz]); default: built-in slice")
+    m.add_argument("--n-samples", type=int, default=32)
+    m.add_argument("--seq-len", type=int, default=256)
+    m.set_defaults(fn=_cmd_imatrix)
+

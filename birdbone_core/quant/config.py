@@ -1,0 +1,114 @@
+"""The recipe's `quantize:` section: mixed-type GGUF under a bit budget.
+
+    quantize:
+      target_bpw: 4.5            # average bits per weight over all tensor data (or target_bytes)
+      types: [Q4_0, Q5_0, Q8_0, Q4_K, Q6_K]     # candidate block types of 2-D weights
+      overrides: {'token_embd': Q4_0}           # regex over GGUF tensor names -> fixed type
+      stress: {'blk\\.0\\.': 2.0}               # regex -> multiplier on a tensor's measured error
+      importance: true           # importance-weighted scale search (imatrix)
+      imatrix: path/to/imatrix.gguf             # a llama-imatrix file (GGUF or .dat) instead of our own
+      gptq: {enabled: true, act_order: true, block_size: 128, damp: 0.01}
+
+1-D tensors (norms) stay F32, as llama.cpp keeps them. A tensor whose rows do not fit a type's blocks
+(rows not a multiple of 256 -> no K-quants) never gets that type.
+"""
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# the block types birdbone encodes (quant/grid.py TOP; kept literal so recipes load without torch)
+BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+OVERRIDE_TYPES = (*BLOCK_TYPES, "F16", "F32")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"invalid regex {pattern!r}: {e}") from None
+    return pattern
+
+
+def _type_name(t: str, allowed: tuple[str, ...]) -> str:
+    u = str(t).upper()
+    if u not in allowed:
+        raise ValueError(f"unknown tensor type {t!r}; choose from {', '.join(allowed)}")
+    return u
+
+
+class GPTQConfig(_Strict):
+    enabled: bool = True
+    act_order: bool = True
+    static_scales: bool = False
+    block_size: int = Field(128, ge=32, le=4096)
+    damp: float = Field(0.01, gt=0, le=1)
+    # the token embedding is mostly a lookup table: its error there is not Hessian-weighted, so error
+    # feedback along the LM head's Hessian does not pay (measured on the fixture: rounding won every type)
+    skip: list[str] = Field(default_factory=lambda: ["token_embd"], description="regexes: plain rounding")
+
+    @field_validator("skip")
+    @classmethod
+    def _skip(cls, v: list[str]) -> list[str]:
+        return [_regex(x) for x in v]
+
+    def applies_to(self, gguf_name: str) -> bool:
+        return self.enabled and not any(re.search(p, gguf_name) for p in self.skip)
+
+
+class Quantize(_Strict):
+    target_bpw: float | None = Field(None, gt=1.5, le=32, description="average bits per weight, all tensor data")
+    target_bytes: int | None = Field(None, gt=0, description="bytes of tensor data (the file adds its header)")
+    types: list[str] = Field(default_factory=lambda: ["Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1",
+                                                      "Q5_K", "Q6_K", "Q8_0"])
+    overrides: dict[str, str] = Field(default_factory=dict, description="regex over GGUF names -> type")
+    stress: dict[str, float] = Field(default_factory=dict, description="regex -> error multiplier (more bits)")
+    importance: bool = True
+    imatrix: str | None = Field(None, description="llama-imatrix file (GGUF or legacy .dat)")
+    gptq: GPTQConfig = GPTQConfig()
+    n_samples: int | None = Field(None, ge=1, description="calibration blocks (default: recipe calibration)")
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one candidate type is needed")
+        return sorted({_type_name(t, BLOCK_TYPES) for t in v}, key=BLOCK_TYPES.index)
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, v: dict[str, str]) -> dict[str, str]:
+        return {_regex(k): _type_name(t, OVERRIDE_TYPES) for k, t in v.items()}
+
+    @field_validator("stress")
+    @classmethod
+    def _stress(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, f in v.items():
+            _regex(k)
+            if not f > 0:
+                raise ValueError(f"stress factor for {k!r} must be > 0, got {f}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "Quantize":
+        if self.target_bpw is not None and self.target_bytes is not None:
+            raise ValueError("give target_bpw or target_bytes, not both")
+        return self
+
+    def override_for(self, gguf_name: str) -> str | None:
+        for pat, t in self.overrides.items():
+            if re.search(pat, gguf_name):
+                return t
+        return None
+
+    def stress_for(self, gguf_name: str) -> float:
+        f = 1.0
+        for pat, m in self.stress.items():
+            if re.search(pat, gguf_name):
+                f *= m
+        return f

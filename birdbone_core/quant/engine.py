@@ -1,0 +1,298 @@
+"""Plumbing: from a model and calibration blocks to one packed GGUF type per tensor, under a budget.
+
+1. One forward + backward pass over calibration blocks (`collect_sensitivity`): for every linear
+   module, H = E[x x^T] of its inputs and F = E[g^2] per output channel (g = dLoss/d output, the
+   next-token cross-entropy); for the token embedding, per-row E[|g|^2] of its lookups.
+2. For every 2-D weight and every allowed type: grid-aware GPTQ (kept only where it beats the codec's
+   own importance-weighted rounding), and its sensitivity = sum_rows F_row * (dW H dW^T)_row,row
+   (+ the embedding's lookup term), a K-FAC-style estimate of the loss increase, times `stress`.
+3. `budget.allocate` picks one type per tensor; the packed bytes go to `export_gguf(quantized=...)`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from birdbone_core.errors import BirdboneError
+from birdbone_core.export.arch import arch_for, model_dims, permute_for_rope, plan_tensors
+from birdbone_core.progress import progress_bar
+from birdbone_core.quant import budget as budget_mod
+from birdbone_core.quant.codecs import _encode_torch, decode
+from birdbone_core.quant.config import Quantize
+from birdbone_core.quant.formats import can_apply, get_format
+from birdbone_core.quant.gptq import GPTQSettings, gptq_quantize
+from birdbone_core.quant.importance import Imatrix
+
+
+@dataclass
+class Sensitivity:
+    hessian: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> E[x x^T] [in, in]
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> E[g^2] [out]
+    embed_rows: torch.Tensor | None = None  # [vocab] E over tokens of |dL/dE_row|^2 (0 for unseen rows)
+    n_tokens: int = 0
+
+
+def collect_sensitivity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 1) -> Sensitivity:
+    """Hessians and output Fisher diagonals of every nn.Linear, from calibration blocks [n, seq_len]."""
+    xtx: dict[str, torch.Tensor] = {}
+    g2: dict[str, torch.Tensor] = {}
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    emb = model.get_input_embeddings()
+    scale = float(getattr(emb, "scalar_embed_scale", 1.0) or 1.0)  # Gemma scales lookups by sqrt(d)
+    emb_acc = torch.zeros(emb.weight.shape[0], dtype=torch.float64)
+    cur: dict[str, torch.Tensor] = {}
+    shared: list[tuple[torch.Tensor, str]] = []
+
+    def fwd(name):
+        def hook(mod, inp, out):
+            x = inp[0].detach()
+            # q/k/v (gate/up) see the same tensor: one H. Compared by identity with the tensor kept alive
+            # for the batch (a bare id() could be reused by a later tensor once the first is freed)
+            key = next((n for ref, n in shared if ref is inp[0]), None)
+            if key is None:
+                shared.append((inp[0], name))
+                key = name
+            if key == name:
+                x2 = x.reshape(-1, x.shape[-1]).double()
+                acc = xtx.setdefault(name, torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64))
+                acc.addmm_(x2.T, x2)
+            else:
+                xtx.setdefault(name, xtx[key])
+            if out.requires_grad:
+                out.register_hook(lambda g: _add_g2(name, g))
+        return hook
+
+    def _add_g2(name, g):
+        s = (g.detach().double() ** 2).reshape(-1, g.shape[-1]).sum(0)
+        g2[name] = g2[name] + s if name in g2 else s
+
+    def emb_hook(mod, inp, out):
+        ids = inp[0].reshape(-1)
+        def grad_hook(g):  # a tensor hook must return None
+            emb_acc.index_add_(0, ids, (g.detach().double() ** 2).reshape(len(ids), -1).sum(-1) * scale ** 2)
+        out.register_hook(grad_hook)
+
+    params = [p for p in model.parameters()]
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    handles = [m.register_forward_hook(fwd(n)) for n, m in mods.items()]
+    handles.append(emb.register_forward_hook(lambda m, i, o: (o.requires_grad_(True), emb_hook(m, i, o))[0]))
+    n_tok = 0
+    try:
+        batches = list(blocks.split(batch_size))
+        with torch.enable_grad(), progress_bar("calibration (activations, gradients)", total=len(batches)) as adv:
+            for b in batches:
+                shared.clear()
+                logits = model(input_ids=b, use_cache=False).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
+                                                         reduction="sum")
+                loss.backward()
+                n_tok += b.numel()
+                del logits, loss
+                adv()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+    n_pred = max(1, blocks.shape[0] * (blocks.shape[1] - 1))
+    sens = Sensitivity(n_tokens=n_tok)
+    for name, acc in xtx.items():
+        sens.hessian[name] = (acc / n_tok).float()
+    for name, acc in g2.items():
+        sens.fisher[name] = (acc / n_pred).float()
+    sens.embed_rows = (emb_acc / n_pred).float()
+    return sens
+
+
+@dataclass
+class QuantResult:
+    quantized: dict[str, tuple[str, np.ndarray]]  # gguf name -> (type, packed bytes)
+    types: dict[str, str]  # every tensor, 1-D included
+    n_bytes: int  # tensor data bytes
+    n_weights: int
+    budget_bytes: int
+    errors: dict[str, dict[str, float]]  # gguf name -> type -> sensitivity
+    gptq_won: dict[str, dict[str, bool]]
+    seconds: float
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.n_bytes / max(self.n_weights, 1)
+
+
+def _module_of(hf_name: str) -> str:
+    return hf_name[: -len(".weight")] if hf_name.endswith(".weight") else hf_name
+
+
+def _pad_to(v: torch.Tensor, n: int) -> torch.Tensor:
+    return v if v.shape[0] == n else torch.cat([v, v.new_zeros(n - v.shape[0])])
+
+
+@dataclass
+class Candidates:
+    """Every allowed encoding of every 2-D weight, with its size and measured sensitivity."""
+    options: dict[str, dict[str, tuple[int, float]]]  # gguf name -> type -> (bytes, sensitivity)
+    packed: dict[str, dict[str, np.ndarray]]
+    fixed: dict[str, tuple[str, np.ndarray | None]]  # tensors not under the budget: 1-D F32, float 2-D
+    fixed_bytes: int
+    n_weights: int
+    gptq_won: dict[str, dict[str, bool]]
+    seconds: float
+
+
+def quantize_model(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity | None,
+                   imatrix: Imatrix | None = None) -> QuantResult:
+    """Choose and encode one type per 2-D weight of `model` (GGUF names, llama.cpp's layouts)."""
+    check_budget(model, cfg)
+    cands = measure_candidates(model, cfg, sens, imatrix)
+    total = cfg.target_bytes if cfg.target_bytes is not None else int(math.floor(cfg.target_bpw * cands.n_weights / 8))
+    return choose(cands, total)
+
+
+def choose(c: Candidates, total_budget: int) -> QuantResult:
+    """Pick one candidate per tensor so that all tensor data fits `total_budget` bytes."""
+    t0 = time.time()
+    alloc = budget_mod.allocate(c.options, total_budget - c.fixed_bytes)
+    quantized = {name: (t, c.packed[name][t]) for name, t in alloc.choice.items()}
+    types = {name: t for name, (t, _) in c.fixed.items()}
+    for name, (t, data) in c.fixed.items():
+        if data is not None:
+            quantized[name] = (t, data)
+    types.update(alloc.choice)
+    errors = {name: {t: e for t, (_, e) in opts.items()} for name, opts in c.options.items()}
+    return QuantResult(quantized, types, c.fixed_bytes + alloc.n_bytes, c.n_weights, total_budget, errors,
+                       c.gptq_won, c.seconds + time.time() - t0)
+
+
+def check_budget(model: torch.nn.Module, cfg: Quantize) -> None:
+    """Fail fast (before calibration and encoding) when even the smallest allowed types exceed the budget."""
+    plans, todo, fixed_types, n_weights = _plan(model, cfg)
+    smallest = sum(min(get_format(t).n_bytes(int(np.prod(p.shape))) for t in types) for p, types in todo)
+    smallest += sum(get_format(fixed_types[p.gguf_name]).n_bytes(int(np.prod(p.shape)))
+                    for p in plans if p.gguf_name in fixed_types)
+    if cfg.target_bpw is None and cfg.target_bytes is None:
+        raise BirdboneError("quantize: give target_bpw or target_bytes")
+    total = cfg.target_bytes if cfg.target_bytes is not None else int(math.floor(cfg.target_bpw * n_weights / 8))
+    if smallest > total:
+        raise BirdboneError(f"bit budget of {total} bytes is below the smallest possible size "
+                            f"({smallest} bytes with the allowed types)")
+
+
+def _plan(model: torch.nn.Module, cfg: Quantize):
+    """(tensor plans, [(plan, candidate types)] for the budget, {name: fixed type}, total weights)."""
+    config = model.config
+    spec = arch_for(config)
+    state = model.state_dict()
+    dims = model_dims(config, state)
+    plans = plan_tensors(model, spec, dims, config, state)
+    fixed_types: dict[str, str] = {}
+    n_weights = 0
+    todo = []
+    for p in plans:
+        n = int(np.prod(p.shape))
+        n_weights += n
+        if len(p.shape) < 2:
+            fixed_types[p.gguf_name] = "F32"
+            continue
+        forced = cfg.override_for(p.gguf_name)
+        types = [forced] if forced else [t for t in cfg.types if can_apply(t, p.shape[-1])]
+        if forced and forced not in ("F16", "F32") and not can_apply(forced, p.shape[-1]):
+            raise BirdboneError(f"override {forced} for {p.gguf_name}: rows of {p.shape[-1]} are not whole blocks")
+        if not types:
+            types = ["F16"]  # no allowed block type fits these rows
+        if types[0] in ("F16", "F32"):
+            fixed_types[p.gguf_name] = types[0]
+            continue
+        todo.append((p, types))
+    return plans, todo, fixed_types, n_weights
+
+
+def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity | None,
+                       imatrix: Imatrix | None = None) -> Candidates:
+    """Encode every 2-D weight in every allowed type (GPTQ where statistics exist) and measure each."""
+    t0 = time.time()
+    plans, todo, fixed_types, n_weights = _plan(model, cfg)
+    spec = arch_for(model.config)
+    dims = model_dims(model.config, model.state_dict())
+    tied = not any(p.hf_name == "lm_head.weight" for p in plans)
+    settings = GPTQSettings(block_size=cfg.gptq.block_size, damp=cfg.gptq.damp, act_order=cfg.gptq.act_order,
+                            static_scales=cfg.gptq.static_scales)
+    options: dict[str, dict[str, tuple[int, float]]] = {}
+    candidates: dict[str, dict[str, np.ndarray]] = {}
+    won: dict[str, dict[str, bool]] = {}
+    with progress_bar("quantizing tensors", total=sum(len(t) for _, t in todo)) as advance:
+        for p, types in todo:
+            W = torch.from_numpy(p.load())
+            rows, cols = W.shape
+            mod = "lm_head" if (p.gguf_name == "token_embd.weight" and tied) else _module_of(p.hf_name)
+            H = F = None
+            if sens is not None and mod in sens.hessian:
+                H = sens.hessian[mod]
+                if H.shape[0] < cols:  # zero-padded FFN columns never see input
+                    H = torch.nn.functional.pad(H, (0, cols - H.shape[0], 0, cols - H.shape[0]))
+                F = _pad_to(sens.fisher.get(mod, torch.ones(rows)), rows)
+                if spec.permute_qk and ".self_attn.q_proj." in p.hf_name:
+                    F = torch.from_numpy(permute_for_rope(F.numpy().reshape(-1, 1), dims.n_head).reshape(-1))
+                elif spec.permute_qk and ".self_attn.k_proj." in p.hf_name:
+                    F = torch.from_numpy(permute_for_rope(F.numpy().reshape(-1, 1), dims.n_head_kv).reshape(-1))
+            emb_rows = sens.embed_rows if (sens is not None and p.gguf_name == "token_embd.weight") else None
+            imp = None
+            if cfg.importance:
+                if imatrix is not None and imatrix.get(p.gguf_name) is not None:
+                    imp = torch.from_numpy(np.asarray(imatrix.get(p.gguf_name), dtype=np.float32).reshape(-1))
+                elif H is not None:
+                    imp = torch.diag(H).clamp_min(0)
+            options[p.gguf_name], candidates[p.gguf_name] = {}, {}
+            won[p.gguf_name] = {}
+            for t in types:
+                fmt = get_format(t)
+                if H is not None and cfg.gptq.applies_to(p.gguf_name):
+                    r = gptq_quantize(W, H, t, settings, importance=imp if imp is not None else torch.ones(cols))
+                    packed, W_hat = r.packed, r.W_hat
+                    plain_hat = decode(t, r.plain_packed, (rows, cols))
+                    e_g, e_p = _sens(W_hat - W, H, F, emb_rows), _sens(plain_hat - W, H, F, emb_rows)
+                    if e_p < e_g:
+                        packed, e_g = r.plain_packed, e_p
+                    won[p.gguf_name][t] = packed is r.packed
+                    err = e_g
+                else:
+                    pk, _ = _encode_torch(t, W, imp)
+                    packed = pk.numpy()
+                    err = _sens(decode(t, packed, (rows, cols)) - W, H, F, emb_rows)
+                err *= cfg.stress_for(p.gguf_name)
+                options[p.gguf_name][t] = (fmt.n_bytes(rows * cols), err)
+                candidates[p.gguf_name][t] = packed
+                advance()
+
+    fixed: dict[str, tuple[str, np.ndarray | None]] = {}
+    fixed_bytes = 0
+    for pl in plans:
+        t = fixed_types.get(pl.gguf_name)
+        if t is None:
+            continue
+        fixed_bytes += get_format(t).n_bytes(int(np.prod(pl.shape)))
+        # 2-D tensors kept in float (overrides, or no block type fits their rows) go in as data
+        data = pl.load().astype(np.float16 if t == "F16" else np.float32) if len(pl.shape) >= 2 else None
+        fixed[pl.gguf_name] = (t, data)
+    return Candidates(options, candidates, fixed, fixed_bytes, n_weights, won, time.time() - t0)
+
+
+def _sens(dW: torch.Tensor, H: torch.Tensor | None, F: torch.Tensor | None, emb_rows: torch.Tensor | None) -> float:
+    """Estimated loss increase of a weight change dW [rows, cols]: sum_r F_r (dW H dW^T)_rr, plus for an
+    embedding sum_v E_v |dW_v|^2 (its lookups). Without statistics: plain squared error."""
+    dW = dW.float()
+    if H is None and emb_rows is None:
+        return float((dW.double() ** 2).sum())
+    total = 0.0
+    if H is not None:  # float32 matmul (the 262k-row embedding), double sums
+        per_row = ((dW @ H.float()) * dW).sum(1, dtype=torch.float64)
+        total += float((per_row * (F.double() if F is not None else 1.0)).sum())
+    if emb_rows is not None:
+        total += float(((dW * dW).sum(1, dtype=torch.float64) * emb_rows.double()).sum())
+    return total

@@ -1,0 +1,165 @@
+"""Grid-aware GPTQ (Frantar et al. 2022) inside the exact GGUF block formats.
+
+    gptq_quantize(W, H, qtype, settings, importance=None) -> GPTQResult(packed, W_hat, error, plain_error)
+
+W [out, in] float weights; H [in, in] = E[x x^T] over calibration inputs x [in] (the layer's output
+error for a weight change dW is tr(dW H dW^T)); qtype a GGUF block format ("Q4_K", ...). Columns are
+visited in blocks of `block_size` with lazy batch updates; each column is rounded to the nearest level
+of its block's grid and its error, scaled by the inverse Hessian's Cholesky factor, is pushed onto
+the columns not yet visited.
+
+The grid (every block's scales / mins, i.e. all bytes but the levels) is chosen by the format's codec
+from importance-weighted statistics (importance: per input column, default diag(H), like an imatrix):
+- dynamic (default, columns in order): when GPTQ reaches the first column of a format block, the codec
+  fits that block on the weights as updated so far, so the grid absorbs the feedback already applied;
+- static (`static_scales`, and always with `act_order`): all grids are fitted on the original W first.
+  Act-order permutes the visiting order (largest diag(H) first), while the blocks stay on the original
+  input order, so grids must exist before any column is visited.
+The levels are then written into those blocks (`grid.with_levels`), and W_hat is the decoder's output of
+the returned bytes, so `gguf.quants.dequantize(packed)` gives exactly W_hat.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from birdbone_core.errors import BirdboneError
+from birdbone_core.quant import grid
+from birdbone_core.quant.codecs import _encode_torch, decode
+from birdbone_core.quant.formats import get_format
+
+# Weights per row chunk of one GPTQ pass (rows are independent; chunking bounds the working set).
+ROW_CHUNK_WEIGHTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    block_size: int = 128  # columns per lazy batch (rounded up to whole format blocks)
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    act_order: bool = False  # visit columns by decreasing diag(H)
+    static_scales: bool = False  # fit every grid on the original W before GPTQ (forced by act_order)
+
+
+@dataclass
+class GPTQResult:
+    packed: np.ndarray  # uint8 [out, in // block * type_size]
+    W_hat: torch.Tensor  # float32 [out, in], exactly what the packed bytes decode to
+    error: float  # tr(dW H dW^T) of W_hat - W (undamped H)
+    plain_error: float  # the same for the codec's own rounding (importance-weighted, no feedback)
+    plain_packed: np.ndarray  # that rounding's bytes, same shape as packed
+
+
+def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(dW H dW^T) for dW [out, in], H [in, in]: the summed squared output error per input."""
+    dW = dW.double()
+    return float(((dW @ H.double()) * dW).sum())
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1 (float64), damping raised until it exists."""
+    n = H.shape[0]
+    H = H.double()
+    mean = float(torch.diag(H).mean())
+    lam = damp * mean if mean > 0 else 1e-6
+    eye = torch.eye(n, dtype=H.dtype)
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                return U
+        lam = lam * 10 if lam > 0 else 1e-6
+    raise BirdboneError("GPTQ: the Hessian is not positive definite even with heavy damping")
+
+
+def _blocks(name: str, W: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """The codec's packed blocks of W [rows, cols] -> uint8 [rows * nb, type_size]."""
+    fmt = get_format(name)
+    packed, _ = _encode_torch(name, W, importance)
+    return packed.reshape(-1, fmt.type_size)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, qtype, settings: GPTQSettings = GPTQSettings(),
+                  importance: torch.Tensor | None = None) -> GPTQResult:
+    fmt = get_format(qtype)
+    name = fmt.name
+    if name not in grid.TOP:
+        raise BirdboneError(f"GPTQ: {name} is not a block format (use one of {', '.join(grid.TOP)})")
+    W0 = torch.as_tensor(W).detach().to(torch.float32)
+    if W0.ndim != 2:
+        raise BirdboneError(f"GPTQ: expected a matrix [out, in], got shape {tuple(W0.shape)}")
+    rows, cols = W0.shape
+    bs = fmt.block_size
+    if cols % bs:
+        raise BirdboneError(f"GPTQ: rows of {cols} weights are not whole {name} blocks of {bs}")
+    H0 = torch.as_tensor(H).detach().to(torch.float32)
+    if H0.shape != (cols, cols) or not bool(torch.isfinite(H0).all()):
+        raise BirdboneError(f"GPTQ: Hessian must be a finite [{cols}, {cols}] matrix, got {tuple(H0.shape)}")
+    imp = torch.diag(H0).clamp_min(0) if importance is None else torch.as_tensor(importance).float().reshape(-1)
+    nb = cols // bs
+    static = settings.static_scales or settings.act_order
+    B = max(bs, -(-settings.block_size // bs) * bs)
+
+    perm = torch.argsort(torch.diag(H0), descending=True, stable=True) if settings.act_order else torch.arange(cols)
+    U = _inverse_cholesky(H0[perm][:, perm], settings.damp).to(torch.float32)
+    # rows are independent problems sharing H: do them in chunks to bound memory (the 262k-row embedding)
+    step_rows = max(1, ROW_CHUNK_WEIGHTS // cols)
+    packed = torch.empty(rows, nb * fmt.type_size, dtype=torch.uint8)
+    plain = torch.empty_like(packed)
+    for r0 in range(0, rows, step_rows):
+        r1 = min(rows, r0 + step_rows)
+        p, pp = _gptq_rows(name, W0[r0:r1], U, perm, imp, static, B)
+        packed[r0:r1], plain[r0:r1] = p.view(r1 - r0, -1), pp.view(r1 - r0, -1)
+    W_hat = decode(name, packed, (rows, cols))
+    plain_err = output_error(decode(name, plain, (rows, cols)) - W0, H0)
+    return GPTQResult(packed.numpy(), W_hat, output_error(W_hat - W0, H0), plain_err, plain.numpy())
+
+
+def _gptq_rows(name: str, W0: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, imp: torch.Tensor,
+               static: bool, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ of rows W0 [rows, cols] given U (upper Cholesky of the permuted inverse Hessian).
+    Returns (GPTQ's packed blocks, the plain codec rounding's packed blocks), each [rows * nb, type_size]."""
+    fmt = get_format(name)
+    rows, cols = W0.shape
+    bs, top = fmt.block_size, grid.TOP[name]
+    nb = cols // bs
+    # plain codec rounding: the baseline, and the static grid
+    plain = _blocks(name, W0, imp)
+    heads = plain.view(rows, nb, -1).clone()
+    step = torch.empty(rows, cols)
+    off = torch.empty(rows, cols)
+    if static:
+        s, o = grid.affine(name, plain)
+        step.copy_(s.view(rows, cols))
+        off.copy_(o.view(rows, cols))
+
+    Wp = W0[:, perm].clone()
+    stepp, offp = step[:, perm], off[:, perm]
+    Q = torch.zeros(rows, cols)
+    with torch.inference_mode():
+        for i1 in range(0, cols, B):
+            i2 = min(i1 + B, cols)
+            W1 = Wp[:, i1:i2].clone()
+            E1 = torch.zeros_like(W1)
+            U1 = U[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                c = i1 + i
+                if not static and c % bs == 0:
+                    # fit this format block's grid on the weights as GPTQ has updated them
+                    blk = _blocks(name, W1[:, i:i + bs], imp[c:c + bs])
+                    heads[:, c // bs] = blk
+                    s, o = grid.affine(name, blk)
+                    stepp[:, c:c + bs], offp[:, c:c + bs] = s, o
+                w = W1[:, i]
+                q = grid.nearest_levels(w, stepp[:, c], offp[:, c], top)
+                Q[:, c] = q
+                err = (w - (stepp[:, c] * q + offp[:, c])) / U1[i, i]
+                W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+                E1[:, i] = err
+            if i2 < cols:
+                Wp[:, i2:] -= E1 @ U[i1:i2, i2:]
+    Qo = torch.empty_like(Q)
+    Qo[:, perm] = Q
+    return grid.with_levels(name, heads.reshape(rows * nb, -1), Qo.reshape(rows * nb, bs)), plain

@@ -1,0 +1,205 @@
+"""Importance of input channels (llama.cpp's imatrix) and full input Hessians from calibration text.
+
+    collect_hessians(model, blocks)  -> {hf module name: Stats(xtx [in, in], sq [in], n_tokens)}
+    Imatrix.from_hessians(stats, name_of)   per GGUF tensor name: mean of x^2 per input column
+    read_imatrix(path) / write_imatrix(path, imatrix)
+
+File formats, as llama-imatrix (llama.cpp b11312) writes them:
+- GGUF (its default, `--output-format gguf`): general.type = "imatrix", imatrix.datasets (string array),
+  imatrix.chunk_count, imatrix.chunk_size (uint32); per weight tensor two F32 tensors
+  `<name>.in_sum2` [n_mat, in] (sums of x^2 per input column) and `<name>.counts` [n_mat] (tokens
+  summed). The importance llama-quantize uses is in_sum2 / counts.
+- legacy `.dat` (`--output-format dat`): int32 n_entries, then per entry int32 name length, the name,
+  int32 ncall, int32 n_values, float32 values (mean of x^2 times ncall); then int32 chunk count, int32
+  dataset-name length, dataset name. llama-quantize divides the values by ncall.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from birdbone_core.atomic import staged_file
+from birdbone_core.errors import BirdboneError
+
+
+@dataclass
+class Imatrix:
+    """Per GGUF tensor name: importance [in] (mean x^2 per input column) and tokens counted."""
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+
+    def get(self, name: str) -> np.ndarray | None:
+        return self.values.get(name)
+
+
+def read_imatrix(path: str | Path) -> Imatrix:
+    """Read a llama-imatrix file (GGUF or legacy .dat, told apart by the GGUF magic)."""
+    p = Path(path)
+    if not p.is_file():
+        raise BirdboneError(f"imatrix file {p} does not exist")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    try:
+        return _read_gguf(p) if magic == b"GGUF" else _read_dat(p)
+    except BirdboneError:
+        raise
+    except (ValueError, struct.error, UnicodeDecodeError, KeyError, IndexError) as e:
+        raise BirdboneError(f"{p}: not a readable llama.cpp imatrix file ({e})") from None
+
+
+def _read_gguf(p: Path) -> Imatrix:
+    import gguf
+
+    r = gguf.GGUFReader(p)
+    kind = r.fields.get("general.type")
+    if kind is None or kind.contents() != "imatrix":
+        raise BirdboneError(f"{p}: GGUF file is not an imatrix (general.type is not 'imatrix')")
+    out = Imatrix()
+    if (f := r.fields.get("imatrix.datasets")) is not None:
+        out.datasets = list(f.contents())
+    for key, attr in (("imatrix.chunk_count", "chunk_count"), ("imatrix.chunk_size", "chunk_size")):
+        if (f := r.fields.get(key)) is not None:
+            setattr(out, attr, int(f.contents()))
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in r.tensors}
+    for tname, arr in tensors.items():
+        if not tname.endswith(".in_sum2"):
+            continue
+        name = tname[: -len(".in_sum2")]
+        counts = tensors.get(name + ".counts")
+        if counts is None:
+            raise BirdboneError(f"{p}: {tname} has no matching .counts tensor")
+        sums = arr.reshape(counts.size, -1)  # [n_mat, in]
+        c = counts.reshape(-1, 1)
+        # per expert matrix: mean x^2; experts never routed to get zero; one matrix -> [in]
+        mean = np.where(c > 0, sums / np.where(c > 0, c, 1), 0).astype(np.float32)
+        out.values[name] = mean.reshape(-1) if counts.size == 1 else mean
+        out.counts[name] = float(counts.sum())
+    return out
+
+
+def _read_dat(p: Path) -> Imatrix:
+    data = p.read_bytes()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        vals = struct.unpack_from(fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return vals
+
+    (n,) = take("<i")
+    if not 0 < n < 1_000_000:
+        raise BirdboneError(f"{p}: not a llama.cpp imatrix file (neither GGUF nor legacy .dat)")
+    out = Imatrix()
+    for _ in range(n):
+        (ln,) = take("<i")
+        if not 0 < ln < 4096:
+            raise BirdboneError(f"{p}: corrupt legacy imatrix (name length {ln})")
+        name = data[pos:pos + ln].decode("utf-8")
+        pos += ln
+        ncall, nval = take("<ii")
+        if nval <= 0 or pos + 4 * nval > len(data):
+            raise BirdboneError(f"{p}: corrupt legacy imatrix entry {name!r}")
+        vals = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
+        pos += 4 * nval
+        out.values[name] = vals / ncall if ncall > 0 else vals
+        out.counts[name] = float(ncall)
+    if pos + 8 <= len(data):
+        (out.chunk_count,) = take("<i")
+        (ln,) = take("<i")
+        if 0 < ln <= len(data) - pos:
+            out.datasets = [data[pos:pos + ln].decode("utf-8", errors="replace")]
+    return out
+
+
+def write_imatrix(path: str | Path, im: Imatrix) -> Path:
+    """Write `im` in llama-imatrix's GGUF format (llama-quantize --imatrix reads it). Atomic."""
+    import gguf
+
+    p = Path(path)
+    with staged_file(p) as tmp:
+        w = gguf.GGUFWriter(tmp, arch="imatrix")  # writes general.architecture; llama.cpp ignores it
+        w.add_type("imatrix")
+        w.add_array("imatrix.datasets", list(im.datasets) or ["birdbone"])
+        w.add_uint32("imatrix.chunk_count", int(im.chunk_count))
+        w.add_uint32("imatrix.chunk_size", int(im.chunk_size))
+        for name in sorted(im.values):
+            v = np.asarray(im.values[name], dtype=np.float32).reshape(1, -1)
+            count = float(im.counts.get(name, 1.0))
+            w.add_tensor(name + ".in_sum2", v * np.float32(count))
+            w.add_tensor(name + ".counts", np.array([count], dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------
+# collecting from calibration activations
+
+
+@dataclass
+class Stats:
+    xtx: torch.Tensor  # float64 [in, in], sum of x x^T
+    n_tokens: int
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """E[x x^T] [in, in] float32."""
+        return (self.xtx / max(self.n_tokens, 1)).float()
+
+    @property
+    def importance(self) -> torch.Tensor:
+        """E[x^2] per input column [in] (llama.cpp's imatrix value)."""
+        return torch.diag(self.hessian).clone()
+
+
+@torch.no_grad()
+def collect_hessians(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4,
+                     description: str = "collecting activations") -> dict[str, Stats]:
+    """Run calibration blocks [n, seq_len] through the model and accumulate x x^T of the input of every
+    nn.Linear (modules fed the same tensor share one Stats). The output head's inputs (final hidden
+    states) are recorded under "lm_head" without computing the vocabulary logits."""
+    from birdbone_core.progress import progress_bar
+
+    stats: dict[str, Stats] = {}
+    seen: list[tuple[torch.Tensor, Stats]] = []
+
+    def add(name: str, x: torch.Tensor) -> None:
+        for ref, acc in seen:
+            if ref is x:
+                stats.setdefault(name, acc)
+                return
+        x2 = x.reshape(-1, x.shape[-1]).double()
+        acc = stats.get(name)
+        if acc is None:
+            acc = stats[name] = Stats(torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64), 0)
+        acc.xtx.addmm_(x2.T, x2)
+        acc.n_tokens += x2.shape[0]
+        seen.append((x, acc))
+
+    head = model.get_output_embeddings()
+    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: add(n, inp[0]))
+               for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    try:
+        decoder = model.get_decoder()
+        batches = list(blocks.split(batch_size))
+        with progress_bar(description, total=len(batches)) as advance:
+            for b in batches:
+                seen.clear()
+                out = decoder(input_ids=b, use_cache=False)
+                add("lm_head", out.last_hidden_state)
+                advance()
+    finally:
+        for h in handles:
+            h.remove()
+        seen.clear()
+    return stats

@@ -1,0 +1,48 @@
+"""One call from (model, tokenizer, recipe) to a mixed-type GGUF: calibration statistics, GPTQ
+candidates, bit budget, export. Used by `birdbone export` (recipe with `quantize:`) and
+`birdbone quantize`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from birdbone_core.quant.config import Quantize
+
+
+def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, calibration, source_gguf: Path | None = None,
+                        extra_metadata: dict | None = None, report_path: Path | None = None):
+    """calibration: the recipe's `calibration` section (text, n_samples, seq_len, seed); cfg.n_samples
+    overrides its n_samples. Returns (ExportResult, QuantResult)."""
+    from birdbone_core import atomic
+    from birdbone_core.data.text import calibration_blocks, read_text
+    from birdbone_core.export.gguf_file import export_gguf
+    from birdbone_core.quant.engine import check_budget, collect_sensitivity, quantize_model
+    from birdbone_core.quant.importance import read_imatrix
+
+    check_budget(model, cfg)  # before the calibration pass
+    imatrix = read_imatrix(cfg.imatrix) if cfg.imatrix else None
+    text, text_desc = read_text(calibration.text, "calib")
+    n = cfg.n_samples or calibration.n_samples
+    blocks = calibration_blocks(tokenizer, text, n, calibration.seq_len, calibration.seed)
+    sens = collect_sensitivity(model, blocks)
+    q = quantize_model(model, cfg, sens, imatrix)
+    meta: dict[str, Any] = dict(extra_metadata or {})
+    meta.update({
+        "birdbone.quant.types": json.dumps(q.types, separators=(",", ":")),
+        "birdbone.quant.budget_bytes": int(q.budget_bytes),
+        "birdbone.quant.tensor_bytes": int(q.n_bytes),
+        "birdbone.quant.target": (f"{cfg.target_bpw} bpw" if cfg.target_bpw is not None else f"{cfg.target_bytes} B"),
+        "birdbone.quant.method": ("gptq" + (" act-order" if cfg.gptq.act_order else "") if cfg.gptq.enabled
+                                  else "rounding") + (" imatrix-file" if imatrix else ""),
+        "birdbone.quant.calibration": f"{text_desc}, {n} x {calibration.seq_len}",
+    })
+    result = export_gguf(model, tokenizer, out_path, out_type="f16", source_gguf=source_gguf,
+                         extra_metadata=meta, quantized=q.quantized)
+    if report_path is not None:
+        atomic.write_json(report_path, {
+            "gguf": str(result.path), "file_bytes": result.n_bytes, "tensor_bytes": q.n_bytes,
+            "budget_bytes": q.budget_bytes, "bits_per_weight": q.bits_per_weight, "seconds": round(q.seconds, 1),
+            "types": q.types, "sensitivity": q.errors, "gptq_beat_rounding": q.gptq_won,
+            "settings": cfg.model_dump(mode="json")})
+    return result, q

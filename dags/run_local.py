@@ -1,0 +1,70 @@
+"""Run birdbone_compress once, locally, with Airflow's dag.test() (no scheduler, no server): every step
+runs as a subprocess of the birdbone CLI, exactly as the Airflow tasks do. Then print where the GGUF, the
+ledger and the report are.
+
+    .venv-airflow/bin/python dags/run_local.py [--model M] [--recipe R] [--run-id ID] [--runs-root runs]
+
+Airflow's state (SQLite) goes to RUNS_ROOT/.airflow unless AIRFLOW_HOME is set. (Listed in .airflowignore:
+this file is a script, not a DAG.)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="", help="HF dir, .gguf or hub id (default: birdbone's built-in model)")
+    p.add_argument("--recipe", default="", help="recipe YAML (default: birdbone's default recipe)")
+    p.add_argument("--run-id", default="local", help="run directory name under --runs-root")
+    p.add_argument("--runs-root", default=str(REPO / "runs"))
+    p.add_argument("--cli", default=os.environ.get("BIRDBONE_CLI", str(REPO / ".venv" / "bin" / "birdbone")))
+    a = p.parse_args(argv)
+    runs_root = Path(a.runs_root).absolute()
+    home = Path(os.environ.get("AIRFLOW_HOME", runs_root / ".airflow"))
+    home.mkdir(parents=True, exist_ok=True)
+    # Airflow reads its configuration at import: set it first
+    os.environ.update({
+        "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW_VAR_BIRDBONE_EXECUTOR": "local",
+        "AIRFLOW_VAR_BIRDBONE_CLI": a.cli, "AIRFLOW_VAR_BIRDBONE_RUNS_ROOT": str(runs_root),
+    })
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not Path(a.cli).is_file():
+        print(f"error: {a.cli}: birdbone CLI not found (make venv, or pass --cli)", file=sys.stderr)
+        return 2
+    subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"], check=True,
+                   stdout=subprocess.DEVNULL)
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    if bag.import_errors:
+        print(f"error: DAG import errors: {bag.import_errors}", file=sys.stderr)
+        return 1
+    run = runs_root / a.run_id
+    dr = bag.dags["birdbone_compress"].test(
+        run_conf={"model": a.model, "recipe": str(Path(a.recipe).absolute()) if a.recipe else "",
+                  "run_id": a.run_id})
+    state = getattr(dr.state, "value", dr.state)
+    print(f"birdbone_compress {dr.run_id}: {state}")
+    if state != "success":
+        return 1
+    report = subprocess.run([a.cli, "report", str(run)], capture_output=True, text=True)
+    ggufs = sorted(run.glob("model-*.gguf"))
+    print(f"GGUF:    {', '.join(map(str, ggufs)) or '(none)'}")
+    print(f"ledger:  {run / 'ledger'}   ({a.cli} log {run})")
+    print(f"metrics: {run / 'metrics.json'}")
+    print(f"report:  {run / 'report'}" if report.returncode == 0 else
+          f"report:  not written ({(report.stderr or report.stdout).strip().splitlines()[-1:]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

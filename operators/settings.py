@@ -1,0 +1,78 @@
+"""Deployment settings, set once per Airflow deployment as Airflow Variables (UI, CLI, or env
+`AIRFLOW_VAR_<NAME>`); every one has a default that runs locally.
+
+    birdbone_executor   "local" (subprocess on the worker) | "kubernetes" (one pod per step)
+    birdbone_cli        the birdbone executable for local runs (default "birdbone" on PATH)
+    birdbone_runs_root  where run directories live; in Kubernetes mode a shared volume mounted at the same
+                        path in step pods and on the Airflow workers (the stop-loss branch reads decisions)
+    birdbone_k8s        JSON object, merged over K8S_DEFAULTS below (image, GPUs, node selector, ...)
+
+Secrets are never settings: pods get S3 credentials from the Kubernetes secret named in `s3_secret`
+through env `valueFrom.secretKeyRef`, so no value passes through Airflow.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+K8S_DEFAULTS: dict = {
+    "image": "birdbone-core:0.1.0-cuda",
+    "image_pull_policy": "IfNotPresent",
+    "namespace": "birdbone",
+    "kubernetes_conn_id": "kubernetes_default",     # an Airflow Connection (in-cluster or kubeconfig)
+    "service_account": "birdbone-runner",
+    "gpus": 1,                                       # nvidia.com/gpu limit of GPU steps
+    "cpu": "8",
+    "memory": "64Gi",
+    "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "model_cache_pvc": "birdbone-model-cache",       # mounted at model_cache_path (BIRDBONE_CACHE, HF_HOME)
+    "model_cache_path": "/cache",
+    "runs_pvc": "birdbone-runs",                     # mounted at birdbone_runs_root
+    "s3_secret": "birdbone-s3",                      # keys below become env vars of the same name
+    "s3_secret_keys": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
+    "ops_configmap": "birdbone-ops",                 # envFrom: Pushgateway, DVC remote, S3 endpoint (k8s/)
+    "env": {"OMP_NUM_THREADS": "8", "HF_HUB_OFFLINE": "1"},   # plain, non-secret env
+    "startup_timeout_seconds": 600,
+}
+
+
+def variable(name: str, default=None, json_: bool = False):
+    """An Airflow Variable, or `default` when it is not set."""
+    from airflow.sdk import Variable
+
+    try:
+        return Variable.get(name, default=default, deserialize_json=json_)
+    except (KeyError, ValueError, RuntimeError) as e:   # no metadata DB / API reachable: local default
+        log.warning("Variable %s unavailable (%s); using the default", name, e)
+        return default
+
+
+def executor() -> str:
+    mode = str(variable("birdbone_executor", "local")).strip().lower()
+    if mode not in ("local", "kubernetes"):
+        raise ValueError(f"Variable birdbone_executor must be 'local' or 'kubernetes', not {mode!r}")
+    return mode
+
+
+def cli() -> str:
+    return str(variable("birdbone_cli", os.environ.get("BIRDBONE_CLI", "birdbone")))
+
+
+def runs_root() -> Path:
+    return Path(str(variable("birdbone_runs_root", os.environ.get("BIRDBONE_RUNS_ROOT", "runs")))).absolute()
+
+
+def k8s() -> dict:
+    raw = variable("birdbone_k8s", None)
+    override = json.loads(raw) if isinstance(raw, str) else (raw or {})
+    if not isinstance(override, dict):
+        raise ValueError("Variable birdbone_k8s must be a JSON object")
+    unknown = set(override) - set(K8S_DEFAULTS)
+    if unknown:
+        raise ValueError(f"Variable birdbone_k8s: unknown keys {sorted(unknown)} (known: {sorted(K8S_DEFAULTS)})")
+    return {**K8S_DEFAULTS, **override}

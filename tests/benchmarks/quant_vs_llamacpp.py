@@ -1,0 +1,211 @@
+"""birdbone's quantizer (grid-aware GPTQ + bit budget) vs llama.cpp's llama-quantize with an imatrix, at
+equal or smaller file size, scored by llama.cpp's own `llama-perplexity --kl-divergence` against the
+model's F32/F16 base.
+
+    nice -n 10 python tests/benchmarks/quant_vs_llamacpp.py --model tests/fixtures/tiny-llama \
+        --points Q4_K_M,Q3_K_M --n-ctx 256 --eval-chunks 120 --calib 64x256
+    flock /tmp/birdbone-heavy.lock nice -n 10 python tests/benchmarks/quant_vs_llamacpp.py \
+        --model ~/.cache/birdbone/gemma-3-270m-q4_k_m.gguf --phase ... (see --help)
+
+For each point (a llama-quantize variant of reference.VARIANTS, always with llama-imatrix from the same
+calibration text): llama.cpp's file size S and mean KLD; then birdbone with all its block types, its
+tensor data budget set so that its file is at most S bytes (checked), and the same KLD measurement.
+Both start from the same weights (for a GGUF model: its dequantization, the F16 base). Writes
+tests/benchmarks/results/quant_vs_llamacpp-<model>.{json,md}. Gemma runs can be split in phases
+(`--phase llama`, `--phase birdbone`) with `--work DIR` kept between them, so each locked job is short.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reference as ref  # noqa: E402
+from run_reference import REPO, machine, make_base  # noqa: E402
+
+
+# the issue's Gemma points that reference.VARIANTS lacks
+EXTRA_VARIANTS = {"Q3_K_M-emb_q4_0": ("Q3_K_M", ("--token-embedding-type", "q4_0")),
+                  "Q2_K-emb_q4_0": ("Q2_K", ("--token-embedding-type", "q4_0"))}
+
+
+def _quantize_point(base, out, v, imx, threads):
+    if v in EXTRA_VARIANTS:
+        qtype, extra = EXTRA_VARIANTS[v]
+        return ref.llama_quantize(base, out, qtype, imx, extra, threads=threads)
+    return ref.quantize_variant(base, out, v, imx, threads=threads)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def llama_phase(a, work: Path, state: dict) -> None:
+    from birdbone_core.data.text import read_text
+
+    for role in ("calib", "eval"):
+        text, desc = read_text(None, role)
+        (work / f"{role}.txt").write_text(text, encoding="utf-8")
+        state.setdefault("texts", {})[role] = desc
+    base, base_src = make_base(a.model, work, a.model_shown)
+    state["base"] = {"path": str(base), "source": base_src,
+                     "stats": {k: v for k, v in ref.gguf_stats(base).items() if k != "tensor_types"}}
+    logits = ref.kld_base(base, work / "eval.txt", a.n_ctx, out=work / f"base-c{a.n_ctx}.kld",
+                          chunks=a.eval_chunks, threads=a.threads)
+    state["kld_base"] = ref.kld_base_info(logits)
+    state["logits"] = str(logits)
+    imx = ref.llama_imatrix(base, work / "calib.txt", work / "imatrix.gguf", n_ctx=a.imatrix_ctx,
+                            chunks=a.imatrix_chunks, threads=a.threads)
+    state["imatrix"] = {"path": str(imx.path), "run": imx.run, "chunks": imx.chunks_processed}
+    state.setdefault("llama", {})
+    for v in a.points:
+        if v in state["llama"]:
+            continue  # done by an earlier (interrupted) run
+        out = work / f"llama-{v}.gguf"
+        q = _quantize_point(base, out, v, imx.path, a.threads)
+        k = ref.kld(out, logits, threads=a.threads)
+        state["llama"][v] = {"quantize": q.record(), "stats": q.record()["stats"], "kld": k,
+                             "tensor_types": q.stats["tensor_types"]}
+        print(f"llama.cpp {v:>16}: {q.stats['file_bytes']:,} B  bpw {q.stats['bpw']:.3f}  KLD {k['mean_kld']:.5f}",
+              flush=True)
+        out.unlink()
+
+
+def birdbone_phase(a, work: Path, state: dict) -> None:
+    import torch
+
+    from birdbone_core.data.text import calibration_blocks, read_text
+    from birdbone_core.export import export_gguf
+    from birdbone_core.model.load import load_model
+    from birdbone_core.quant.config import GPTQConfig, Quantize
+    from birdbone_core.quant.engine import choose, collect_sensitivity, measure_candidates
+
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    lm = load_model(a.model)
+    t_load = time.perf_counter() - t0
+    n, L = (int(x) for x in a.calib.split("x"))
+    text, desc = read_text(None, "calib")
+    blocks = calibration_blocks(lm.tokenizer, text, n, L, 0)
+    t1 = time.perf_counter()
+    sens = collect_sensitivity(lm.model, blocks, batch_size=a.batch)
+    t_sens = time.perf_counter() - t1
+    cfg = Quantize(target_bpw=8.0, gptq=GPTQConfig(act_order=True),
+                   **({"types": [t.strip() for t in a.types.split(",")]} if a.types else {}))
+    t2 = time.perf_counter()
+    cands = measure_candidates(lm.model, cfg, sens)
+    t_cand = time.perf_counter() - t2
+    state["birdbone_run"] = {"load_s": round(t_load, 1), "calibration": f"{n} x {L} tokens of {desc}",
+                             "sensitivity_s": round(t_sens, 1), "candidates_s": round(t_cand, 1),
+                             "n_candidate_encodings": sum(len(o) for o in cands.options.values()),
+                             "gptq_beat_plain": sum(v for d in cands.gptq_won.values() for v in d.values()),
+                             "peak_rss_mib": round(_peak_rss_mib(), 1),
+                             "settings": cfg.model_dump(mode="json")}
+    print(f"birdbone: sensitivity {t_sens:.0f} s, candidates {t_cand:.0f} s, peak RSS {_peak_rss_mib():.0f} MiB",
+          flush=True)
+    # the header (metadata, tokenizer, tensor table) costs the same whatever the types; measure it once
+    probe = choose(cands, 10**15)
+    res = export_gguf(lm.model, lm.tokenizer, work / "bb-probe.gguf", out_type="f16", quantized=probe.quantized,
+                      source_gguf=Path(a.model) if a.model.endswith(".gguf") else None,
+                      extra_metadata={"birdbone.quant.types": json.dumps(probe.types)})
+    overhead = res.n_bytes - probe.n_bytes + 4096  # + margin for a longer types string and alignment
+    (work / "bb-probe.gguf").unlink()
+    state.setdefault("birdbone", {})
+    for v in a.points:
+        target = state["llama"][v]["stats"]["file_bytes"]
+        t3 = time.perf_counter()
+        r = choose(cands, target - overhead)
+        out = work / f"bb-{v}.gguf"
+        res = export_gguf(lm.model, lm.tokenizer, out, out_type="f16", quantized=r.quantized,
+                          source_gguf=Path(a.model) if a.model.endswith(".gguf") else None,
+                          extra_metadata={"birdbone.quant.types": json.dumps(r.types),
+                                          "birdbone.quant.budget_bytes": int(r.budget_bytes)})
+        t_choose = time.perf_counter() - t3
+        assert res.n_bytes <= target, (res.n_bytes, target)
+        k = ref.kld(out, state["logits"], threads=a.threads)
+        st = ref.gguf_stats(out)
+        state["birdbone"][v] = {"file_bytes": res.n_bytes, "target_file_bytes": target, "bpw": st["bpw"],
+                                "types": st["types"], "tensor_types": st["tensor_types"], "kld": k,
+                                "choose_and_write_s": round(t_choose, 1)}
+        print(f"birdbone  {v:>16}: {res.n_bytes:,} B (<= {target:,})  bpw {st['bpw']:.3f}  KLD {k['mean_kld']:.5f} "
+              f"(llama.cpp {state['llama'][v]['kld']['mean_kld']:.5f})", flush=True)
+        out.unlink()
+
+
+def markdown(state: dict) -> str:
+    kb = state["kld_base"]
+    lines = [f"# birdbone quantizer vs llama.cpp: {state['model']}", "",
+             f"Base: {state['base']['source']['kind']}; eval {state['texts']['eval']}, n_ctx {kb['n_ctx']}, "
+             f"{kb['n_chunks']} chunks, base ppl {kb['ppl']:.4f}. llama.cpp: llama-quantize with llama-imatrix "
+             f"({state['imatrix']['chunks']} chunks of the calibration text). birdbone: "
+             f"{state['birdbone_run']['calibration']}, grid-aware GPTQ (act-order) + Fisher-weighted bit budget "
+             f"over all its block types, file no larger than llama.cpp's. KLD by llama-perplexity --kl-divergence.", "",
+             "| point | llama.cpp bytes | llama.cpp bpw | llama.cpp KLD | birdbone bytes | birdbone bpw | birdbone KLD "
+             "| ratio | llama ppl | birdbone ppl | birdbone types |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for v, b in state.get("birdbone", {}).items():
+        l = state["llama"][v]
+        kl, kb_ = l["kld"]["mean_kld"], b["kld"]["mean_kld"]
+        types = " ".join(f"{t}×{c}" for t, c in sorted(b["types"].items(), key=lambda x: -x[1]))
+        lines.append(f"| {v} | {l['stats']['file_bytes']:,} | {l['stats']['bpw']:.3f} | {kl:.5f} | "
+                     f"{b['file_bytes']:,} | {b['bpw']:.3f} | {kb_:.5f} | {kb_ / kl:.2f} | {l['kld']['ppl']:.4f} | "
+                     f"{b['kld']['ppl']:.4f} | {types} |")
+    br = state["birdbone_run"]
+    lines += ["", f"birdbone time: load {br['load_s']} s, calibration pass (forward+backward) {br['sensitivity_s']} s, "
+              f"{br['n_candidate_encodings']} candidate encodings {br['candidates_s']} s (GPTQ beat plain rounding in "
+              f"{br['gptq_beat_plain']}), peak RSS {br['peak_rss_mib']} MiB. llama-quantize: "
+              + ", ".join(f"{v} {l['quantize']['run']['wall_s']} s / {l['quantize']['run']['peak_rss_mib']} MiB"
+                          for v, l in state["llama"].items()) + ".", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(REPO / "tests/fixtures/tiny-llama"))
+    ap.add_argument("--points", default="Q4_K_M,Q3_K_M")
+    ap.add_argument("--n-ctx", type=int, default=256)
+    ap.add_argument("--eval-chunks", type=int, default=120)
+    ap.add_argument("--imatrix-ctx", type=int, default=256)
+    ap.add_argument("--imatrix-chunks", type=int, default=64)
+    ap.add_argument("--calib", default="64x256", help="birdbone calibration: N_SAMPLESxSEQ_LEN")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--types", default=None, help="birdbone candidate types (default: all ten)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--phase", choices=["all", "llama", "birdbone"], default="all")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--out", default=str(REPO / "tests/benchmarks/results"))
+    a = ap.parse_args()
+    a.points = [p.strip() for p in a.points.split(",")]
+    a.model = os.path.expanduser(a.model)
+    p = Path(a.model).resolve()
+    a.model_shown = os.path.relpath(p, REPO) if p.is_relative_to(REPO) else p.name
+    name = a.tag or (p.stem if p.suffix == ".gguf" else p.name)
+    work = Path(a.work or f"/tmp/birdbone-quant-bench-{name}")
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state.update({"model": a.model_shown, "points": a.points, "machine": machine()})
+    if a.phase in ("all", "llama"):
+        llama_phase(a, work, state)
+        state_path.write_text(json.dumps(state, indent=2))
+    if a.phase in ("all", "birdbone"):
+        birdbone_phase(a, work, state)
+        state["when"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        state_path.write_text(json.dumps(state, indent=2))
+        out = Path(a.out)
+        text = json.dumps(state, indent=2).replace(str(work), "$WORK").replace(str(Path.home()), "~") + "\n"
+        (out / f"quant_vs_llamacpp-{name}.json").write_text(text)
+        md = markdown(state)
+        (out / f"quant_vs_llamacpp-{name}.md").write_text(md)
+        print(md)
+
+
+if __name__ == "__main__":
+    main()

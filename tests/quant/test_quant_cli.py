@@ -1,0 +1,81 @@
+"""`birdbone quantize`, `birdbone imatrix` and the export step with a recipe `quantize:` section, end to
+end on the fixture model (plain rounding where GPTQ is not the point, to stay fast)."""
+import json
+
+import gguf
+import pytest
+
+from birdbone_core.cli import main
+from birdbone_core.quant.importance import read_imatrix
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """The CLI in this process (no interpreter start-up per call): returns (exit code, stdout, stderr)."""
+    monkeypatch.setenv("BIRDBONE_PROGRESS", "0")
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    return run
+
+
+def test_imatrix_then_quantize_with_it(run_cli, tmp_path, tiny_path):
+    code, _, err = run_cli("imatrix", tiny_path, "-o", tmp_path / "im.gguf", "--n-samples", "4", "--seq-len", "128")
+    assert code == 0, err
+    im = read_imatrix(tmp_path / "im.gguf")
+    assert len(im.values) == 28 and im.chunk_count == 4 and im.chunk_size == 128
+    out = tmp_path / "q.gguf"
+    code, stdout, err = run_cli("quantize", tiny_path, "-o", out, "--bpw", "5.0", "--types", "Q4_K,Q6_K", "--no-gptq",
+                "--imatrix", tmp_path / "im.gguf", "--n-samples", "2", "--override", "token_embd=q8_0",
+                "--report", tmp_path / "rep.json")
+    assert code == 0, err
+    assert "bits per weight" in stdout
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["token_embd.weight"] == "Q8_0"
+    assert {v for k, v in types.items() if k != "token_embd.weight"} <= {"Q4_K", "Q6_K", "F32"}
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert rep["bits_per_weight"] <= 5.0 and rep["types"] == types
+    f = gguf.GGUFReader(out).fields
+    assert "imatrix-file" in f["birdbone.quant.method"].contents()
+
+
+@pytest.mark.parametrize("args, msg", [
+    ([], "give --bpw or --bytes"),
+    (["--bpw", "4", "--override", "noequals"], "expected REGEX=TYPE"),
+    (["--bpw", "4", "--types", "Q9_K"], "unknown tensor type"),
+    (["--bpw", "4", "--imatrix", "/nonexistent/im.gguf"], "does not exist"),
+    (["--bpw", "1.6", "--types", "Q8_0", "--no-gptq"], "below the smallest possible size"),
+])
+def test_errors_are_one_line(run_cli, tmp_path, tiny_path, args, msg):
+    code, _, err = run_cli("quantize", tiny_path, "-o", tmp_path / "x.gguf", "--n-samples", "1", *args)
+    assert code == 2, err
+    assert err.startswith("error: ") and msg in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.gguf").exists()
+
+
+RECIPE = """
+name: prune-quant
+calibration: {n_samples: 2, seq_len: 128}
+evaluation: {n_ctx: 128, max_chunks: 4}
+prune: {method: magnitude, sparsity: 0.3}
+quantize: {target_bpw: 4.6, types: [Q4_K, Q4_0], gptq: {enabled: true}}
+"""
+
+
+def test_export_step_with_quantize_section(run_cli, tmp_path, tiny_path):
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    run = tmp_path / "run"
+    for args in (("init", run, "--model", tiny_path, "-r", tmp_path / "r.yaml"), ("prune", run), ("export", run)):
+        code, _, err = run_cli(*args)
+        assert code == 0, (args, err)
+    manifest = json.loads((run / "run.json").read_text())
+    info = manifest["steps"]["export"] if "steps" in manifest else {}
+    ggufs = list(run.glob("*.gguf"))
+    assert len(ggufs) == 1
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(ggufs[0]).tensors}
+    assert set(types.values()) <= {"Q4_K", "Q4_0", "F32"}
+    rep = json.loads((run / "quant_report.json").read_text())
+    assert rep["bits_per_weight"] <= 4.6 and rep["types"] == types
+    assert info == {} or "budget_bytes" in json.dumps(info)
