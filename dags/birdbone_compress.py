@@ -1,8 +1,11 @@
 """birdbone_compress: one model, one recipe, one run directory; every `birdbone` step is its own task.
 
-    init -> prepare -> wave_01 [prune -> heal -> regrow -> evaluate -> decide -> stop_loss]
+    init -> prepare -> wave_01 [prune -> heal -> regrow -> evaluate -> decide -> publish -> stop_loss]
          -> wave_02 ... (stop_loss: next wave | rollback | finish)
-         -> rollback (only when a stop-loss asked for it) -> finish -> export -> evaluate -> publish?
+         -> rollback (only when a stop-loss asked for it) -> finish -> export -> evaluate -> report -> publish
+
+`publish` tasks push what is new to S3-backed DVC after every decided wave and at the end; with the
+`publish` param false they do nothing (`birdbone publish --enabled=False`).
 
 The recipe decides how many waves run (at most MAX_WAVES slots; unused slots are skipped by the branch).
 Each task calls one step of the CLI contract on RUN = <Variable birdbone_runs_root>/<run id>, locally or in
@@ -85,7 +88,8 @@ with DAG(
                          description='recipe overrides by dotted path, e.g. {"prune.sparsity": 0.4, '
                                      '"export.type": "f16"}'),
         "publish": Param(False, type="boolean", title="Publish",
-                         description="push the run's artifacts with `birdbone publish` (DVC + S3) at the end"),
+                         description="push the run's artifacts with `birdbone publish` (DVC + S3) after "
+                                     "every decided wave and at the end"),
     },
 ) as dag:
     RUN = "{{ birdbone_run_dir(params, run_id) }}"
@@ -126,6 +130,7 @@ with DAG(
     for k in range(1, MAX_WAVES + 1):
         with TaskGroup(group_id=f"wave_{k:02d}", tooltip=f"wave {k}: prune, heal, regrow, evaluate, decide") as g:
             chain = [step(s, ["wave", RUN, str(k), s], gpu=s != "decide") for s in WAVE_STEPS]
+            chain.append(step("publish", ["publish", RUN, "--enabled={{ params.publish }}"]))
             for a, b in zip(chain, chain[1:]):
                 a >> b
             to_rollback = EmptyOperator(task_id="to_rollback")
@@ -142,8 +147,5 @@ with DAG(
     for (_, branch), (next_first, _) in zip(groups, groups[1:]):
         branch >> next_first
 
-    @task.short_circuit(ignore_downstream_trigger_rules=False)
-    def publish_requested(params=None) -> bool:
-        return bool(params.get("publish"))
-
-    final_eval >> publish_requested() >> step("publish", ["publish", RUN])
+    report = step("report", ["report", RUN])
+    final_eval >> report >> step("publish", ["publish", RUN, "--enabled={{ params.publish }}"])

@@ -8,6 +8,9 @@ from pathlib import Path
 
 
 def _cmd_publish(a) -> int:
+    if not a.enabled:
+        print("publishing not requested (--enabled false): nothing to do")
+        return 0
     from birdbone_core.ops.artifacts import publish
 
     r = publish(Path(a.run), a.remote, a.endpoint_url, a.run_id, jobs=a.jobs)
@@ -33,6 +36,15 @@ def _cmd_pull(a) -> int:
     return 0
 
 
+def _truth(v: str) -> bool:
+    t = str(v).strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off", "none", ""):
+        return False
+    raise ValueError(v)
+
+
 def _remote_flags(p) -> None:
     p.add_argument("--remote", help="s3://BUCKET/PREFIX or a local path (default: env BIRDBONE_DVC_REMOTE)")
     p.add_argument("--endpoint-url", help="S3 endpoint for MinIO & co. (default: env BIRDBONE_S3_ENDPOINT); "
@@ -45,6 +57,9 @@ def add_commands(sub) -> None:
     p = sub.add_parser("publish", help="track a run's artifacts with DVC and push what is new to the S3 remote")
     p.add_argument("run")
     p.add_argument("--run-id", help="name in the remote (default: env BIRDBONE_RUN_ID or the directory name)")
+    # lets an orchestrator keep one task per wave and switch publishing per run (`--enabled={{ params.publish }}`)
+    p.add_argument("--enabled", type=_truth, default=True, metavar="BOOL",
+                   help="false: do nothing (default true)")
     _remote_flags(p)
     p.set_defaults(fn=_cmd_publish)
 

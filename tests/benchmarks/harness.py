@@ -276,8 +276,9 @@ def bb_gguf_path(work: Path, st: dict) -> Path:
 
 
 def produce(prof: dict, work: Path, st: dict, ref, threads: int, tools: tuple[str, ...],
-            methods: tuple[str, ...] = ("sparsegpt", "wanda", "gptq")) -> list[dict]:
-    """Each pruning / quantization job in its own process: wall time and peak RSS by GNU time."""
+            methods: tuple[str, ...] = ("sparsegpt", "wanda", "gptq"), run: bool = True) -> list[dict]:
+    """Each pruning / quantization job in its own process: wall time and peak RSS by GNU time.
+    run=False: only collect the jobs already done in `work`."""
     jobs = [("birdbone", m, s, p) for m, s, p in prof["prune"]] if "birdbone" in tools else []
     if "llm-compressor" in tools:
         jobs += [("llm-compressor", m, s, p) for m, s, p in prof["prune"]]
@@ -287,17 +288,19 @@ def produce(prof: dict, work: Path, st: dict, ref, threads: int, tools: tuple[st
     out = []
     for tool in dict.fromkeys(j[0] for j in jobs):
         with heavy(f"{tool} one-shot jobs"):
-            out += _produce_tool(work, st, ref, threads, [j for j in jobs if j[0] == tool])
+            out += _produce_tool(work, st, ref, threads, [j for j in jobs if j[0] == tool], run)
     return out
 
 
-def _produce_tool(work: Path, st: dict, ref, threads: int, jobs: list[tuple]) -> list[dict]:
+def _produce_tool(work: Path, st: dict, ref, threads: int, jobs: list[tuple], run: bool = True) -> list[dict]:
     out = []
     for tool, method, sparsity, pattern in jobs:
         tag = f"{tool}-{method}-{pattern.replace(':', 'of').replace(' ', '_')}" + (f"-{int(sparsity * 100)}" if sparsity else "")
         dest = work / "candidates" / f"{tag}.safetensors"
         dest.parent.mkdir(exist_ok=True)
         rec_path = Path(str(dest) + ".run.json")
+        if not run and not (dest.is_file() and rec_path.is_file()):
+            continue
         if not (dest.is_file() and rec_path.is_file()):
             if tool == "birdbone":
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--worker-model", str(work / "base-hf"),
@@ -425,6 +428,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch threads for pruning, llm-compressor and evaluation (default: --threads)")
     ap.add_argument("--skip-llmc", action="store_true", help="leave out llm-compressor")
     ap.add_argument("--no-bench", action="store_true", help="skip llama-bench")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the report from what --work already holds (a partial run), running nothing")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for k in ("model", "calib", "method", "pattern", "out", "gguf", "gguf-type", "source-gguf"):
         ap.add_argument(f"--worker-{k}", help=argparse.SUPPRESS)
@@ -471,6 +476,18 @@ def main(argv: list[str] | None = None) -> None:
             doc["complete"], doc["stage"] = stage == "done", stage
             harness_report.write(doc, Path(a.out), work, REPO)
 
+        if a.report_only:
+            if not (work / "prepared.json").is_file():
+                raise SystemExit(f"{work}: nothing prepared yet")
+            st = json.loads((work / "prepared.json").read_text())
+            lc = json.loads((work / "llamacpp.json").read_text()) if (work / "llamacpp.json").is_file() else {"rows": {}}
+            cands = produce(prof, work, st, ref, a.torch_threads, ("birdbone", "llm-compressor"), run=False)
+            tev = json.loads((work / "torch-eval.json").read_text()) if (work / "torch-eval.json").is_file() else {}
+            bbg = json.loads((work / "birdbone-gguf.json").read_text()) if (work / "birdbone-gguf.json").is_file() else {}
+            expected = len(prof["prune"]) * (1 if a.skip_llmc else 2) + (0 if a.skip_llmc or not prof["gptq"] else 1)
+            done = len(lc.get("rows", {})) and len(cands) == expected and all(c["tag"] in tev for c in cands)
+            report("done" if done else "partial (report written from --work by --report-only)", lc, cands, tev, bbg)
+            return
         # Phases in order of what the comparison needs most, under one hold of the heavy lock (each new
         # acquisition waits behind other users' whole jobs); a report is written after the first phases.
         outer = heavy("the whole harness run")

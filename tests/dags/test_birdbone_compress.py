@@ -105,10 +105,11 @@ def test_compress_dag_two_waves_survives_a_killed_step(dagbag, airflow_db, runs_
     assert killer.killed is not None, "the heal step finished before it could be killed"
     assert str(dr.state.value if hasattr(dr.state, "value") else dr.state) == "success", st
     assert st["wave_01.heal"] == ("success", 2)               # failed once (SIGKILL), retried by Airflow
-    for t in ("init", "prepare", "finish", "export", "evaluate", "wave_02.decide", "wave_02.to_finish"):
+    for t in ("init", "prepare", "finish", "export", "evaluate", "report", "wave_02.decide", "wave_02.to_finish",
+              "wave_01.publish", "publish"):     # publish param false: the publish tasks run and do nothing
         assert st[t][0] == "success", (t, st[t])
-    for t in ("rollback", "wave_01.to_rollback", "wave_02.to_rollback", "wave_03.prune", "wave_10.stop_loss",
-              "publish"):
+    assert (run / "report" / "report.md").is_file()
+    for t in ("rollback", "wave_01.to_rollback", "wave_02.to_rollback", "wave_03.prune", "wave_10.stop_loss"):
         assert st[t][0] == "skipped", (t, st[t])
     d1, d2 = (json.loads((run / "waves" / str(k) / "decision.json").read_text()) for k in (1, 2))
     assert (d1["action"], d2["action"]) == ("continue", "finish")
@@ -182,8 +183,8 @@ def test_graph_shape(dagbag):
     assert dag.get_task("prepare").downstream_task_ids == {"wave_01.prune"}
     for k in range(1, 11):
         g = f"wave_{k:02d}"
-        for a, b in zip(("prune", "heal", "regrow", "evaluate", "decide", "stop_loss"),
-                        ("heal", "regrow", "evaluate", "decide", "stop_loss")):
+        for a, b in zip(("prune", "heal", "regrow", "evaluate", "decide", "publish"),
+                        ("heal", "regrow", "evaluate", "decide", "publish", "stop_loss")):
             assert f"{g}.{b}" in dag.get_task(f"{g}.{a}").downstream_task_ids
         nxt = {f"wave_{k + 1:02d}.prune"} if k < 10 else set()
         assert dag.get_task(f"{g}.stop_loss").downstream_task_ids == {f"{g}.to_rollback", f"{g}.to_finish"} | nxt
@@ -192,4 +193,5 @@ def test_graph_shape(dagbag):
     assert dag.get_task("rollback").downstream_task_ids == {"finish"}
     for t in ("rollback", "finish"):
         assert dag.get_task(t).trigger_rule == "none_failed_min_one_success"
-    assert dag.get_task("evaluate").downstream_task_ids == {"publish_requested"}
+    assert dag.get_task("evaluate").downstream_task_ids == {"report"}
+    assert dag.get_task("report").downstream_task_ids == {"publish"}
