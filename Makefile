@@ -9,7 +9,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXA
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 
-.PHONY: demo test test-slow venv clean-venv sysdeps
+.PHONY: demo demo-cli test test-slow venv clean-venv sysdeps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,9 +43,13 @@ sysdeps:
 
 venv: $(VENV)/.core
 
-# The main job: 50% unstructured SparseGPT on Gemma 3 270M, Q8_0 GGUF, table of base vs compressed.
-demo: $(VENV)/.demo
-	$(BIN)/birdbone compress -r birdbone_core/recipes/demo.yaml -o runs/demo
+# The main job: the birdbone_compress Airflow DAG, run locally (dag.test(), every step a `birdbone` process)
+# on Gemma 3 270M with the demo recipe (50% unstructured SparseGPT, Q8_0 GGUF); prints where everything is.
+demo: demo-airflow
+
+# The same job in one process, without Airflow.
+demo-cli: $(VENV)/.demo
+	$(BIN)/birdbone compress -r birdbone_core/recipes/demo.yaml -o runs/demo-cli
 
 include airflow.mk
 

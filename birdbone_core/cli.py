@@ -54,6 +54,17 @@ def print_metrics_table(metrics: dict) -> None:
               _f(c["ppl"], ".3f"), _f(c["ppl_llamacpp"], ".3f"), _f(c["kld"], ".4f"),
               "-" if c["top1"] is None else f"{c['top1']:.1%}")
     Console(width=max(140, Console().width)).print(t)
+    acc = metrics.get("accuracy")
+    if acc:
+        a = Table(title="task accuracy (lm-eval; +/- is the standard error)")
+        for col in ("task", "items", "chance", "base", "compressed", "delta"):
+            a.add_column(col, justify="left" if col == "task" else "right")
+        for r in acc["deltas"]:
+            a.add_row(r["task"], str(r["n"]), _f(r.get("chance"), ".0%"), f"{r['base']:.3f} ± {r['base_stderr']:.3f}",
+                      f"{r['value']:.3f} ± {r['stderr']:.3f}", f"{r['delta']:+.3f} ± {r['delta_stderr']:.3f}")
+        Console(width=max(140, Console().width)).print(a)
+        for name in acc.get("failed_canaries") or []:
+            print(f"canary failed: {name}")
 
 
 def _cmd_compress(a) -> int:

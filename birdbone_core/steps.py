@@ -69,7 +69,8 @@ class Run:
         return self.root / "metrics.json"
 
     def gguf_path(self, recipe: Recipe) -> Path:
-        return self.root / f"model-{recipe.export.type}.gguf"
+        kind = "mixed" if recipe.quantize is not None else recipe.export.type
+        return self.root / f"model-{kind}.gguf"
 
     def manifest(self) -> dict:
         if not self.manifest_path.is_file():
@@ -218,6 +219,7 @@ def step_export(run: Run, lm: LoadedModel | None = None):
     from birdbone_core.export.gguf_file import export_gguf
 
     run.require("prune", "export")
+    t0 = time.perf_counter()
     recipe = run.recipe()
     lm = lm or _load(str(run.pruned_dir), "pruned model")
     m = run.manifest()
@@ -237,7 +239,19 @@ def step_export(run: Run, lm: LoadedModel | None = None):
         info = {}
     run.mark_done("export", {"path": str(result.path), "bytes": result.n_bytes,
                              "bits_per_weight": result.bits_per_weight, **info})
+    _push(run, "export", {"bits_per_weight": result.bits_per_weight, "size_bytes": result.n_bytes},
+          time.perf_counter() - t0)
     return result
+
+
+def _push(run: Run, step: str, metrics: dict, seconds: float) -> None:
+    """Step metrics to the Pushgateway when one is configured (birdbone_core.ops.metrics; no-op otherwise)."""
+    import importlib.util
+
+    if importlib.util.find_spec("birdbone_core.ops.metrics"):
+        from birdbone_core.ops.metrics import push_step
+
+        push_step(run.root, step, None, metrics, seconds)
 
 
 def _llamacpp_ppl(gguf: Path, chunks: torch.Tensor) -> float | None:
@@ -257,6 +271,7 @@ def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
     """Score the pruned model against the baseline (perplexity, KL, top-1) and the GGUF in llama.cpp."""
     run.require("baseline", "evaluate")
     run.require("prune", "evaluate")
+    t0 = time.perf_counter()
     recipe = run.recipe()
     lm = lm or _load(str(run.pruned_dir), "pruned model")
     ref = load_file(str(run.baseline_dir / "reference.safetensors"))
@@ -275,12 +290,38 @@ def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
                  "ppl": base_eval["ppl"], "ppl_llamacpp": base_llama_ppl},
         "compressed": {"path": str(gguf) if gguf.is_file() else None,
                        "bytes": gguf.stat().st_size if gguf.is_file() else None,
-                       "gguf_type": recipe.export.type, "sparsity": zeros / max(total, 1),
+                       "gguf_type": "mixed" if recipe.quantize is not None else recipe.export.type,
+                       "sparsity": zeros / max(total, 1),
                        "ppl": result.ppl, "ppl_llamacpp": llama_ppl, "kld": result.kld, "top1": result.top1},
     }
+    accuracy = _final_accuracy(run, recipe, lm)
+    if accuracy is not None:
+        metrics["accuracy"] = accuracy
     atomic.write_json(run.metrics_path, metrics)
     run.mark_done("evaluate", {"ppl": result.ppl, "kld": result.kld})
+    _push(run, "evaluate", {"perplexity": result.ppl, "kld": result.kld, "top1": result.top1,
+                            "sparsity": zeros / max(total, 1)}, time.perf_counter() - t0)
     return metrics
+
+
+def _final_accuracy(run: Run, recipe: Recipe, lm: LoadedModel) -> dict | None:
+    """Base vs compressed task accuracy (with lm-eval's stderr) and canaries, when the recipe asks for them.
+    The base side was scored by `prepare` (RUN/prepare/prepare.json); a run without it scores the base now."""
+    from birdbone_core.eval.tasks import accuracy_for, compare
+
+    ev = recipe.evaluation
+    if not ev.tasks and not ev.canaries:
+        return None
+    online = bool(run.load_options().get("online"))
+    prep = run.root / "prepare" / "prepare.json"
+    base = json.loads(prep.read_text()).get("accuracy") if prep.is_file() else None
+    if base is None:
+        base_lm = load_with_options(run.model_spec(), run.load_options())
+        base = accuracy_for(base_lm.model, base_lm.tokenizer, ev, online)
+        del base_lm
+    final = accuracy_for(lm.model, lm.tokenizer, ev, online)
+    return {"base": base, "compressed": final, "deltas": compare(base, final),
+            "failed_canaries": final.get("failed_canaries", [])}
 
 
 def revert(run: Run, wave: int, out_dir: Path) -> Path:

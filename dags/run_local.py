@@ -56,13 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"birdbone_compress {dr.run_id}: {state}")
     if state != "success":
         return 1
-    report = subprocess.run([a.cli, "report", str(run)], capture_output=True, text=True)
+    import json
+
+    m = json.loads((run / "metrics.json").read_text())
+    b, c = m["base"], m["compressed"]
+    mb = lambda n: "-" if n is None else f"{n / 2**20:,.1f} MB"  # noqa: E731
+    print(f"base:        {b['path']}  {mb(b['bytes'])}  ppl {b['ppl']:.3f}")
+    print(f"compressed:  {c['gguf_type']}, {c['sparsity']:.1%} zeros, {mb(c['bytes'])}  ppl {c['ppl']:.3f}"
+          + (f" (llama.cpp {c['ppl_llamacpp']:.3f})" if c.get("ppl_llamacpp") else "")
+          + (f", KLD {c['kld']:.4f}, top-1 {c['top1']:.1%}" if c.get("kld") is not None else "")
+          + f"  ({m['n_scored']} held-out tokens, n_ctx {m['n_ctx']})")
     ggufs = sorted(run.glob("model-*.gguf"))
     print(f"GGUF:    {', '.join(map(str, ggufs)) or '(none)'}")
     print(f"ledger:  {run / 'ledger'}   ({a.cli} log {run})")
     print(f"metrics: {run / 'metrics.json'}")
-    print(f"report:  {run / 'report'}" if report.returncode == 0 else
-          f"report:  not written ({(report.stderr or report.stdout).strip().splitlines()[-1:]})")
+    print(f"report:  {run / 'report' / 'report.md'}")
     return 0
 
 

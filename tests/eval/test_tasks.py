@@ -168,3 +168,25 @@ def test_paired_delta():
     assert paired_delta(base, base) == (0.0, 0.0)
     with pytest.raises(ValueError):
         paired_delta(base, other[:-1])
+
+
+def test_final_evaluate_reports_accuracy_deltas_with_stderr(tiny_path, tmp_path):
+    """A recipe that lists tasks and canaries gets base vs compressed accuracy in RUN/metrics.json."""
+    import json
+
+    from birdbone_core.steps import compress
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: acc\ncalibration: {n_samples: 4, seq_len: 64}\n"
+        "evaluation:\n  n_ctx: 64\n  max_chunks: 2\n  tasks: [pydocs_cloze]\n  task_limit: 24\n"
+        "  canaries:\n    - {name: def-keyword, prompt: 'To define a function in Python, use the keyword',"
+        " choices: [' def', ' banana']}\n"
+        "prune: {method: magnitude, sparsity: 0.6}\nexport: {type: f32}\n")
+    metrics = compress(tmp_path / "run", str(tiny_path), str(recipe))
+    assert metrics == json.loads((tmp_path / "run" / "metrics.json").read_text())
+    acc = metrics["accuracy"]
+    [row] = acc["deltas"]
+    assert row["task"] == "pydocs_cloze" and row["n"] == 24 and row["chance"] == 0.25
+    assert row["delta"] == row["value"] - row["base"] and row["delta_stderr"] > 0
+    assert {c["name"] for c in acc["compressed"]["canaries"]} == {"def-keyword"}
