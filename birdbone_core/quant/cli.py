@@ -60,6 +60,8 @@ def _cmd_quantize(a) -> int:
         base.setdefault("gptq", {})["enabled"] = False
     if a.n_samples:
         base["n_samples"] = a.n_samples
+    if a.no_keep_source:
+        base["keep_source"] = False
     try:
         cfg = Quantize.model_validate(base)
     except ValidationError as e:
@@ -81,6 +83,8 @@ def _cmd_quantize(a) -> int:
         counts[t] = counts.get(t, 0) + 1
     print(f"wrote {result.path}: {result.n_bytes:,} bytes, {q.bits_per_weight:.3f} bits per weight "
           f"(budget {q.budget_bytes:,} B of tensor data); types " + ", ".join(f"{k}×{v}" for k, v in sorted(counts.items())))
+    if q.kept_source:
+        print(f"kept the source GGUF's own blocks for {len(q.kept_source)} unchanged tensors (no re-rounding)")
     return 0
 
 
@@ -127,6 +131,8 @@ def add_commands(sub) -> None:
     q.add_argument("--imatrix", help="llama-imatrix file (GGUF or .dat) for the scale search")
     q.add_argument("--no-gptq", action="store_true", help="plain importance-weighted rounding")
     q.add_argument("--n-samples", type=int, help="calibration blocks (default: the recipe's)")
+    q.add_argument("--no-keep-source", action="store_true",
+                   help="re-encode every tensor, even those still equal to the source GGUF's blocks")
     q.add_argument("--report", help="write a JSON report (types, per-type sensitivity)")
     q.set_defaults(fn=_cmd_quantize)
 

@@ -72,6 +72,8 @@ class Quantize(_Strict):
     imatrix: str | None = Field(None, description="llama-imatrix file (GGUF or legacy .dat)")
     gptq: GPTQConfig = GPTQConfig()
     n_samples: int | None = Field(None, ge=1, description="calibration blocks (default: recipe calibration)")
+    keep_source: bool = Field(True, description="a tensor still equal to its GGUF source's blocks may keep them "
+                                                "(an exact candidate of the source type) instead of re-encoding")
 
     @field_validator("types")
     @classmethod

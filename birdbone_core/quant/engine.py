@@ -6,6 +6,9 @@
 2. For every 2-D weight and every allowed type: grid-aware GPTQ (kept only where it beats the codec's
    own importance-weighted rounding), and its sensitivity = sum_rows F_row * (dW H dW^T)_row,row
    (+ the embedding's lookup term), a K-FAC-style estimate of the loss increase, times `stress`.
+   A tensor whose weights are exactly its GGUF source's dequantized blocks has those blocks as an extra,
+   error-free candidate of the source type (`quant.source`), so re-quantizing a GGUF never compounds
+   rounding error where the type stays.
 3. `budget.allocate` picks one type per tensor; the packed bytes go to `export_gguf(quantized=...)`.
 """
 from __future__ import annotations
@@ -120,6 +123,7 @@ class QuantResult:
     errors: dict[str, dict[str, float]]  # gguf name -> type -> sensitivity
     gptq_won: dict[str, dict[str, bool]]
     seconds: float
+    kept_source: list[str] = field(default_factory=list)  # tensors written with the source GGUF's own blocks
 
     @property
     def bits_per_weight(self) -> float:
@@ -144,13 +148,15 @@ class Candidates:
     n_weights: int
     gptq_won: dict[str, dict[str, bool]]
     seconds: float
+    from_source: dict[str, str] = field(default_factory=dict)  # gguf name -> type whose candidate is the source's
 
 
 def quantize_model(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity | None,
-                   imatrix: Imatrix | None = None) -> QuantResult:
-    """Choose and encode one type per 2-D weight of `model` (GGUF names, llama.cpp's layouts)."""
+                   imatrix: Imatrix | None = None, source_gguf=None) -> QuantResult:
+    """Choose and encode one type per 2-D weight of `model` (GGUF names, llama.cpp's layouts).
+    source_gguf: the GGUF the model was loaded from (its unchanged tensors keep their blocks)."""
     check_budget(model, cfg)
-    cands = measure_candidates(model, cfg, sens, imatrix)
+    cands = measure_candidates(model, cfg, sens, imatrix, source_gguf)
     total = cfg.target_bytes if cfg.target_bytes is not None else int(math.floor(cfg.target_bpw * cands.n_weights / 8))
     return choose(cands, total)
 
@@ -166,8 +172,9 @@ def choose(c: Candidates, total_budget: int) -> QuantResult:
             quantized[name] = (t, data)
     types.update(alloc.choice)
     errors = {name: {t: e for t, (_, e) in opts.items()} for name, opts in c.options.items()}
+    kept = sorted(n for n, t in alloc.choice.items() if c.from_source.get(n) == t)
     return QuantResult(quantized, types, c.fixed_bytes + alloc.n_bytes, c.n_weights, total_budget, errors,
-                       c.gptq_won, c.seconds + time.time() - t0)
+                       c.gptq_won, c.seconds + time.time() - t0, kept)
 
 
 def check_budget(model: torch.nn.Module, cfg: Quantize) -> None:
@@ -214,10 +221,15 @@ def _plan(model: torch.nn.Module, cfg: Quantize):
 
 
 def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity | None,
-                       imatrix: Imatrix | None = None) -> Candidates:
+                       imatrix: Imatrix | None = None, source_gguf=None) -> Candidates:
     """Encode every 2-D weight in every allowed type (GPTQ where statistics exist) and measure each."""
     t0 = time.time()
     plans, todo, fixed_types, n_weights = _plan(model, cfg)
+    source: dict[str, tuple[str, np.ndarray]] = {}
+    if source_gguf is not None and cfg.keep_source:
+        from birdbone_core.quant.source import source_blocks
+
+        source = source_blocks(source_gguf, plans, {p.gguf_name: types for p, types in todo})
     spec = arch_for(model.config)
     dims = model_dims(model.config, model.state_dict())
     tied = not any(p.hf_name == "lm_head.weight" for p in plans)
@@ -252,6 +264,11 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
             won[p.gguf_name] = {}
             for t in types:
                 fmt = get_format(t)
+                if source.get(p.gguf_name, (None,))[0] == t:   # the source's own blocks: exact, zero error
+                    options[p.gguf_name][t] = (fmt.n_bytes(rows * cols), 0.0)
+                    candidates[p.gguf_name][t] = source[p.gguf_name][1]
+                    advance()
+                    continue
                 if H is not None and cfg.gptq.applies_to(p.gguf_name):
                     r = gptq_quantize(W, H, t, settings, importance=imp if imp is not None else torch.ones(cols))
                     packed, W_hat = r.packed, r.W_hat
@@ -280,7 +297,8 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
         # 2-D tensors kept in float (overrides, or no block type fits their rows) go in as data
         data = pl.load().astype(np.float16 if t == "F16" else np.float32) if len(pl.shape) >= 2 else None
         fixed[pl.gguf_name] = (t, data)
-    return Candidates(options, candidates, fixed, fixed_bytes, n_weights, won, time.time() - t0)
+    return Candidates(options, candidates, fixed, fixed_bytes, n_weights, won, time.time() - t0,
+                      {n: t for n, (t, _) in source.items()})
 
 
 def _sens(dW: torch.Tensor, H: torch.Tensor | None, F: torch.Tensor | None, emb_rows: torch.Tensor | None) -> float:

@@ -26,7 +26,7 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
     n = cfg.n_samples or calibration.n_samples
     blocks = calibration_blocks(tokenizer, text, n, calibration.seq_len, calibration.seed)
     sens = collect_sensitivity(model, blocks)
-    q = quantize_model(model, cfg, sens, imatrix)
+    q = quantize_model(model, cfg, sens, imatrix, source_gguf)
     meta: dict[str, Any] = dict(extra_metadata or {})
     meta.update({
         "birdbone.quant.types": json.dumps(q.types, separators=(",", ":")),
@@ -36,6 +36,7 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
         "birdbone.quant.method": ("gptq" + (" act-order" if cfg.gptq.act_order else "") if cfg.gptq.enabled
                                   else "rounding") + (" imatrix-file" if imatrix else ""),
         "birdbone.quant.calibration": f"{text_desc}, {n} x {calibration.seq_len}",
+        "birdbone.quant.kept_source_blocks": len(q.kept_source),
     })
     result = export_gguf(model, tokenizer, out_path, out_type="f16", source_gguf=source_gguf,
                          extra_metadata=meta, quantized=q.quantized)
@@ -43,6 +44,6 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
         atomic.write_json(report_path, {
             "gguf": str(result.path), "file_bytes": result.n_bytes, "tensor_bytes": q.n_bytes,
             "budget_bytes": q.budget_bytes, "bits_per_weight": q.bits_per_weight, "seconds": round(q.seconds, 1),
-            "types": q.types, "sensitivity": q.errors, "gptq_beat_rounding": q.gptq_won,
+            "types": q.types, "kept_source_blocks": q.kept_source, "sensitivity": q.errors, "gptq_beat_rounding": q.gptq_won,
             "settings": cfg.model_dump(mode="json")})
     return result, q

@@ -25,6 +25,10 @@ p.add_argument("--per-wave", type=float, default=0.1)
 p.add_argument("--heal", default="blockwise")
 p.add_argument("--heal-steps", type=int, default=30)
 p.add_argument("--heal-lr", type=float, default=1e-3)
+p.add_argument("--stop-loss", type=float, default=0.03,
+               help="stop-loss threshold: relative ppl rise over the last accepted wave (the recipe default 0.03)")
+p.add_argument("--regrow", choices=["none", "dsnot", "rigl"], default="none",
+               help="regrowth after healing in each wave (fraction 0.05 of the pruned weights)")
 p.add_argument("--n-samples", type=int, default=32)
 p.add_argument("--seq-len", type=int, default=128)
 p.add_argument("--n-ctx", type=int, default=128)
@@ -39,8 +43,10 @@ recipes = {
     "one-shot": {**base, "name": "one-shot"},
     "waves+heal": {**base, "name": "waves", "waves": {
         "max_per_wave": args.per_wave, "heal": {"method": args.heal, "steps": args.heal_steps, "lr": args.heal_lr},
-        "stop_loss": {"threshold": 0.03, "patience": 2}}},
+        "stop_loss": {"threshold": args.stop_loss, "patience": 2}}},
 }
+if args.regrow != "none":
+    recipes["waves+heal"]["waves"]["regrow"] = {"method": args.regrow, "fraction": 0.05}
 rows = {}
 with tempfile.TemporaryDirectory() as tmp:
     for name, r in recipes.items():
@@ -54,8 +60,12 @@ with tempfile.TemporaryDirectory() as tmp:
                       "seconds": time.perf_counter() - t0, "waves": rep.get("waves")}
 
 tag = f"waves_vs_oneshot-{Path(args.model).name}-{args.method}-{int(args.sparsity * 100)}"
+if args.stop_loss != 0.03 or args.regrow != "none":
+    tag += f"-stoploss{args.stop_loss:g}" + (f"-{args.regrow}" if args.regrow != "none" else "")
 md = [f"# {args.method} {args.sparsity:.0%}: one shot vs {args.per_wave:.0%}-per-wave with {args.heal} healing "
       f"({args.heal_steps} steps, lr {args.heal_lr})", "",
+      f"Stop-loss: roll back after 2 waves in a row each more than {args.stop_loss:.0%} above the last accepted "
+      f"wave's ppl; regrowth: {args.regrow}.", "",
       f"Model {args.model}; calibration {args.n_samples} x {args.seq_len} (built-in calib slice); evaluation n_ctx "
       f"{args.n_ctx}, {args.max_chunks} chunks of the built-in held-out slice; base ppl {rows['one-shot']['base_ppl']:.3f}.", "",
       "| run | zeros | ppl | KLD vs base | top-1 | wall s |", "|---|---|---|---|---|---|"]
