@@ -9,6 +9,8 @@ Same model, same calibration blocks, same evaluation tokens, same machine, one r
   * birdbone: one-shot SparseGPT / Wanda at 50% unstructured and 2:4 (birdbone_core.prune, the code
     `birdbone compress` runs), each in its own process (wall time, peak RSS); the best 50% one is exported
     to GGUF and quantized by llama-quantize so it is scored by llama-perplexity next to llama.cpp's quants.
+  * birdbone's quantizer: `birdbone quantize` (grid-aware GPTQ + bit budget) on the dense model at each quant
+    point, its file no larger than llama.cpp's +imatrix file there, scored like llama.cpp's (harness_gguf.py).
   * llm-compressor 0.14 in its own venv (.venv-llmc, `make -C tests/benchmarks/llmc`): the same one-shot
     prunings plus GPTQ W4A16 group 128, on the same calibration token ids (tests/benchmarks/llmc/run_llmc.py).
   * every pruned/quantized candidate is scored by birdbone's evaluator (torch fp32, llama-perplexity's
@@ -21,76 +23,64 @@ Not part of the default test run; --work DIR keeps artifacts and resumes a kille
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-import plots  # noqa: E402
+import heavylock  # noqa: E402
+from harness_gguf import (BB_GGUF_JOB, BBQ_CACHE, bb_gguf_path, birdbone_gguf_side, llamacpp_side,  # noqa: E402
+                          quantize_side)
+from heavylock import heavy  # noqa: E402
 
 FIXTURE = REPO / "tests/fixtures/tiny-llama"
 LLMC_PY = REPO / ".venv-llmc/bin/python"
 PRUNE_50 = [("sparsegpt", 0.5, "unstructured"), ("wanda", 0.5, "unstructured"),
             ("sparsegpt", 0.5, "2:4"), ("wanda", 0.5, "2:4")]
 QUICK_VARIANTS = ["Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K", "Q4_0-pure"]
+# issue 4's Gemma points beyond reference.VARIANTS (quant_vs_llamacpp.EXTRA_VARIANTS: embedding in Q4_0)
+GEMMA_EXTRA = ["Q3_K_M-emb_q4_0", "Q2_K-emb_q4_0"]
+GEMMA_BBQ = ["Q4_K_M", "Q3_K_M", "Q4_K_M-emb_q5_0", "Q4_K_M-emb_q4_0", "Q4_0-pure", *GEMMA_EXTRA]
+# bb_quants: birdbone's pruned GGUF llama-quantize'd to these types; bb_quantize: points (llama.cpp variants,
+# "all" = every variant the profile runs) where `birdbone quantize` makes a file no larger than llama.cpp's
 PROFILES = {
     ("fixture", "quick"): dict(n_ctx=256, eval_chunks=40, calib=(32, 256), imatrix_chunks=64, variants=QUICK_VARIANTS,
                                prune=PRUNE_50, gptq=True, bench=dict(n_prompt=128, n_gen=32, reps=1),
-                               bb_quants=["Q4_K_M", "Q3_K_M"]),
+                               bb_quants=["Q4_K_M", "Q3_K_M"], bb_quantize="all"),
     ("fixture", "full"): dict(n_ctx=256, eval_chunks=120, calib=(64, 256), imatrix_chunks=100, variants="all",
                               prune=PRUNE_50 + [("sparsegpt", 0.3, "unstructured"), ("wanda", 0.3, "unstructured"),
                                                 ("sparsegpt", 0.7, "unstructured"), ("wanda", 0.7, "unstructured")],
-                              gptq=True, bench=dict(n_prompt=256, n_gen=64, reps=3), bb_quants=["Q4_K_M", "Q3_K_M", "Q2_K"]),
-    # Gemma quick: the 50% unstructured pair only (2:4 is in the full profile) so one locked run stays ~25 min
+                              gptq=True, bench=dict(n_prompt=256, n_gen=64, reps=3), bb_quants=["Q4_K_M", "Q3_K_M", "Q2_K"],
+                              bb_quantize="all"),
+    # Gemma quick: the 50% unstructured pair only (2:4 is in the full profile) and the two must-show quant points
     ("gemma", "quick"): dict(n_ctx=512, eval_chunks=4, calib=(16, 512), imatrix_chunks=16, variants=["Q4_K_M", "Q3_K_M"],
                              prune=PRUNE_50[:2], gptq=True, bench=dict(n_prompt=128, n_gen=32, reps=1),
-                             bb_quants=["Q4_K_M", "Q3_K_M"]),
+                             bb_quants=["Q4_K_M", "Q3_K_M"], bb_quantize=["Q4_K_M", "Q3_K_M"]),
     ("gemma", "full"): dict(n_ctx=512, eval_chunks=16, calib=(64, 512), imatrix_chunks=64, variants="all",
+                            extra_variants=GEMMA_EXTRA,
                             prune=PRUNE_50 + [("sparsegpt", 0.3, "unstructured"), ("sparsegpt", 0.7, "unstructured")],
-                            gptq=True, bench=dict(n_prompt=512, n_gen=128, reps=3), bb_quants=["Q4_K_M", "Q3_K_M", "Q2_K"]),
+                            gptq=True, bench=dict(n_prompt=512, n_gen=128, reps=3), bb_quants=["Q4_K_M", "Q3_K_M", "Q2_K"],
+                            bb_quantize=GEMMA_BBQ),
 }
 
 
+def resolve_points(prof: dict, all_variants: list[str]) -> dict:
+    """The profile with its llama.cpp variants and `birdbone quantize` points spelt out ("all" expanded)."""
+    variants = (list(all_variants) if prof["variants"] == "all" else list(prof["variants"])) + prof.get("extra_variants", [])
+    bbq = variants if prof.get("bb_quantize") == "all" else list(prof.get("bb_quantize", []))
+    missing = [p for p in bbq if p not in variants]
+    if missing:
+        raise SystemExit(f"bb_quantize points {missing} are not among the profile's llama.cpp variants")
+    return dict(prof, variants=variants, bb_quantize=bbq)
+
+
 # ----------------------------------------------------------------------------------------- plumbing
-
-LOCK_ALL = True  # False for the fixture: its jobs take seconds and < 1 GB, so it takes no lock
-_HELD = [0]      # nesting depth: a phase holding the lock makes its jobs' own heavy() calls no-ops
-
-
-@contextmanager
-def heavy(what: str, always: bool = False):
-    """Hold the machine-wide heavy-job lock (the same flock(2) lock `flock /tmp/birdbone-heavy.lock` takes).
-    Reentrant: the harness holds it per phase (a few minutes each) rather than per tool run, since every
-    acquisition waits behind other users' whole jobs."""
-    path = os.environ.get("BIRDBONE_HEAVY_LOCK", "/tmp/birdbone-heavy.lock")
-    if not path or not (LOCK_ALL or always) or _HELD[0]:
-        _HELD[0] += 1
-        try:
-            yield
-        finally:
-            _HELD[0] -= 1
-        return
-    _HELD[0] += 1
-    with open(path, "a") as f:
-        t0 = time.perf_counter()
-        fcntl.flock(f, fcntl.LOCK_EX)
-        waited = time.perf_counter() - t0
-        print(f"[lock] {what}" + (f" (waited {waited:.0f} s)" if waited > 1 else ""), flush=True)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-            _HELD[0] -= 1
-
 
 def linear_names(model) -> list[str]:
     """Parameter names of the decoder layers' Linear weights (what both tools prune / quantize)."""
@@ -215,66 +205,6 @@ def prepare(a, prof: dict, work: Path, ref) -> dict:
     return st
 
 
-def llamacpp_side(prof: dict, work: Path, st: dict, ref, threads: int, variants: list[str], no_bench: bool) -> dict:
-    """Base logits, imatrix, llama.cpp's quants with and without imatrix: size, ppl, KLD, speed."""
-    cache = work / "llamacpp.json"
-    done = json.loads(cache.read_text()) if cache.is_file() else {"rows": {}}
-    base = work / st["base_gguf"]
-    n_ctx = prof["n_ctx"]
-    logits = work / f"base-c{n_ctx}.kld"
-    if "kld_base" not in done:
-        with heavy("llama-perplexity --kl-divergence-base"):
-            ref.kld_base(base, work / "eval.txt", n_ctx, out=logits, chunks=prof["eval_chunks"], threads=threads)
-        done["kld_base"] = ref.kld_base_info(logits)
-    if "imatrix" not in done:
-        with heavy("llama-imatrix"):
-            imx = ref.llama_imatrix(base, work / "calib.txt", work / "imatrix.gguf", n_ctx=n_ctx,
-                                    chunks=prof["imatrix_chunks"], threads=threads)
-        done["imatrix"] = {"run": imx.run, "chunks": imx.chunks_processed}
-    bench_kw = dict(prof["bench"], threads=threads)
-    jobs = [("base", None, False)] + [(v, v, imx) for v in variants for imx in (False, True)]
-    if st.get("source_gguf"):
-        jobs.insert(1, ("as shipped", None, False))
-    for name, variant, use_imx in jobs:
-        key = f"{name}{' +imatrix' if use_imx else ''}"
-        if key in done["rows"]:
-            continue
-        row: dict = {"tool": "llama.cpp", "artifact": key}
-        if name == "base":
-            path, row["stats"] = base, ref.gguf_stats(base)
-            row["kld"] = {"ppl": done["kld_base"]["ppl"], "mean_kld": None}
-        else:
-            if name == "as shipped":
-                path = Path(st["source_gguf"])
-                row["stats"] = ref.gguf_stats(path)
-            else:
-                path = work / f"{variant}{'-imx' if use_imx else ''}.gguf"
-                with heavy(f"llama-quantize {key}"):
-                    q = ref.quantize_variant(base, path, variant, work / "imatrix.gguf" if use_imx else None, threads=threads)
-                row["quantize"], row["stats"] = q.record()["run"], q.record()["stats"]
-            with heavy(f"llama-perplexity --kl-divergence {key}"):
-                row["kld"] = ref.kld(path, logits, threads=threads)
-        row["stats"].pop("tensor_types", None)
-        if not no_bench:
-            with heavy(f"llama-bench {key}"):
-                row["bench"] = ref.bench(path, **bench_kw)
-        done["rows"][key] = row
-        k = row["kld"]
-        print(f"llama.cpp {key:>18}: {row['stats']['bpw']:.3f} bpw  ppl {k['ppl']:.4f}"
-              + (f"  KLD {k['mean_kld']:.5f}" if k.get("mean_kld") is not None else ""), flush=True)
-        if name not in ("base", "as shipped") and variant not in ("Q4_K_M",):
-            path.unlink(missing_ok=True)  # keep disk use down; Q4_K_M stays for inspection
-        cache.write_text(json.dumps(done, indent=2))
-    return done
-
-
-BB_GGUF_JOB = ("sparsegpt", 0.5, "unstructured")  # birdbone's best one-shot method on Gemma (prune_methods results)
-
-
-def bb_gguf_path(work: Path, st: dict) -> Path:
-    return work / f"bb-sparsegpt-50-{st['base_type'].lower()}.gguf"
-
-
 def produce(prof: dict, work: Path, st: dict, ref, threads: int, tools: tuple[str, ...],
             methods: tuple[str, ...] = ("sparsegpt", "wanda", "gptq"), run: bool = True) -> list[dict]:
     """Each pruning / quantization job in its own process: wall time and peak RSS by GNU time.
@@ -378,42 +308,6 @@ def evaluate_all(prof: dict, work: Path, st: dict, cands: list[dict]) -> dict:
     return done
 
 
-def birdbone_gguf_side(prof: dict, work: Path, st: dict, ref, threads: int, no_bench: bool) -> dict:
-    """birdbone's SparseGPT 50% model as GGUF (exported by its pruning process): the base-type file itself and
-    llama-quantize'd to sizes like llama.cpp's quants (with the base's imatrix), scored by llama-perplexity."""
-    cache = work / "birdbone-gguf.json"
-    done = json.loads(cache.read_text()) if cache.is_file() else {}
-    best_gguf, tag = bb_gguf_path(work, st), "SparseGPT 50%"
-    if not best_gguf.is_file():
-        return done
-    logits = work / f"base-c{prof['n_ctx']}.kld"
-    for qtype in [None] + list(prof["bb_quants"]):
-        key = f"{tag} {best_gguf.stem.rsplit('-', 1)[-1].upper()}" if qtype is None else f"{tag} -> {qtype} +imatrix"
-        if key in done:
-            continue
-        row: dict = {"tool": "birdbone", "artifact": key}
-        if qtype is None:
-            path = best_gguf
-            info = json.loads((work / "candidates/birdbone-sparsegpt-unstructured-50.safetensors.json").read_text())
-            row["export_s"] = info.get("gguf_export_s")
-        else:
-            path = work / f"bb-{qtype}.gguf"
-            with heavy(f"llama-quantize birdbone {qtype}"):
-                q = ref.quantize_variant(best_gguf, path, qtype, work / "imatrix.gguf", threads=threads)
-            row["quantize"] = q.record()["run"]
-        row["stats"] = {k: v for k, v in ref.gguf_stats(path).items() if k != "tensor_types"}
-        with heavy(f"llama-perplexity --kl-divergence {key}"):
-            row["kld"] = ref.kld(path, logits, threads=threads)
-        if not no_bench:
-            with heavy(f"llama-bench {key}"):
-                row["bench"] = ref.bench(path, **dict(prof["bench"], threads=threads))
-        done[key] = row
-        print(f"birdbone {key}: {row['stats']['bpw']:.3f} bpw ppl {row['kld']['ppl']:.4f} KLD {row['kld']['mean_kld']:.5f}",
-              flush=True)
-        cache.write_text(json.dumps(done, indent=2))
-    return done
-
-
 # --------------------------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> None:
@@ -451,10 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(a.torch_threads)
-    prof = dict(PROFILES[(a.model, a.profile)])
-    global LOCK_ALL
-    LOCK_ALL = a.model != "fixture"
-    variants = list(ref.VARIANTS) if prof["variants"] == "all" else prof["variants"]
+    prof = resolve_points(PROFILES[(a.model, a.profile)], list(ref.VARIANTS))
+    heavylock.LOCK_ALL = a.model != "fixture"
+    variants = prof["variants"]
     if a.model == "fixture":
         a.model_path = str(FIXTURE)
     else:
@@ -469,9 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         versions = (ref.tool_version(), run_reference.package_versions(), llmc_versions())
 
-        def report(stage: str, lc, cands, tev, bbg) -> None:  # after every phase: a killed run still leaves a table
+        def report(stage: str, lc, cands, tev, bbg, bbq) -> None:  # after every phase: a killed run still leaves a table
             mach["loadavg_end"] = list(os.getloadavg())
-            doc = harness_report.assemble(a, prof, variants, st, lc, cands, tev, bbg, mach, *versions,
+            doc = harness_report.assemble(a, prof, variants, st, lc, cands, tev, bbg, bbq, mach, *versions,
                                           time.perf_counter() - t_start)
             doc["complete"], doc["stage"] = stage == "done", stage
             harness_report.write(doc, Path(a.out), work, REPO)
@@ -479,14 +372,16 @@ def main(argv: list[str] | None = None) -> None:
         if a.report_only:
             if not (work / "prepared.json").is_file():
                 raise SystemExit(f"{work}: nothing prepared yet")
-            st = json.loads((work / "prepared.json").read_text())
-            lc = json.loads((work / "llamacpp.json").read_text()) if (work / "llamacpp.json").is_file() else {"rows": {}}
+            def cached(name: str, empty: dict) -> dict:
+                return json.loads((work / name).read_text()) if (work / name).is_file() else empty
+
+            st, lc = cached("prepared.json", {}), cached("llamacpp.json", {"rows": {}})
             cands = produce(prof, work, st, ref, a.torch_threads, ("birdbone", "llm-compressor"), run=False)
-            tev = json.loads((work / "torch-eval.json").read_text()) if (work / "torch-eval.json").is_file() else {}
-            bbg = json.loads((work / "birdbone-gguf.json").read_text()) if (work / "birdbone-gguf.json").is_file() else {}
+            tev, bbg, bbq = cached("torch-eval.json", {}), cached("birdbone-gguf.json", {}), cached(BBQ_CACHE, {})
             expected = len(prof["prune"]) * (1 if a.skip_llmc else 2) + (0 if a.skip_llmc or not prof["gptq"] else 1)
-            done = len(lc.get("rows", {})) and len(cands) == expected and all(c["tag"] in tev for c in cands)
-            report("done" if done else "partial (report written from --work by --report-only)", lc, cands, tev, bbg)
+            done = (len(lc.get("rows", {})) and len(cands) == expected and all(c["tag"] in tev for c in cands)
+                    and len(bbq) == len(prof["bb_quantize"]))
+            report("done" if done else "partial (report written from --work by --report-only)", lc, cands, tev, bbg, bbq)
             return
         # Phases in order of what the comparison needs most, under one hold of the heavy lock (each new
         # acquisition waits behind other users' whole jobs); a report is written after the first phases.
@@ -495,10 +390,13 @@ def main(argv: list[str] | None = None) -> None:
         with heavy("prepare + llama.cpp references"):
             st = prepare(a, prof, work, ref)
             lc = llamacpp_side(prof, work, st, ref, a.threads, variants, a.no_bench)
+        with heavy("birdbone quantize at llama.cpp's sizes"):
+            bbq = quantize_side(prof, work, st, ref, lc, a.model_path, a.threads, a.torch_threads, a.no_bench)
+        report("llama.cpp + birdbone quantize produced", lc, [], {}, {}, bbq)
         with heavy("birdbone SparseGPT jobs + its GGUF rows"):
             cands = produce(prof, work, st, ref, a.torch_threads, ("birdbone",), ("sparsegpt",))
             bbg = birdbone_gguf_side(prof, work, st, ref, a.threads, a.no_bench)
-        report("llama.cpp + birdbone SparseGPT produced", lc, cands, {}, bbg)
+        report("llama.cpp + birdbone quantize + birdbone SparseGPT produced", lc, cands, {}, bbg, bbq)
         # Then rounds (llm-compressor SparseGPT + GPTQ; Wanda for both tools), each followed by the
         # evaluation of everything produced so far, so a run cut short still has head-to-head numbers.
         llmc = () if a.skip_llmc else ("llm-compressor",)
@@ -509,12 +407,12 @@ def main(argv: list[str] | None = None) -> None:
             with heavy("torch evaluation"):
                 tev = evaluate_all(prof, work, st, cands)
             if i < len(rounds) - 1:
-                report(f"evaluated after llm-compressor {'+'.join(methods)}", lc, cands, tev, bbg)
+                report(f"evaluated after llm-compressor {'+'.join(methods)}", lc, cands, tev, bbg, bbq)
         outer.__exit__(None, None, None)
         order = {c["tag"]: k for k, c in enumerate(cands)}  # table order: tool, then the profile's job order
         cands.sort(key=lambda c: (c["tool"] != "birdbone", [j[:3] for j in prof["prune"]].index(
             (c["method"], c["sparsity_target"], c["pattern"])) if c["method"] != "gptq" else 99, order[c["tag"]]))
-        report("done", lc, cands, tev, bbg)
+        report("done", lc, cands, tev, bbg, bbq)
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,7 +1,8 @@
 """The harness's output: one JSON document with every figure, one Markdown table, two plots.
 
 `assemble` gathers the phases' results (tests/benchmarks/harness.py) into the document; `table_rows` and
-`markdown` turn it into the table; `write` writes harness-<model>-<profile>.{json,md,-kld-bpw.png,-ppl-sparsity.png}
+`markdown` turn it into the table (plus, from `quantize_comparison`, birdbone quantize vs llama.cpp's +imatrix
+file at each point: both sizes, both KLDs, their ratio); `write` writes harness-<model>-<profile>.{json,md,-kld-bpw.png,-ppl-sparsity.png}
 with the artifact folder, the repo root and the home folder written symbolically in every command.
 """
 from __future__ import annotations
@@ -13,6 +14,9 @@ from pathlib import Path
 import plots
 
 NOMINAL_GPTQ_BPW = 4 + 16 / 128  # int4 + one fp16 scale per group of 128 (decoder linears only)
+BBQ_GROUP = "birdbone quantize (GPTQ + bit budget)"
+# birdbone's quantizer stands out on the KLD-vs-bpw plot: its own marker and colour, drawn on top
+PLOT_STYLES = {BBQ_GROUP: {"marker": "*", "color": "crimson", "s": 120, "zorder": 4}}
 
 
 def _f(x, spec: str) -> str:
@@ -26,7 +30,7 @@ def _label(c: dict) -> str:
     return f"{name} {int(round(c['sparsity_target'] * 100))}%" if c["pattern"] == "unstructured" else f"{name} {c['pattern']}"
 
 
-def assemble(a, prof, variants, st, lc, cands, tev, bbg, mach, llama_cpp, packages, llmc_packages, seconds) -> dict:
+def assemble(a, prof, variants, st, lc, cands, tev, bbg, bbq, mach, llama_cpp, packages, llmc_packages, seconds) -> dict:
     for c in cands:
         c["label"] = _label(c)
         c["eval"] = tev.get(c["tag"])
@@ -36,7 +40,7 @@ def assemble(a, prof, variants, st, lc, cands, tev, bbg, mach, llama_cpp, packag
         "variants": variants, "threads": a.threads, "torch_threads": a.torch_threads, "machine": mach,
         "versions": {"llama_cpp": llama_cpp, "main_venv": packages, "llmc_venv": llmc_packages},
         "prepared": st, "token_check": tev.get("token_check"), "torch_dense": tev.get("dense"),
-        "llamacpp": lc, "candidates": cands, "birdbone_gguf": bbg,
+        "llamacpp": lc, "candidates": cands, "birdbone_gguf": bbg, "birdbone_quantize": bbq,
         "notes": [
             "ppl (llama.cpp), KLD and same-top: llama-perplexity on the GGUF, KLD vs the base GGUF's logits on the "
             "same chunks. ppl/KLD/top-1 (torch): birdbone's evaluator (fp32) on exactly llama.cpp's chunks "
@@ -47,6 +51,12 @@ def assemble(a, prof, variants, st, lc, cands, tev, bbg, mach, llama_cpp, packag
             "(GNU time), interpreter start-up, imports and model loading included; llama.cpp rows: the llama-quantize "
             "run. algorithm s: the one-shot call alone (birdbone's prune_sequential, llm-compressor's oneshot), as "
             "each tool times itself.",
+            "birdbone quantize @ <point> size: `birdbone quantize MODEL --bytes B` (grid-aware GPTQ with act-order, "
+            "Fisher-weighted bit budget over all ten block types, its own importance from the same calibration "
+            "blocks; no imatrix file) on the dense model, B chosen so that the whole file is no larger than llama.cpp's "
+            "'<point> +imatrix' file, checked after writing (both sizes: the birdbone quantize vs llama.cpp table and the JSON). make s / peak RSS: the "
+            "whole CLI run (load, calibration pass, every candidate encoding, export); algorithm s: its candidate "
+            "encodings and bit allocation alone (calibration pass excluded), as birdbone reports them.",
             "birdbone GGUF rows: its SparseGPT 50% model (its best one-shot method on Gemma 3 270M in "
             "prune_methods results), exported by the pruning process in the base's type (make s = export only), then "
             "llama-quantize'd with the base's imatrix. A pruned GGUF is no smaller than a dense one of the same type: "
@@ -60,24 +70,25 @@ def assemble(a, prof, variants, st, lc, cands, tev, bbg, mach, llama_cpp, packag
                           "and every other quant here re-quantizes those weights."]} if st.get("source_gguf") else {})
 
 
+def _gguf_row(tool: str, key: str, r: dict, **extra) -> dict:
+    """A table line for a GGUF file scored by llama.cpp's tools (llama.cpp's quants, birdbone's GGUFs)."""
+    k, b, q = r.get("kld") or {}, r.get("bench") or {}, r.get("quantize") or {}
+    return {"tool": tool, "artifact": key, "bpw": r["stats"]["bpw"], "mib": r["stats"]["file_bytes"] / 2**20,
+            "zeros": None, "ppl_l": k.get("ppl"), "kld_l": k.get("mean_kld"), "top_l": k.get("same_top_p"),
+            "ppl_t": None, "kld_t": None, "top_t": None, "make_s": q.get("wall_s"), "algo_s": None,
+            "rss": q.get("peak_rss_mib"), "pp": b.get("pp_tps"), "tg": b.get("tg_tps")} | extra
+
+
 def table_rows(doc: dict) -> list[dict]:
-    """One dict per table line, in table order (llama.cpp, birdbone GGUF, then torch-scored candidates)."""
-    rows = []
+    """One dict per table line, in table order (llama.cpp, birdbone quantize, birdbone pruned GGUF, then the
+    torch-scored candidates)."""
     dense = doc.get("torch_dense") or {}
-    for key, r in doc["llamacpp"]["rows"].items():
-        k, b, q = r.get("kld") or {}, r.get("bench") or {}, r.get("quantize") or {}
-        rows.append({"tool": "llama.cpp", "artifact": key, "bpw": r["stats"]["bpw"], "mib": r["stats"]["file_bytes"] / 2**20,
-                     "zeros": None, "ppl_l": k.get("ppl"), "kld_l": k.get("mean_kld"), "top_l": k.get("same_top_p"),
-                     "ppl_t": dense.get("ppl") if key == "base" else None, "kld_t": None, "top_t": None,
-                     "make_s": q.get("wall_s"), "algo_s": None, "rss": q.get("peak_rss_mib"), "pp": b.get("pp_tps"),
-                     "tg": b.get("tg_tps")})
-    for key, r in (doc.get("birdbone_gguf") or {}).items():
-        k, b, q = r.get("kld") or {}, r.get("bench") or {}, r.get("quantize") or {}
-        rows.append({"tool": "birdbone", "artifact": key, "bpw": r["stats"]["bpw"], "mib": r["stats"]["file_bytes"] / 2**20,
-                     "zeros": None, "ppl_l": k.get("ppl"), "kld_l": k.get("mean_kld"), "top_l": k.get("same_top_p"),
-                     "ppl_t": None, "kld_t": None, "top_t": None,
-                     "make_s": q.get("wall_s", r.get("export_s")), "algo_s": None, "rss": q.get("peak_rss_mib"),
-                     "pp": b.get("pp_tps"), "tg": b.get("tg_tps")})
+    rows = [_gguf_row("llama.cpp", key, r, ppl_t=dense.get("ppl") if key == "base" else None)
+            for key, r in doc["llamacpp"]["rows"].items()]
+    rows += [_gguf_row("birdbone", key, r, algo_s=r.get("algorithm_s"))
+             for key, r in (doc.get("birdbone_quantize") or {}).items()]
+    rows += [_gguf_row("birdbone", key, r, make_s=(r.get("quantize") or {}).get("wall_s", r.get("export_s")))
+             for key, r in (doc.get("birdbone_gguf") or {}).items()]
     for c in doc["candidates"]:
         e = c.get("eval") or {}
         rows.append({"tool": c["tool"], "artifact": c.get("label", c["tag"]), "bpw": None, "mib": None,
@@ -86,6 +97,42 @@ def table_rows(doc: dict) -> list[dict]:
                      "make_s": c["run"]["wall_s"], "algo_s": c["info"].get("oneshot_s"), "rss": c["run"]["peak_rss_mib"],
                      "pp": None, "tg": None})
     return rows
+
+
+def quantize_comparison(doc: dict) -> list[dict]:
+    """birdbone quantize vs llama.cpp's +imatrix file at each point: sizes (file no larger: checked when
+    written) and llama-perplexity's numbers on the same base logits."""
+    out = []
+    for key, r in (doc.get("birdbone_quantize") or {}).items():
+        lr = doc["llamacpp"]["rows"].get(r["target_row"])
+        if lr is None:
+            continue
+        lk, bk = lr.get("kld") or {}, r.get("kld") or {}
+        ratio = (bk["mean_kld"] / lk["mean_kld"] if bk.get("mean_kld") is not None and lk.get("mean_kld") else None)
+        out.append({"point": r["point"], "llama_bytes": lr["stats"]["file_bytes"], "bb_bytes": r["stats"]["file_bytes"],
+                    "llama_bpw": lr["stats"]["bpw"], "bb_bpw": r["stats"]["bpw"], "llama_kld": lk.get("mean_kld"),
+                    "bb_kld": bk.get("mean_kld"), "ratio": ratio, "llama_ppl": lk.get("ppl"), "bb_ppl": bk.get("ppl"),
+                    "llama_top": lk.get("same_top_p"), "bb_top": bk.get("same_top_p"), "bb_types": r["stats"].get("types", {})})
+    return out
+
+
+def _quantize_table(doc: dict) -> list[str]:
+    rows = quantize_comparison(doc)
+    if not rows:
+        return []
+    lines = ["", "birdbone quantize vs llama.cpp (llama-quantize with the imatrix) at each point, file no larger than "
+             "llama.cpp's; KLD ratio = birdbone / llama.cpp (below 1: birdbone closer to the base):", "",
+             "| point | llama.cpp bytes | birdbone bytes | llama.cpp bpw | birdbone bpw | llama.cpp KLD | birdbone KLD "
+             "| KLD ratio | llama.cpp ppl | birdbone ppl | same top llama.cpp / birdbone | birdbone types |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pct = lambda x: "—" if x is None else f"{100 * x:.2f}%"  # noqa: E731
+        types = " ".join(f"{t}×{c}" for t, c in sorted(r["bb_types"].items(), key=lambda x: -x[1]))
+        lines.append(f"| {r['point']} | {r['llama_bytes']:,} | {r['bb_bytes']:,} | {r['llama_bpw']:.3f} | {r['bb_bpw']:.3f} | "
+                     f"{_f(r['llama_kld'], '.5f')} | {_f(r['bb_kld'], '.5f')} | {_f(r['ratio'], '.2f')} | "
+                     f"{_f(r['llama_ppl'], '.4f')} | {_f(r['bb_ppl'], '.4f')} | {pct(r['llama_top'])} / {pct(r['bb_top'])} | "
+                     f"{types} |")
+    return lines
 
 
 def markdown(doc: dict) -> str:
@@ -124,6 +171,7 @@ def markdown(doc: dict) -> str:
             f"{_f(r['ppl_t'], '.4f')} | {_f(r['kld_t'], '.5f')} | "
             f"{_f(None if r['top_t'] is None else 100 * r['top_t'], '.2f')}{'' if r['top_t'] is None else '%'} | "
             f"{_f(r['make_s'], '.1f')} | {_f(r['algo_s'], '.1f')} | {_f(r['rss'], '.0f')} | {speed} |")
+    lines += _quantize_table(doc)
     lines += [""] + [f"- {n}" for n in doc["notes"] + doc.get("notes_model", [])]
     lines += [f"- Per-job times are in the table (this invocation of the harness: {doc['total_seconds']:.0f} s; artifacts "
               "already in --work are reused, not re-measured). Exact commands, versions and per-job numbers: the JSON beside this file."]
@@ -137,6 +185,9 @@ def plot_rows(doc: dict) -> tuple[list[dict], list[dict]]:
         if k is not None:
             kld_rows.append({"label": key.replace(" +imatrix", "+i"), "bpw": r["stats"]["bpw"], "kld": k,
                              "group": "llama.cpp +imatrix" if "imatrix" in key else "llama.cpp"})
+    for key, r in (doc.get("birdbone_quantize") or {}).items():
+        kld_rows.append({"label": f"bb@{r['point']}", "bpw": r["stats"]["bpw"], "kld": r["kld"]["mean_kld"],
+                         "group": BBQ_GROUP})
     for key, r in (doc.get("birdbone_gguf") or {}).items():
         kld_rows.append({"label": key.split(" ", 1)[-1], "bpw": r["stats"]["bpw"], "kld": r["kld"]["mean_kld"],
                          "group": "birdbone pruned (50%) -> llama-quantize"})
@@ -154,14 +205,14 @@ def write(doc: dict, outdir: Path, work: Path, repo: Path) -> Path:
     doc = json.loads(text)
     kld_rows, sp_rows = plot_rows(doc)
     title = f"{doc['model']} ({doc['profile']}), {doc['machine']['cpu_model']}"
-    plots.plot_kld_vs_bpw(kld_rows, outdir / f"{tag}-kld-bpw.png", "KLD vs bits per weight: " + title)
+    plots.plot_kld_vs_bpw(kld_rows, outdir / f"{tag}-kld-bpw.png", "KLD vs bits per weight: " + title, styles=PLOT_STYLES)
     plots.plot_ppl_vs_sparsity(sp_rows, outdir / f"{tag}-ppl-sparsity.png", "Perplexity vs sparsity: " + title,
                                dense_ppl=(doc.get("torch_dense") or {}).get("ppl"))
     md = markdown(doc)
-    # birdbone's own quantizer is compared with llama-quantize by quant_vs_llamacpp.py (its own run and settings)
+    # quant_vs_llamacpp.py compares the same quantizer on its own run and settings (more points, more chunks)
     key = "tiny-llama" if doc["model"] == "fixture" else "gemma"
     for other in sorted(outdir.glob(f"quant_vs_llamacpp-*{key}*.md")):
-        md += f"- birdbone's quantizer vs llama-quantize at equal file size: [{other.name}]({other.name}) (separate run).\n"
+        md += f"- birdbone's quantizer vs llama-quantize, separate run with its own settings: [{other.name}]({other.name}).\n"
     md += f"\n![KLD vs bpw]({tag}-kld-bpw.png)\n![ppl vs sparsity]({tag}-ppl-sparsity.png)\n"
     for name, body in ((f"{tag}.json", text), (f"{tag}.md", md)):
         tmp = outdir / (name + ".tmp")
