@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from birdbone_core.errors import BirdboneError
 from birdbone_core.eval.canaries import Canary
@@ -151,6 +152,29 @@ class Export(_Strict):
 class StopLoss(_Strict):
     threshold: float = Field(0.03, gt=0, description="relative perplexity rise over the last accepted state")
     patience: int = Field(2, ge=1, description="bad waves in a row before rolling back")
+    gradual: bool = Field(
+        False, description="rollback restores the weights the rejected waves zeroed in `stages` equal parts, "
+                           "largest accepted |w| first, measuring validation ppl after each stage; the first "
+                           "stage within `threshold` of the accepted ppl is kept, and the last stage is exactly "
+                           "the accepted state (birdbone_core.loop.ends, loop.gradual). false: revert at once")
+    stages: int = Field(3, ge=2, le=10, description="parts of a gradual rollback (only with gradual: true)")
+
+    @model_validator(mode="after")
+    def _stages_need_gradual(self) -> "StopLoss":
+        if "stages" in self.model_fields_set and not self.gradual:
+            raise ValueError("stages applies only to a gradual rollback: set gradual: true")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler):
+        # the gradual fields are left out at their defaults so that a recipe without them keeps the
+        # hash (Recipe.sha256) and YAML it had before they existed: existing run directories stay valid
+        d = handler(self)
+        if not self.gradual:
+            d.pop("gradual", None)
+        if self.stages == 3:
+            d.pop("stages", None)
+        return d
 
 
 class Waves(_Strict):

@@ -39,7 +39,7 @@ class TensorRecord:
 class WaveEntry:
     """One recorded wave. Wave 0 is the base (kind "base"); a rollback is a wave of kind "revert"."""
     wave: int
-    kind: str                                   # "base" | "wave" | "revert"
+    kind: str                                   # "base" | "wave" | "revert" | "gradual" (partial rollback)
     time: str                                   # UTC, ISO 8601
     metrics: dict
     tensors: dict[str, TensorRecord]            # name -> record (changed tensors; all for the base)

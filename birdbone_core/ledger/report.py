@@ -33,6 +33,8 @@ def _fmt(v: object) -> str:
         return f"{v:,}"
     if isinstance(v, list) and any(isinstance(x, list) for x in v):   # e.g. healing curves per layer
         return f"[{len(v)} series of {sum(len(x) for x in v if isinstance(x, list)):,} values]"
+    if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):   # e.g. gradual rollback stages
+        return f"[{len(v)} records]"
     if isinstance(v, list) and len(v) > 8:   # a long per-layer / per-step series: its length
         return f"[{len(v)} values]"
     return escape(str(v))

@@ -181,10 +181,13 @@ class Ledger:
             save_file(out, str(tmp), metadata={"format": "birdbone-ledger-base/1"})
 
     def record_wave(self, wave: int, old_state: StateDict, new_state: StateDict, metrics: dict,
-                    decision: str | None = None) -> WaveEntry:
+                    decision: str | None = None, kind: str = "wave") -> WaveEntry:
         """Record the change old_state -> new_state as `wave` (the next one). `old_state` must be the
         ledger's state after wave-1 (checked by hashes). Recording a wave again: same change -> no-op
-        (the first entry, with its metrics, is kept); different change -> error."""
+        (the first entry, with its metrics, is kept); different change -> error. `kind` names what made
+        the change ("wave": a pruning wave; "gradual": a partial rollback, see loop/gradual.py)."""
+        if kind in ("base", "revert"):   # those kinds promise a state (the base / reverts_to's) by name
+            raise ValueError(f"record_wave cannot record kind {kind!r}; use init_base / revert_marker")
         index = self._index()
         last = len(index["waves"])
         if not 1 <= wave <= last + 1:
@@ -206,7 +209,7 @@ class Ledger:
             if d is not None:
                 deltas[name] = d
                 after[name] = _record(new_state[name], changed=d.n_changed, hash_before=rec.hash)
-        return self._record(wave, "wave", deltas, after, before, metrics, decision, None, index)
+        return self._record(wave, kind, deltas, after, before, metrics, decision, None, index)
 
     def revert_marker(self, to_wave: int, metrics: dict | None = None,
                       decision: str | None = None) -> WaveEntry:

@@ -36,7 +36,11 @@ def _describe(sid: str, rec) -> str:
     if rec.get("noop"):
         return f"{sid}: nothing to do ({rec['reason']})"
     bits = [f"{k} {rec[k]:.4g}" for k in ("sparsity", "ppl_pruned", "ppl", "kld") if isinstance(rec.get(k), float)]
-    if "to_wave" in rec:
+    if "gradual" in rec:
+        g = rec["gradual"]
+        bits.append(f"gradual rollback toward wave {rec['to_wave']}: stage {g['kept_stage']}/{g['stages']} kept "
+                    f"(ledger wave {rec['ledger_wave']})")
+    elif "to_wave" in rec:
         bits.append(f"back to wave {rec['to_wave']} (ledger wave {rec['ledger_wave']})")
     if "seconds" in rec:
         bits.append(f"{rec['seconds']:.0f}s")
@@ -78,6 +82,12 @@ def _cmd_status(a) -> int:
         print(f"waves: {s['waves']}; done: {len(s['done'])} steps; next: {s['next'] or '-'}; "
               f"accepted wave: {s['accepted_wave'] if s['accepted_wave'] is not None else '-'}; "
               f"finished: {'yes' if s['finished'] else 'no'}")
+        g = s.get("gradual_rollback")
+        if g is not None:
+            stages = ", ".join(f"{r['stage']}: ppl {r['ppl']:.4g} at {r['sparsity']:.1%}" if r.get("ppl") is not None
+                               else f"{r['stage']}: non-finite" for r in g["evaluated"])
+            print(f"gradual rollback: stage {g['kept_stage']}/{g['stages']} kept (ledger wave {g['ledger_wave']}, "
+                  f"sparsity {g['sparsity']:.1%}); stages {stages}")
     return 0
 
 

@@ -13,7 +13,7 @@ import time
 from birdbone_core.errors import BirdboneError
 from birdbone_core.loop import ends
 from birdbone_core.loop.context import Context
-from birdbone_core.loop.layout import plan
+from birdbone_core.loop.layout import plan, read_json
 from birdbone_core.loop.wave import WAVE_FUNCS
 from birdbone_core.model.load import LoadedModel
 from birdbone_core.progress import console
@@ -21,10 +21,19 @@ from birdbone_core.steps import Run
 
 
 def status(run: Run) -> dict:
-    """{"waves": N, "done": [...], "next": "wave 3 heal" | None, "accepted_wave": k, "finished": bool}."""
+    """{"waves": N, "done": [...], "next": "wave 3 heal" | None, "accepted_wave": k, "finished": bool}, and
+    "gradual_rollback" (kept stage, each evaluated stage) after a gradual rollback."""
     ctx = Context(run)
     done, nxt, accepted, finished = plan(run.root, ctx.n_waves, run.manifest().get("steps", {}))
-    return {"waves": ctx.n_waves, "done": done, "next": nxt, "accepted_wave": accepted, "finished": finished}
+    s = {"waves": ctx.n_waves, "done": done, "next": nxt, "accepted_wave": accepted, "finished": finished}
+    rb = read_json(ctx.lay.rollback_marker)
+    if rb is not None and "gradual" in rb:     # a gradual rollback: which stage was kept, every stage's ppl
+        g = rb["gradual"]
+        s["gradual_rollback"] = {"kept_stage": g["kept_stage"], "stages": g["stages"], "ledger_wave": rb["ledger_wave"],
+                                 "sparsity": rb["sparsity"], "ppl": rb["ppl"],
+                                 "evaluated": [{k: r.get(k) for k in ("stage", "fraction_restored", "sparsity", "ppl",
+                                                                      "kept")} for r in g["evaluated"]]}
+    return s
 
 
 def run_step(ctx: Context, sid: str):

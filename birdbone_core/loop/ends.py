@@ -3,12 +3,27 @@
     prepare   dense scores + reference hidden states (the `baseline` step), a safetensors copy of the base
               in RUN/base/, calibration and healing blocks (token ids), the teacher's top-k logits when
               healing distils, and the ledger's wave 0 (base hashes)
-    rollback  record a revert to the last accepted wave in the ledger (append-only: a new ledger wave)
+    rollback  record a revert to the last accepted wave in the ledger (append-only: a new ledger wave);
+              with waves.stop_loss.gradual, a gradual rollback (below)
     finish    the ledger's final state -> RUN/pruned/ (transformers dir) + prune_report.json; after it the
               usual `export` and `evaluate` steps run as for a one-shot run
+
+Gradual rollback (waves.stop_loss.gradual: true, `stages` S, default 3). The rejected state R is the
+ledger's last wave (the wave that decided rollback), A the last accepted state. The positions the rejected
+waves zeroed (R == 0, A != 0) are restored to A's values in S equal parts, largest |w| in A first, per
+tensor (loop/gradual.py; the calibration input norms are not kept after pruning, so the rank is |w| alone).
+After each stage 1..S-1 the validation perplexity is measured with `wave K evaluate`'s evaluator and
+chunks; the first stage within the stop-loss threshold of A's perplexity (guard.stop_loss's rule, and the
+accuracy guardrail's when the recipe has tasks) is kept, so the run keeps as much of the extra sparsity
+as the threshold allows. When none is, stage S is kept: A's exact bytes, recorded as a plain revert.
+The kept state is one new ledger wave (kind "gradual", or "revert" for stage S) whose metrics hold
+every evaluated stage (fraction restored, ppl, sparsity, kept); rollback.json repeats them. Kill-safe: a
+ledger wave found after the deciding wave's is this rollback's record, and the marker is rebuilt from it
+without evaluating again.
 """
 from __future__ import annotations
 
+import math
 import time
 
 from safetensors.torch import save_file
@@ -16,9 +31,10 @@ from safetensors.torch import save_file
 from birdbone_core import atomic
 from birdbone_core.data.text import calibration_blocks, read_text
 from birdbone_core.errors import BirdboneError
+from birdbone_core.loop import gradual
 from birdbone_core.loop.context import Context, finite_or_first_bad
 from birdbone_core.loop.layout import read_json, write_json
-from birdbone_core.loop.wave import push_metrics, targets
+from birdbone_core.loop.wave import num, push_metrics, targets
 from birdbone_core.model.save import save_hf
 from birdbone_core.progress import console
 from birdbone_core.steps import step_baseline
@@ -100,6 +116,9 @@ def rollback(ctx: Context) -> dict | None:
     if d["action"] != "rollback":
         raise BirdboneError(f"{ctx.run.root}: wave {d['wave']} decided '{d['action']}', not rollback; nothing to roll back")
     t0 = time.perf_counter()
+    sl = ctx.recipe.waves.stop_loss if ctx.recipe.waves is not None else None
+    if sl is not None and sl.gradual:
+        return _gradual_rollback(ctx, d, sl, t0)
     to = d["accepted_wave"]
     entry = ctx.ledger.revert_marker(to, metrics={"ppl": d["accepted_ppl"]}, decision=f"rollback to wave {to}")
     console().print(f"rolled back to wave {to} (ledger wave {entry.wave}): {d['reason']}")
@@ -108,6 +127,105 @@ def rollback(ctx: Context) -> dict | None:
     write_json(ctx.lay.rollback_marker, rec)
     push_metrics(ctx, "rollback", d["wave"], {"to_wave": to}, rec["seconds"])
     return rec
+
+
+def _gradual_rollback(ctx: Context, d: dict, sl, t0: float) -> dict:
+    """`rollback` with stop_loss.gradual (see the module docstring)."""
+    to, after, ledger = d["accepted_wave"], d["ledger_wave"], ctx.ledger
+    last = ledger.last_wave
+    if last == after + 1:   # killed after the ledger append and before the marker: that entry is ours
+        entry = ledger.entry(last)
+        g = entry.metrics.get("gradual_rollback")
+        if not isinstance(g, dict) or g.get("after_ledger_wave") != after or g.get("to_wave") != to:
+            raise BirdboneError(f"{ctx.run.root}: ledger wave {last} follows wave {d['wave']}'s decision but is "
+                                f"not its gradual rollback (was the run changed by another command?)")
+    elif last != after:
+        raise BirdboneError(f"{ctx.run.root}: rollback starts from ledger wave {after} (wave {d['wave']}'s "
+                            f"decision), but the ledger's last wave is {last}")
+    else:
+        entry = _record_gradual(ctx, d, sl)
+        g = entry.metrics["gradual_rollback"]
+    kept = g["kept_stage"]
+    console().print(f"gradual rollback toward wave {to} (ledger wave {entry.wave}): kept stage {kept}/"
+                    f"{g['stages']}, sparsity {entry.metrics['sparsity']:.4g}: {d['reason']}")
+    rec = {"to_wave": to, "ledger_wave": entry.wave, "after_wave": d["wave"], "reason": d["reason"],
+           "ppl": entry.metrics["ppl"], "sparsity": entry.metrics["sparsity"], "gradual": g,
+           "seconds": time.perf_counter() - t0}
+    write_json(ctx.lay.rollback_marker, rec)
+    push_metrics(ctx, "rollback", d["wave"], {"to_wave": to, "kept_stage": kept}, rec["seconds"])
+    return rec
+
+
+def _stage_within(ctx: Context, d: dict, sl, model, row: dict) -> bool:
+    """Measure one stage's state (the working `model`) into `row`; True when it is within the stop-loss."""
+    from birdbone_core.eval.perplexity import evaluate
+    from birdbone_core.guard import accuracy_guard, stop_loss
+    from birdbone_core.loop.wave import accuracy
+
+    bad = finite_or_first_bad(model)
+    if bad is not None:
+        row.update(finite=False, nonfinite=bad, ppl=None)
+        return False
+    chunks, ref_hidden = ctx.reference()     # wave K evaluate's evaluator and chunks
+    res = evaluate(model, chunks, reference_hidden=ref_hidden,
+                   description=f"rollback stage {row['stage']}/{sl.stages}")[0]
+    row.update(finite=math.isfinite(res.ppl), ppl=num(res.ppl), kld=num(res.kld), top1=res.top1)
+    v = stop_loss(d["wave"], res.ppl, d["accepted_wave"], d["accepted_ppl"], 0, sl.threshold, sl.patience)
+    row["rise"] = num(res.ppl / d["accepted_ppl"] - 1.0)      # vs the accepted ppl; kept when <= threshold
+    if v.action != "accept":
+        return False
+    base_acc = (read_json(ctx.lay.prepare_marker) or {}).get("accuracy")
+    if base_acc and base_acc.get("accuracy"):   # the accuracy guardrail holds for a kept stage too
+        acc = accuracy(ctx, model)
+        g = ctx.recipe.evaluation.accuracy_guard
+        av = accuracy_guard(d["wave"], acc["accuracy"], base_acc["accuracy"], 0, g.threshold, g.patience)
+        row.update(accuracy=acc["accuracy"], accuracy_reason=av.reason)
+        return av.action == "accept"
+    return True
+
+
+def _record_gradual(ctx: Context, d: dict, sl):
+    """Evaluate stages 1..S-1 in order, record the first within the threshold (else A) as a ledger wave."""
+    from birdbone_core.prune.sequential import count_zeros
+
+    to, after, n = d["accepted_wave"], d["ledger_wave"], sl.stages
+    current, accepted = ctx.ledger_state(after), ctx.ledger_state(to)
+    # rank by the accepted |w| alone: the calibration input norms are not stored after pruning
+    masks = gradual.plan_states(current, accepted, n)
+    counts = gradual.restored_counts(masks) or [0] * n
+    total = counts[-1]
+    rows, kept, state = [], None, None
+    for s in range(1, n):
+        if counts[s - 1] == (counts[s - 2] if s > 1 else 0):
+            continue                      # this part restores nothing new: the same state as the last one
+        state = gradual.state_at_stage(current, accepted, masks, s)
+        model = ctx.load_into_working(state)
+        z, t = count_zeros(model)
+        row = {"stage": s, "restored": counts[s - 1], "fraction_restored": counts[s - 1] / total,
+               "sparsity": z / max(t, 1), "measured": True}
+        within = _stage_within(ctx, d, sl, model, row)
+        row["kept"] = within
+        rows.append(row)
+        if within:
+            kept = s
+            break
+    if kept is None:                     # stage S: the accepted state itself, its ppl as measured then
+        z, t = count_zeros(ctx.load_into_working(accepted))
+        kept = n
+        rows.append({"stage": n, "restored": total, "fraction_restored": 1.0, "sparsity": z / max(t, 1),
+                     "measured": False, "ppl": d["accepted_ppl"], "exact": True, "kept": True})
+    k = rows[-1]
+    g = {"after_ledger_wave": after, "to_wave": to, "stages": n, "kept_stage": kept, "threshold": sl.threshold,
+         "accepted_ppl": d["accepted_ppl"], "restorable": total, "ranking": "accepted |w|", "evaluated": rows}
+    metrics = {"ppl": k["ppl"], "sparsity": k["sparsity"], "gradual_rollback": g}
+    if kept == n:
+        why = (f"no earlier stage within {sl.threshold:+.0%} of its ppl {d['accepted_ppl']:.4g}" if len(rows) > 1
+               else "the rejected waves zeroed nothing to restore in parts")
+        return ctx.ledger.revert_marker(to, metrics=metrics, decision=(
+            f"gradual rollback: stage {n}/{n}, wave {to} restored exactly ({why})"))
+    return ctx.ledger.record_wave(after + 1, current, state, metrics, kind="gradual", decision=(
+        f"gradual rollback: stage {kept}/{n} toward wave {to} ({k['restored']:,} of {total:,} zeroed "
+        f"weights restored; ppl {k['ppl']:.4g} within {sl.threshold:+.0%} of {d['accepted_ppl']:.4g})"))
 
 
 def summary(ctx: Context) -> dict:
@@ -127,7 +245,8 @@ def summary(ctx: Context) -> dict:
             break
     rb = read_json(ctx.lay.rollback_marker)
     if rb is not None:
-        history.append({"wave": rb["ledger_wave"], "rollback_to": rb["to_wave"], "ppl": rb["ppl"]})
+        history.append({"wave": rb["ledger_wave"], "rollback_to": rb["to_wave"], "ppl": rb["ppl"],
+                        **({"gradual": rb["gradual"]} if "gradual" in rb else {})})
     zeros = ctx.ledger.entry(ctx.ledger.last_wave)
     return {"mode": "waves" if recipe.waves is not None else "one-shot", "method": recipe.prune.method,
             "pattern": recipe.prune.pattern, "targets": targets(recipe), "sparsity": None,

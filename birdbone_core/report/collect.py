@@ -162,6 +162,21 @@ def _rollback_marker(root: Path, data: RunData) -> None:
     have.ppl = have.ppl if have.ppl is not None else num(rb.get("ppl"))
     if rb.get("after_wave") is not None:
         have.reason = f"as wave {rb['after_wave']} decided"
+    g = rb.get("gradual")
+    if isinstance(g, dict):   # gradual rollback (loop/ends.py): the kept stage and every measured stage
+        parts = [f"stage {r.get('stage')}: {_pct0(r.get('fraction_restored'))} restored, sparsity "
+                 f"{_pct0(r.get('sparsity'), 1)}, ppl {_num3(r.get('ppl'))}" + (" (kept)" if r.get("kept") else "")
+                 for r in g.get("evaluated") or [] if isinstance(r, dict)]
+        have.reason = (f"gradual, stage {g.get('kept_stage')}/{g.get('stages')} kept"
+                       + (f" ({'; '.join(parts)})" if parts else "") + (f", {have.reason}" if have.reason else ""))
+
+
+def _pct0(x, digits: int = 0) -> str:
+    return f"{x:.{digits}%}" if isinstance(x, (int, float)) else "?"
+
+
+def _num3(x) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else "non-finite"
 
 
 def _prune_report(root: Path, data: RunData) -> None:
