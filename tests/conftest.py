@@ -6,6 +6,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("BIRDBONE_PROGRESS", "0")
+# One torch thread unless the caller says otherwise (set before anything imports torch; subprocesses
+# inherit it): the fixture model's matrices are too small to gain from a second thread, and on a busy
+# 2-core machine two threads per process make every forward and backward several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-llama"
 

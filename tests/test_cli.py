@@ -1,5 +1,13 @@
 """The CLI end to end on the fixture model, and how it treats bad input: one line, non-zero exit,
-no traceback, nothing partial left behind."""
+no traceback, nothing partial left behind.
+
+`birdbone compress` and the bad-input cases run as real processes; the commands that read a finished run
+(steps one by one, eval, log, diff, revert) call the same `main` in this process, which spares each one
+the ~5-10 s of importing torch and transformers again (every step as its own process, one retried after
+a SIGKILL, compared bit for bit with an uninterrupted run: tests/dags/test_airflow_server.py).
+Both sides use one torch thread: float sums are reproducible run to run, not across thread counts."""
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -12,12 +20,26 @@ import torch
 from gguf import GGUFReader
 from safetensors.torch import load_file
 
+from birdbone_core.cli import main
 
 
 def run_cli(*args, cwd=None):
-    env = {**os.environ, "BIRDBONE_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "BIRDBONE_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "birdbone_core.cli", *map(str, args)],
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    """`birdbone ARGS` in this process, on one torch thread; returns what run_cli returns."""
+    out, err = io.StringIO(), io.StringIO()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(n)
+    return subprocess.CompletedProcess(["birdbone", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 FAST = """
@@ -39,8 +61,7 @@ def _recipe(tmp_path, method="sparsegpt", type="f16"):
 def compressed(tmp_path_factory, tiny_path):
     tmp = tmp_path_factory.mktemp("cli")
     out = tmp / "run"
-    # in a subprocess like the step-by-step run it is compared with (same thread count: float sums
-    # are reproducible run to run, not across different thread counts)
+    # a real process, one torch thread (the step-by-step run it is compared with uses one too)
     r = run_cli("compress", tiny_path, "-r", _recipe(tmp), "-o", out)
     assert r.returncode == 0, r.stderr
     return out
@@ -72,9 +93,9 @@ def test_llamacpp_perplexity_agrees_with_torch(compressed):
 def test_steps_one_by_one_match_compress(tmp_path, compressed, tiny_path):
     run = tmp_path / "steps"
     recipe = _recipe(tmp_path)
-    assert run_cli("init", run, "--model", tiny_path, "-r", recipe).returncode == 0
+    assert cli("init", run, "--model", tiny_path, "-r", recipe).returncode == 0
     for step in ("baseline", "prune", "prune", "export", "evaluate"):   # a retried step is harmless
-        r = run_cli(step, run)
+        r = cli(step, run)
         assert r.returncode == 0, r.stderr
     a = load_file(str(run / "pruned" / "model.safetensors"))
     b = load_file(str(compressed / "pruned" / "model.safetensors"))
@@ -83,12 +104,12 @@ def test_steps_one_by_one_match_compress(tmp_path, compressed, tiny_path):
     ta, tb = {t.name: t for t in ra.tensors}, {t.name: t for t in rb.tensors}
     assert ta.keys() == tb.keys()
     assert all(ta[k].data.tobytes() == tb[k].data.tobytes() and ta[k].tensor_type == tb[k].tensor_type for k in ta)
-    r = run_cli("init", run, "--model", tiny_path, "-r", _recipe(tmp_path, "wanda"))
+    r = cli("init", run, "--model", tiny_path, "-r", _recipe(tmp_path, "wanda"))
     assert r.returncode == 2 and "different model or recipe" in r.stderr
 
 
 def test_eval_command_on_run_dir(compressed, tiny_path):
-    r = run_cli("eval", compressed, "--reference", tiny_path, "--n-ctx", "128", "--max-chunks", "2", "--json")
+    r = cli("eval", compressed, "--reference", tiny_path, "--n-ctx", "128", "--max-chunks", "2", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["n_scored"] == 2 * 63 and out["kld"] > 0
@@ -140,19 +161,19 @@ def test_step_on_missing_run(tmp_path):
 def test_eval_command_on_exported_gguf(compressed):
     """`birdbone eval` reads our own GGUF back (dequantized by transformers) and agrees with the run."""
     m = json.loads((compressed / "metrics.json").read_text())
-    r = run_cli("eval", compressed / "model-f16.gguf", "--n-ctx", "128", "--max-chunks", "8", "--json")
+    r = cli("eval", compressed / "model-f16.gguf", "--n-ctx", "128", "--max-chunks", "8", "--json")
     assert r.returncode == 0, r.stderr
     assert abs(json.loads(r.stdout)["ppl"] / m["compressed"]["ppl"] - 1) < 2e-3
 
 
 def test_ledger_log_diff_revert(tmp_path, compressed, tiny_path):
-    r = run_cli("log", compressed)
+    r = cli("log", compressed)
     assert r.returncode == 0 and "one-shot sparsegpt" in r.stdout, r.stdout + r.stderr
-    r = run_cli("diff", compressed, "0", "1", "--top", "3")
+    r = cli("diff", compressed, "0", "1", "--top", "3")
     assert r.returncode == 0 and "28 tensors changed" in r.stdout and "mlp" in r.stdout, r.stderr
     # revert to the base reproduces the source bytes; to wave 1 the pruned bytes
-    assert run_cli("revert", compressed, "--to", "0", "-o", tmp_path / "w0").returncode == 0
-    assert run_cli("revert", compressed, "--to", "1", "-o", tmp_path / "w1").returncode == 0
+    assert cli("revert", compressed, "--to", "0", "-o", tmp_path / "w0").returncode == 0
+    assert cli("revert", compressed, "--to", "1", "-o", tmp_path / "w1").returncode == 0
     base = load_file(str(tiny_path / "model.safetensors"))
     w0 = load_file(str(tmp_path / "w0" / "model.safetensors"))
     w1 = load_file(str(tmp_path / "w1" / "model.safetensors"))

@@ -23,9 +23,8 @@ from torch import nn
 from birdbone_core.heal import distributed
 from birdbone_core.heal.config import Heal, Lora
 from birdbone_core.heal.train import MaskedAdam, keep_masks, only_these_require_grad, trainable_params
-from birdbone_core.model.layers import decoder_layers, linear_modules
-from birdbone_core.progress import progress_bar
-from birdbone_core.prune.sequential import _layer_out, capture_layer_inputs
+from birdbone_core.model.layers import linear_modules
+from birdbone_core.prune.sequential import _layer_out, capture_layer_inputs, walk_paired_layers
 
 
 @dataclass
@@ -203,25 +202,14 @@ def heal_blockwise(model, dense_model, blocks: torch.Tensor, cfg: Heal, *, steps
     scales = [sc for _, sc in batches]
     hidden, kwargs = _capture(model, batches)
     dense_hidden, dense_kwargs = _capture(dense_model, batches)
-    layers, dense_layers = decoder_layers(model), decoder_layers(dense_model)
-    if len(layers) != len(dense_layers):
-        raise ValueError(f"model has {len(layers)} layers, dense model {len(dense_layers)}")
-
-    with progress_bar(description, total=len(layers)) as advance:
-        for i, (layer, dense_layer) in enumerate(zip(layers, dense_layers)):
-            with torch.no_grad():
-                for b, h in enumerate(dense_hidden):
-                    dense_hidden[b] = _layer_out(dense_layer, h, dense_kwargs[i][b])
-            report.layers.append(heal_block(
-                layer, hidden, dense_hidden, kwargs[i], keep_masks(layer), steps, lr, cfg.trainable,
-                weight_decay=cfg.weight_decay, schedule=cfg.schedule,
-                revert_if_worse=cfg.revert_if_worse, loss=cfg.block_loss, seed=i, lora=cfg.lora,
-                scales=scales,
-            ))
-            with torch.no_grad():
-                for b, h in enumerate(hidden):
-                    hidden[b] = _layer_out(layer, h, kwargs[i][b])
-            advance()
+    for i, layer, _ in walk_paired_layers(model, dense_model, hidden, kwargs, dense_hidden, dense_kwargs,
+                                          description):
+        report.layers.append(heal_block(
+            layer, hidden, dense_hidden, kwargs[i], keep_masks(layer), steps, lr, cfg.trainable,
+            weight_decay=cfg.weight_decay, schedule=cfg.schedule,
+            revert_if_worse=cfg.revert_if_worse, loss=cfg.block_loss, seed=i, lora=cfg.lora,
+            scales=scales,
+        ))
 
     report.seconds = time.perf_counter() - t0
     return report

@@ -217,65 +217,53 @@ def regrow_model(model, dense, blocks: torch.Tensor, cfg: Regrow, *, nm: tuple[i
     """
     from birdbone_core.heal.blockwise import _error, heal_block
     from birdbone_core.heal.train import keep_masks
-    from birdbone_core.model.layers import decoder_layers, linear_modules
-    from birdbone_core.progress import progress_bar
-    from birdbone_core.prune.sequential import _layer_out, capture_layer_inputs
+    from birdbone_core.model.layers import linear_modules
+    from birdbone_core.prune.sequential import capture_layer_inputs, walk_paired_layers
 
     t0 = time.perf_counter()
     report = {"method": cfg.method, "fraction": cfg.fraction, "swapped": 0, "modules": {}, "layers": []}
     names = {m: n for n, m in model.named_modules()}
     hidden, kwargs = capture_layer_inputs(model, blocks, cfg.batch_size)
     dense_hidden, dense_kwargs = capture_layer_inputs(dense, blocks, cfg.batch_size)
-    layers, dense_layers = decoder_layers(model), decoder_layers(dense)
-    if len(layers) != len(dense_layers):
-        raise ValueError(f"model has {len(layers)} layers, dense model {len(dense_layers)}")
-
-    with progress_bar(description, total=len(layers)) as advance:
-        for i, (layer, dense_layer) in enumerate(zip(layers, dense_layers)):
-            with torch.no_grad():
-                for b, h in enumerate(dense_hidden):
-                    dense_hidden[b] = _layer_out(dense_layer, h, dense_kwargs[i][b])
-            masks = keep_masks(layer)
-            mods, dmods = linear_modules(layer), linear_modules(dense_layer)
-            entry = {"layer": i, "swapped": 0, "reverted": False}
-            if masks:
-                _, entry["rel_error_before"] = _error(layer, hidden, dense_hidden, kwargs[i], "mse")
+    for i, layer, dense_layer in walk_paired_layers(model, dense, hidden, kwargs, dense_hidden, dense_kwargs,
+                                                    description):
+        masks = keep_masks(layer)
+        mods, dmods = linear_modules(layer), linear_modules(dense_layer)
+        entry = {"layer": i, "swapped": 0, "reverted": False}
+        if masks:
+            _, entry["rel_error_before"] = _error(layer, hidden, dense_hidden, kwargs[i], "mse")
+            if cfg.method == "rigl":
+                grads = _block_grads(layer, [mods[n].weight for n in masks], hidden, dense_hidden, kwargs[i])
+                grads = dict(zip(masks, grads))
+            else:
+                grams = _input_gram(layer, {n: mods[n] for n in masks}, hidden, kwargs[i])
+            saved = {k: v.clone() for k, v in layer.state_dict().items()}
+            for name, keep in masks.items():
+                W, Wd = mods[name].weight, dmods[name].weight.detach()
+                zeros = int((~keep).sum())
+                n = int(cfg.fraction * zeros)
                 if cfg.method == "rigl":
-                    grads = _block_grads(layer, [mods[n].weight for n in masks], hidden, dense_hidden, kwargs[i])
-                    grads = dict(zip(masks, grads))
+                    grow = torch.where(Wd != 0, grads[name].abs().double(), float("-inf"))
+                    new = regrow_mask(W.detach(), keep, grow, None, n, nm)
                 else:
-                    grams = _input_gram(layer, {n: mods[n] for n in masks}, hidden, kwargs[i])
-                saved = {k: v.clone() for k, v in layer.state_dict().items()}
-                for name, keep in masks.items():
-                    W, Wd = mods[name].weight, dmods[name].weight.detach()
-                    zeros = int((~keep).sum())
-                    n = int(cfg.fraction * zeros)
-                    if cfg.method == "rigl":
-                        grow = torch.where(Wd != 0, grads[name].abs().double(), float("-inf"))
-                        new = regrow_mask(W.detach(), keep, grow, None, n, nm)
-                    else:
-                        new = dsnot_mask(W.detach(), Wd, keep, grams[name], n, nm)
-                    revived, dropped = new & ~keep, keep & ~new
-                    n_sw = int(revived.sum())
-                    with torch.no_grad():
-                        W[revived] = Wd[revived].to(W.dtype)
-                        W[dropped] = 0
-                    report["modules"][names[mods[name]]] = {"pruned": zeros, "swapped": n_sw}
-                    entry["swapped"] += n_sw
-                if cfg.steps > 0 and entry["swapped"]:
-                    heal_block(layer, hidden, dense_hidden, kwargs[i], keep_masks(layer), cfg.steps, cfg.lr,
-                               "weights", revert_if_worse=False, seed=i)
-                _, entry["rel_error_after"] = _error(layer, hidden, dense_hidden, kwargs[i], "mse")
-                if cfg.revert_if_worse and entry["rel_error_after"] > entry["rel_error_before"]:
-                    layer.load_state_dict(saved)
-                    for name in masks:
-                        report["modules"][names[mods[name]]]["swapped"] = 0
-                    entry.update(reverted=True, swapped=0, rel_error_after=entry["rel_error_before"])
-                report["swapped"] += entry["swapped"]
-            report["layers"].append(entry)
-            with torch.no_grad():
-                for b, h in enumerate(hidden):
-                    hidden[b] = _layer_out(layer, h, kwargs[i][b])
-            advance()
+                    new = dsnot_mask(W.detach(), Wd, keep, grams[name], n, nm)
+                revived, dropped = new & ~keep, keep & ~new
+                n_sw = int(revived.sum())
+                with torch.no_grad():
+                    W[revived] = Wd[revived].to(W.dtype)
+                    W[dropped] = 0
+                report["modules"][names[mods[name]]] = {"pruned": zeros, "swapped": n_sw}
+                entry["swapped"] += n_sw
+            if cfg.steps > 0 and entry["swapped"]:
+                heal_block(layer, hidden, dense_hidden, kwargs[i], keep_masks(layer), cfg.steps, cfg.lr,
+                           "weights", revert_if_worse=False, seed=i)
+            _, entry["rel_error_after"] = _error(layer, hidden, dense_hidden, kwargs[i], "mse")
+            if cfg.revert_if_worse and entry["rel_error_after"] > entry["rel_error_before"]:
+                layer.load_state_dict(saved)
+                for name in masks:
+                    report["modules"][names[mods[name]]]["swapped"] = 0
+                entry.update(reverted=True, swapped=0, rel_error_after=entry["rel_error_before"])
+            report["swapped"] += entry["swapped"]
+        report["layers"].append(entry)
     report["seconds"] = time.perf_counter() - t0
     return report

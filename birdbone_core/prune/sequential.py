@@ -92,6 +92,31 @@ def _layer_out(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
     return out[0] if isinstance(out, tuple) else out
 
 
+def walk_paired_layers(model, dense, hidden: list, kwargs: list, dense_hidden: list, dense_kwargs: list,
+                       description: str):
+    """Walk the decoder layers of `model` and of its dense twin `dense` together, in order.
+
+    hidden / dense_hidden: per-batch layer-0 inputs [b, seq_len, d_model] (from capture_layer_inputs),
+    kwargs[layer][batch] likewise; the lists are advanced in place. Yields (i, layer, dense_layer) with
+    dense_hidden already holding dense layer i's outputs (the targets) and hidden still holding layer i's
+    inputs; once the caller's body is done, hidden moves on through layer i as the caller left it, so
+    layer i+1 sees the error that reaches it.
+    """
+    layers, dense_layers = decoder_layers(model), decoder_layers(dense)
+    if len(layers) != len(dense_layers):
+        raise ValueError(f"model has {len(layers)} layers, dense model {len(dense_layers)}")
+    with progress_bar(description, total=len(layers)) as advance:
+        for i, (layer, dense_layer) in enumerate(zip(layers, dense_layers)):
+            with torch.no_grad():
+                for b, h in enumerate(dense_hidden):
+                    dense_hidden[b] = _layer_out(dense_layer, h, dense_kwargs[i][b])
+            yield i, layer, dense_layer
+            with torch.no_grad():
+                for b, h in enumerate(hidden):
+                    hidden[b] = _layer_out(layer, h, kwargs[i][b])
+            advance()
+
+
 @dataclass
 class ModuleResult:
     name: str

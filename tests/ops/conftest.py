@@ -8,6 +8,8 @@ import urllib.request
 
 import pytest
 
+from tiny_recipes import tiny_recipe, waves
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -106,17 +108,8 @@ def start_prometheus(tmp_path_factory):
         _stop(p)
 
 
-WAVES_RECIPE = """
-name: ops-waves
-calibration: {n_samples: 8, seq_len: 64}
-evaluation: {n_ctx: 64, max_chunks: 4}
-prune: {method: magnitude, sparsity: 0.5}
-export: {type: f16}
-waves:
-  max_per_wave: 0.25
-  heal: {method: blockwise, steps: 3, lr: 1.0e-3}
-  stop_loss: {threshold: 1.0, patience: 2}
-"""
+WAVES_RECIPE = tiny_recipe("ops-waves", {"method": "magnitude", "sparsity": 0.5},
+                           waves=waves(0.25, {"method": "blockwise", "steps": 3, "lr": 1.0e-3}, threshold=1.0, patience=2))
 
 
 @pytest.fixture(scope="session")
