@@ -25,3 +25,27 @@ def new_run(tiny_path):
 @pytest.fixture(scope="session")
 def make_recipe():
     return _make_recipe
+
+
+@pytest.fixture
+def nan_wave_run(tmp_path, new_run):
+    """A 2-wave magnitude run whose wave 1 prune output holds one NaN (a diverged step), stopped before
+    `wave 1 evaluate`. Returns (run, overlay path, poisoned tensor name)."""
+    from safetensors.torch import load_file, save_file
+
+    from birdbone_core.loop.context import Context
+    from birdbone_core.loop.driver import run_step
+
+    def make(stop_loss: dict):
+        run = new_run(tmp_path / "nan", _make_recipe({"method": "magnitude", "sparsity": 0.4},
+                                                     {"max_per_wave": 0.2, "heal": {"method": "none"},
+                                                      "stop_loss": stop_loss}))
+        for sid in ("prepare", "wave 1 prune", "wave 1 heal", "wave 1 regrow"):
+            run_step(Context(run), sid)
+        ov = run.root / "waves" / "1" / "prune.safetensors"
+        t = load_file(str(ov))
+        name = next(n for n in t if "down_proj" in n)
+        t[name][0, 0] = float("nan")
+        save_file(t, str(ov))
+        return run, ov, name
+    return make

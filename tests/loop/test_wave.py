@@ -55,18 +55,9 @@ def test_separate_steps_equal_the_driver(tmp_path, new_run, make_recipe):
     assert status(a)["next"] == "export" and status(a)["accepted_wave"] == 2
 
 
-def test_non_finite_weights_roll_the_wave_back_at_once(tmp_path, new_run, make_recipe):
-    run = new_run(tmp_path / "nan", make_recipe({"method": "magnitude", "sparsity": 0.4},
-                                                {"max_per_wave": 0.2, "heal": {"method": "none"},
-                                                 "stop_loss": {"threshold": 0.5, "patience": 3}}))
-    for sid in ("prepare", "wave 1 prune", "wave 1 heal", "wave 1 regrow"):
-        run_step(Context(run), sid)
+def test_non_finite_weights_roll_the_wave_back_at_once(nan_wave_run):
     # a diverged step: one weight of the wave's output becomes NaN
-    ov = run.root / "waves" / "1" / "prune.safetensors"
-    t = load_file(str(ov))
-    name = next(n for n in t if "down_proj" in n)
-    t[name][0, 0] = float("nan")
-    save_file(t, str(ov))
+    run, ov, name = nan_wave_run({"threshold": 0.5, "patience": 3})
     ev = run_step(Context(run), "wave 1 evaluate")
     assert ev["finite"] is False and ev["nonfinite"] == name
     kept = ov.read_bytes()
