@@ -159,8 +159,8 @@ def _gradual_rollback(ctx: Context, d: dict, sl, t0: float) -> dict:
 def _stage_within(ctx: Context, d: dict, sl, model, row: dict) -> bool:
     """Measure one stage's state (the working `model`) into `row`; True when it is within the stop-loss."""
     from birdbone_core.eval.perplexity import evaluate
-    from birdbone_core.guard import accuracy_guard, stop_loss
-    from birdbone_core.loop.wave import accuracy
+    from birdbone_core.guard import stop_loss
+    from birdbone_core.loop.wave import accuracy, guard_accuracy
 
     bad = finite_or_first_bad(model)
     if bad is not None:
@@ -174,14 +174,12 @@ def _stage_within(ctx: Context, d: dict, sl, model, row: dict) -> bool:
     row["rise"] = num(res.ppl / d["accepted_ppl"] - 1.0)      # vs the accepted ppl; kept when <= threshold
     if v.action != "accept":
         return False
-    base_acc = (read_json(ctx.lay.prepare_marker) or {}).get("accuracy")
-    if base_acc and base_acc.get("accuracy"):   # the accuracy guardrail holds for a kept stage too
-        acc = accuracy(ctx, model)
-        g = ctx.recipe.evaluation.accuracy_guard
-        av = accuracy_guard(d["wave"], acc["accuracy"], base_acc["accuracy"], 0, g.threshold, g.patience)
-        row.update(accuracy=acc["accuracy"], accuracy_reason=av.reason)
-        return av.action == "accept"
-    return True
+    # the accuracy guardrail holds for a kept stage too
+    av, acc = guard_accuracy(ctx, d["wave"], 0, lambda: accuracy(ctx, model))
+    if av is None:
+        return True
+    row.update(accuracy=acc["accuracy"], accuracy_reason=av.reason)
+    return av.action == "accept"
 
 
 def _record_gradual(ctx: Context, d: dict, sl):

@@ -230,6 +230,22 @@ def accuracy(ctx: Context, model) -> dict | None:
     return accuracy_for(model, ctx.base().tokenizer, ev)
 
 
+def guard_accuracy(ctx: Context, k: int, strikes: int, measure):
+    """(accuracy guardrail verdict, accuracy record) for wave k, or (None, None) when the recipe guards no
+    task. measure() -> the accuracy record ({"accuracy": {task: value}, ...}, or None); it is called only
+    when a task is guarded, so a caller can pass an evaluation that is costly to run."""
+    base = (read_json(ctx.lay.prepare_marker) or {}).get("accuracy")
+    if not (base and base.get("accuracy")):
+        return None, None
+    now = measure()
+    if now is None:
+        return None, None
+    from birdbone_core.guard import accuracy_guard
+
+    g = ctx.recipe.evaluation.accuracy_guard
+    return accuracy_guard(k, now["accuracy"], base["accuracy"], strikes, g.threshold, g.patience), now
+
+
 _VERDICT = {"accept": "accept", "continue": "strike", "rollback": "rollback"}
 
 
@@ -248,13 +264,11 @@ def _verdict(ctx: Context, k: int, ppl: float, prev: dict | None, accuracy_now: 
         s = recipe.waves.stop_loss
         sl = stop_loss(k, ppl, acc_wave, acc_ppl, strikes, s.threshold, s.patience)
     ppl_strikes, av = sl.strikes, None
-    base_acc = (read_json(ctx.lay.prepare_marker) or {}).get("accuracy")
-    if recipe.waves is not None and base_acc and base_acc.get("accuracy") and accuracy_now is not None:
-        from birdbone_core.guard import accuracy_guard, combine
+    if recipe.waves is not None:
+        av, _ = guard_accuracy(ctx, k, prev.get("accuracy_strikes", 0) if prev else 0, lambda: accuracy_now)
+    if av is not None:
+        from birdbone_core.guard import combine
 
-        g = recipe.evaluation.accuracy_guard
-        av = accuracy_guard(k, accuracy_now["accuracy"], base_acc["accuracy"],
-                            prev.get("accuracy_strikes", 0) if prev else 0, g.threshold, g.patience)
         sl = combine(sl, av, acc_wave, acc_ppl)
     verdict, reason = _VERDICT[sl.action], sl.reason
     if sl.action == "rollback":
