@@ -27,7 +27,7 @@ from birdbone_core.quant import budget as budget_mod
 from birdbone_core.quant.codecs import _encode_torch, decode
 from birdbone_core.quant.config import Quantize
 from birdbone_core.quant.formats import can_apply, get_format
-from birdbone_core.quant.gptq import GPTQSettings, gptq_quantize
+from birdbone_core.quant.gptq import GPTQSettings, gptq_quantize_many
 from birdbone_core.quant.importance import Imatrix
 
 
@@ -35,7 +35,10 @@ from birdbone_core.quant.importance import Imatrix
 class Sensitivity:
     hessian: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> E[x x^T] [in, in]
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> E[g^2] [out]
-    embed_rows: torch.Tensor | None = None  # [vocab] E over tokens of |dL/dE_row|^2 (0 for unseen rows)
+    # the embedding's lookups: for each row v seen in calibration, the per-dimension E over tokens of
+    # (dL/dE_v)^2 (zero for tokens that are not v); rows never looked up carry no lookup term
+    embed_ids: torch.Tensor | None = None  # [m] int64 rows seen
+    embed_g2: torch.Tensor | None = None  # [m, d] float32
     n_tokens: int = 0
 
 
@@ -46,7 +49,8 @@ def collect_sensitivity(model: torch.nn.Module, blocks: torch.Tensor, batch_size
     mods = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     emb = model.get_input_embeddings()
     scale = float(getattr(emb, "scalar_embed_scale", 1.0) or 1.0)  # Gemma scales lookups by sqrt(d)
-    emb_acc = torch.zeros(emb.weight.shape[0], dtype=torch.float64)
+    emb_ids: list[torch.Tensor] = []
+    emb_g2: list[torch.Tensor] = []
     cur: dict[str, torch.Tensor] = {}
     shared: list[tuple[torch.Tensor, str]] = []
 
@@ -76,7 +80,8 @@ def collect_sensitivity(model: torch.nn.Module, blocks: torch.Tensor, batch_size
     def emb_hook(mod, inp, out):
         ids = inp[0].reshape(-1)
         def grad_hook(g):  # a tensor hook must return None
-            emb_acc.index_add_(0, ids, (g.detach().double() ** 2).reshape(len(ids), -1).sum(-1) * scale ** 2)
+            emb_ids.append(ids.clone())
+            emb_g2.append((g.detach().double() ** 2).reshape(len(ids), -1) * scale ** 2)
         out.register_hook(grad_hook)
 
     params = [p for p in model.parameters()]
@@ -109,7 +114,12 @@ def collect_sensitivity(model: torch.nn.Module, blocks: torch.Tensor, batch_size
         sens.hessian[name] = (acc / n_tok).float()
     for name, acc in g2.items():
         sens.fisher[name] = (acc / n_pred).float()
-    sens.embed_rows = (emb_acc / n_pred).float()
+    if emb_ids:
+        ids = torch.cat(emb_ids)
+        sens.embed_ids, inverse = torch.unique(ids, return_inverse=True)
+        acc = torch.zeros(len(sens.embed_ids), emb.weight.shape[1], dtype=torch.float64)
+        acc.index_add_(0, inverse, torch.cat(emb_g2))
+        sens.embed_g2 = (acc / n_pred).float()
     return sens
 
 
@@ -253,7 +263,8 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
                     F = torch.from_numpy(permute_for_rope(F.numpy().reshape(-1, 1), dims.n_head).reshape(-1))
                 elif spec.permute_qk and ".self_attn.k_proj." in p.hf_name:
                     F = torch.from_numpy(permute_for_rope(F.numpy().reshape(-1, 1), dims.n_head_kv).reshape(-1))
-            emb_rows = sens.embed_rows if (sens is not None and p.gguf_name == "token_embd.weight") else None
+            emb_rows = ((sens.embed_ids, sens.embed_g2) if (sens is not None and sens.embed_ids is not None
+                                                             and p.gguf_name == "token_embd.weight") else None)
             imp = None
             if cfg.importance:
                 if imatrix is not None and imatrix.get(p.gguf_name) is not None:
@@ -262,15 +273,20 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
                     imp = torch.diag(H).clamp_min(0)
             options[p.gguf_name], candidates[p.gguf_name] = {}, {}
             won[p.gguf_name] = {}
+            src_type = source.get(p.gguf_name, (None,))[0]
+            gptq = {}
+            if H is not None and cfg.gptq.applies_to(p.gguf_name):  # every format in one column pass
+                gptq = gptq_quantize_many(W, H, [t for t in types if t != src_type], settings,
+                                          importance=imp if imp is not None else torch.ones(cols))
             for t in types:
                 fmt = get_format(t)
-                if source.get(p.gguf_name, (None,))[0] == t:   # the source's own blocks: exact, zero error
+                if src_type == t:   # the source's own blocks: exact, zero error
                     options[p.gguf_name][t] = (fmt.n_bytes(rows * cols), 0.0)
                     candidates[p.gguf_name][t] = source[p.gguf_name][1]
                     advance()
                     continue
-                if H is not None and cfg.gptq.applies_to(p.gguf_name):
-                    r = gptq_quantize(W, H, t, settings, importance=imp if imp is not None else torch.ones(cols))
+                if t in gptq:
+                    r = gptq.pop(t)
                     packed, W_hat = r.packed, r.W_hat
                     plain_hat = decode(t, r.plain_packed, (rows, cols))
                     e_g, e_p = _sens(W_hat - W, H, F, emb_rows), _sens(plain_hat - W, H, F, emb_rows)
@@ -301,9 +317,11 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
                       {n: t for n, (t, _) in source.items()})
 
 
-def _sens(dW: torch.Tensor, H: torch.Tensor | None, F: torch.Tensor | None, emb_rows: torch.Tensor | None) -> float:
-    """Estimated loss increase of a weight change dW [rows, cols]: sum_r F_r (dW H dW^T)_rr, plus for an
-    embedding sum_v E_v |dW_v|^2 (its lookups). Without statistics: plain squared error."""
+def _sens(dW: torch.Tensor, H: torch.Tensor | None, F: torch.Tensor | None,
+          emb_rows: tuple[torch.Tensor, torch.Tensor] | None) -> float:
+    """Estimated loss increase (x2) of a weight change dW [rows, cols]: sum_r F_r (dW H dW^T)_rr, plus for an
+    embedding sum_v sum_i G_vi dW_vi^2 over looked-up rows v (G = embed_g2, the diagonal Fisher of the
+    lookup, the same diagonal approximation as F). Without statistics: plain squared error."""
     dW = dW.float()
     if H is None and emb_rows is None:
         return float((dW.double() ** 2).sum())
@@ -312,5 +330,7 @@ def _sens(dW: torch.Tensor, H: torch.Tensor | None, F: torch.Tensor | None, emb_
         per_row = ((dW @ H.float()) * dW).sum(1, dtype=torch.float64)
         total += float((per_row * (F.double() if F is not None else 1.0)).sum())
     if emb_rows is not None:
-        total += float(((dW * dW).sum(1, dtype=torch.float64) * emb_rows.double()).sum())
+        ids, g2 = emb_rows
+        d = dW[ids]
+        total += float((d * d * g2).sum(dtype=torch.float64))
     return total

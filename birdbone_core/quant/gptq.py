@@ -52,9 +52,10 @@ class GPTQResult:
 
 
 def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(dW H dW^T) for dW [out, in], H [in, in]: the summed squared output error per input."""
-    dW = dW.double()
-    return float(((dW @ H.double()) * dW).sum())
+    """tr(dW H dW^T) for dW [out, in], H [in, in]: the summed squared output error per input.
+    float32 products, float64 sums (a float64 matmul costs 4x and changes no comparison made with it)."""
+    dW = dW.float()
+    return float(((dW @ H.float()) * dW).sum(dtype=torch.float64))
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -83,83 +84,112 @@ def _blocks(name: str, W: torch.Tensor, importance: torch.Tensor) -> torch.Tenso
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, qtype, settings: GPTQSettings = GPTQSettings(),
                   importance: torch.Tensor | None = None) -> GPTQResult:
-    fmt = get_format(qtype)
-    name = fmt.name
-    if name not in grid.TOP:
-        raise BirdboneError(f"GPTQ: {name} is not a block format (use one of {', '.join(grid.TOP)})")
+    return gptq_quantize_many(W, H, [qtype], settings, importance)[get_format(qtype).name]
+
+
+def gptq_quantize_many(W: torch.Tensor, H: torch.Tensor, qtypes, settings: GPTQSettings = GPTQSettings(),
+                       importance: torch.Tensor | None = None) -> dict[str, GPTQResult]:
+    """GPTQ of one W [out, in] in several formats: {type: GPTQResult}. With static grids (act_order or
+    static_scales) all formats share one column pass: their rows are stacked (every row is its own
+    problem under the same H, only its grid and largest level differ), so the per-column work is paid
+    once for all formats, and H's inverse Cholesky factor is computed once."""
+    names = [get_format(t).name for t in qtypes]
+    for name in names:
+        if name not in grid.TOP:
+            raise BirdboneError(f"GPTQ: {name} is not a block format (use one of {', '.join(grid.TOP)})")
     W0 = torch.as_tensor(W).detach().to(torch.float32)
     if W0.ndim != 2:
         raise BirdboneError(f"GPTQ: expected a matrix [out, in], got shape {tuple(W0.shape)}")
     rows, cols = W0.shape
-    bs = fmt.block_size
-    if cols % bs:
-        raise BirdboneError(f"GPTQ: rows of {cols} weights are not whole {name} blocks of {bs}")
+    for name in names:
+        bs = get_format(name).block_size
+        if cols % bs:
+            raise BirdboneError(f"GPTQ: rows of {cols} weights are not whole {name} blocks of {bs}")
     H0 = torch.as_tensor(H).detach().to(torch.float32)
     if H0.shape != (cols, cols) or not bool(torch.isfinite(H0).all()):
         raise BirdboneError(f"GPTQ: Hessian must be a finite [{cols}, {cols}] matrix, got {tuple(H0.shape)}")
     imp = torch.diag(H0).clamp_min(0) if importance is None else torch.as_tensor(importance).float().reshape(-1)
-    nb = cols // bs
     static = settings.static_scales or settings.act_order
-    B = max(bs, -(-settings.block_size // bs) * bs)
-
     perm = torch.argsort(torch.diag(H0), descending=True, stable=True) if settings.act_order else torch.arange(cols)
     U = _inverse_cholesky(H0[perm][:, perm], settings.damp).to(torch.float32)
-    # rows are independent problems sharing H: do them in chunks to bound memory (the 262k-row embedding)
-    step_rows = max(1, ROW_CHUNK_WEIGHTS // cols)
-    packed = torch.empty(rows, nb * fmt.type_size, dtype=torch.uint8)
-    plain = torch.empty_like(packed)
-    for r0 in range(0, rows, step_rows):
-        r1 = min(rows, r0 + step_rows)
-        p, pp = _gptq_rows(name, W0[r0:r1], U, perm, imp, static, B)
-        packed[r0:r1], plain[r0:r1] = p.view(r1 - r0, -1), pp.view(r1 - r0, -1)
-    W_hat = decode(name, packed, (rows, cols))
-    plain_err = output_error(decode(name, plain, (rows, cols)) - W0, H0)
-    return GPTQResult(packed.numpy(), W_hat, output_error(W_hat - W0, H0), plain_err, plain.numpy())
+    groups = [names] if static else [[n] for n in names]  # dynamic grids are fitted per format as GPTQ goes
+    out: dict[str, GPTQResult] = {}
+    for group in groups:
+        # rows are independent problems sharing H: do them in chunks to bound memory (the 262k-row embedding)
+        step_rows = max(1, ROW_CHUNK_WEIGHTS // (cols * len(group)))
+        packed = {n: torch.empty(rows, cols // get_format(n).block_size * get_format(n).type_size,
+                                 dtype=torch.uint8) for n in group}
+        plain = {n: torch.empty_like(packed[n]) for n in group}
+        for r0 in range(0, rows, step_rows):
+            r1 = min(rows, r0 + step_rows)
+            done = _gptq_rows(group, W0[r0:r1], U, perm, imp, static, settings.block_size)
+            for n, (p, pp) in done.items():
+                packed[n][r0:r1], plain[n][r0:r1] = p.view(r1 - r0, -1), pp.view(r1 - r0, -1)
+        for n in group:
+            W_hat = decode(n, packed[n], (rows, cols))
+            plain_err = output_error(decode(n, plain[n], (rows, cols)) - W0, H0)
+            out[n] = GPTQResult(packed[n].numpy(), W_hat, output_error(W_hat - W0, H0), plain_err, plain[n].numpy())
+    return out
 
 
-def _gptq_rows(name: str, W0: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, imp: torch.Tensor,
-               static: bool, B: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ of rows W0 [rows, cols] given U (upper Cholesky of the permuted inverse Hessian).
-    Returns (GPTQ's packed blocks, the plain codec rounding's packed blocks), each [rows * nb, type_size]."""
-    fmt = get_format(name)
+def _gptq_rows(names: list[str], W0: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, imp: torch.Tensor,
+               static: bool, block_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """GPTQ of rows W0 [rows, cols] in each format of `names` (one format unless static), given U (upper
+    Cholesky of the permuted inverse Hessian). Returns {format: (GPTQ's packed blocks, the plain codec
+    rounding's packed blocks)}, each [rows * nb, type_size]. The formats' copies of W are stacked as
+    [len(names) * rows, cols] and go through one column loop."""
     rows, cols = W0.shape
-    bs, top = fmt.block_size, grid.TOP[name]
-    nb = cols // bs
+    k = len(names)
+    if not static and k != 1:
+        raise BirdboneError("GPTQ: formats share a column pass only with static grids")
+    fmts = [get_format(n) for n in names]
+    bs = fmts[0].block_size  # dynamic grids: one format only
+    B = max(bs, -(-block_size // max(f.block_size for f in fmts)) * max(f.block_size for f in fmts))
     # plain codec rounding: the baseline, and the static grid
-    plain = _blocks(name, W0, imp)
-    heads = plain.view(rows, nb, -1).clone()
-    step = torch.empty(rows, cols)
-    off = torch.empty(rows, cols)
+    plains = [_blocks(n, W0, imp) for n in names]
+    heads = [p.view(rows, cols // f.block_size, -1).clone() for p, f in zip(plains, fmts)]
+    step = torch.empty(k * rows, cols)
+    off = torch.empty(k * rows, cols)
     if static:
-        s, o = grid.affine(name, plain)
-        step.copy_(s.view(rows, cols))
-        off.copy_(o.view(rows, cols))
+        for j, (n, p) in enumerate(zip(names, plains)):
+            s, o = grid.affine(n, p)
+            step[j * rows:(j + 1) * rows] = s.view(rows, cols)
+            off[j * rows:(j + 1) * rows] = o.view(rows, cols)
+    top = torch.tensor([float(grid.TOP[n]) for n in names]).repeat_interleave(rows)  # [k * rows]
 
-    Wp = W0[:, perm].clone()
-    stepp, offp = step[:, perm], off[:, perm]
-    Q = torch.zeros(rows, cols)
+    # transposed ([cols, k * rows]): a column is one contiguous row, so the per-column work reads and
+    # writes contiguous memory
+    Wt = W0[:, perm].T.repeat(1, k).contiguous()
+    step_t, off_t = step[:, perm].T.contiguous(), off[:, perm].T.contiguous()
+    Qt = torch.zeros(cols, k * rows)
     with torch.inference_mode():
         for i1 in range(0, cols, B):
             i2 = min(i1 + B, cols)
-            W1 = Wp[:, i1:i2].clone()
+            W1 = Wt[i1:i2].clone()
             E1 = torch.zeros_like(W1)
             U1 = U[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 c = i1 + i
                 if not static and c % bs == 0:
                     # fit this format block's grid on the weights as GPTQ has updated them
-                    blk = _blocks(name, W1[:, i:i + bs], imp[c:c + bs])
-                    heads[:, c // bs] = blk
-                    s, o = grid.affine(name, blk)
-                    stepp[:, c:c + bs], offp[:, c:c + bs] = s, o
-                w = W1[:, i]
-                q = grid.nearest_levels(w, stepp[:, c], offp[:, c], top)
-                Q[:, c] = q
-                err = (w - (stepp[:, c] * q + offp[:, c])) / U1[i, i]
-                W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-                E1[:, i] = err
+                    blk = _blocks(names[0], W1[i:i + bs].T, imp[c:c + bs])
+                    heads[0][:, c // bs] = blk
+                    s, o = grid.affine(names[0], blk)
+                    step_t[c:c + bs], off_t[c:c + bs] = s.T, o.T
+                w = W1[i]
+                q = grid.nearest_levels(w, step_t[c], off_t[c], top)
+                Qt[c] = q
+                err = (w - (step_t[c] * q + off_t[c])) / U1[i, i]
+                W1[i:].addr_(U1[i, i:], err, alpha=-1)
+                E1[i] = err
             if i2 < cols:
-                Wp[:, i2:] -= E1 @ U[i1:i2, i2:]
+                Wt[i2:] -= U[i1:i2, i2:].T @ E1
+    Q = Qt.T
     Qo = torch.empty_like(Q)
     Qo[:, perm] = Q
-    return grid.with_levels(name, heads.reshape(rows * nb, -1), Qo.reshape(rows * nb, bs)), plain
+    out = {}
+    for j, (n, f) in enumerate(zip(names, fmts)):
+        nb = cols // f.block_size
+        q = Qo[j * rows:(j + 1) * rows].reshape(rows * nb, f.block_size)
+        out[n] = (grid.with_levels(n, heads[j].reshape(rows * nb, -1), q), plains[j])
+    return out

@@ -149,8 +149,10 @@ def affine(name, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (hi - lo) / TOP[fmt.name], lo
 
 
-def nearest_levels(x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, top: int) -> torch.Tensor:
-    """The level in 0..top whose value step*q + offset is nearest x (elementwise; step 0 -> level 0)."""
+def nearest_levels(x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, top: int | torch.Tensor) -> torch.Tensor:
+    """The level in 0..top whose value step*q + offset is nearest x (elementwise; step 0 -> level 0).
+    top: one largest level, or a float tensor of them broadcasting against x (formats stacked by row)."""
     ok = step != 0
-    q = torch.round((x - offset) / torch.where(ok, step, torch.ones_like(step))).clamp_(0, top)
+    q = torch.round((x - offset) / torch.where(ok, step, torch.ones_like(step))).clamp_(min=0)
+    q = q.clamp_(max=top) if isinstance(top, int) else torch.minimum(q, top)
     return torch.where(ok, q, torch.zeros_like(q))

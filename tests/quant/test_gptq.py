@@ -7,7 +7,7 @@ from gguf import quants as gq
 from birdbone_core.errors import BirdboneError
 from birdbone_core.quant.codecs import quantize_dequantize
 from birdbone_core.quant.formats import get_format
-from birdbone_core.quant.gptq import GPTQSettings, gptq_quantize, output_error
+from birdbone_core.quant.gptq import GPTQSettings, gptq_quantize, gptq_quantize_many, output_error
 
 NAMES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 SETTINGS = {"dynamic": GPTQSettings(), "static": GPTQSettings(static_scales=True),
@@ -74,3 +74,26 @@ def test_bad_inputs():
         gptq_quantize(W, H[:128, :128], "Q8_0")
     with pytest.raises(BirdboneError, match="expected a matrix"):
         gptq_quantize(W[0], H, "Q8_0")
+
+
+@pytest.mark.parametrize("mode", ["act_order", "dynamic"])
+def test_many_formats_in_one_pass_match_one_at_a_time(mode):
+    """Stacking the formats' rows into one column pass solves the same per-row problems: the same error
+    (up to float summation order, which may flip a rare tie) and bytes that decode exactly."""
+    W, H = correlated_problem(rows=12, cols=512)
+    many = gptq_quantize_many(W, H, NAMES, SETTINGS[mode])
+    assert list(many) == NAMES
+    for name in NAMES:
+        one = gptq_quantize(W, H, name, SETTINGS[mode])
+        r = many[name]
+        deq = gq.dequantize(r.packed, get_format(name).qtype)
+        np.testing.assert_array_equal(deq.view(np.uint32), r.W_hat.numpy().view(np.uint32))
+        assert np.mean(r.packed != one.packed) < 1e-3, name
+        assert r.error == pytest.approx(one.error, rel=1e-3), name
+        assert r.plain_error == pytest.approx(one.plain_error, rel=1e-6), name
+
+
+def test_many_formats_checks_every_format():
+    W, H = correlated_problem(rows=4, cols=96)
+    with pytest.raises(BirdboneError, match="whole Q4_K blocks"):
+        gptq_quantize_many(W, H, ["Q4_0", "Q4_K"])
