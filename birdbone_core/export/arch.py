@@ -212,6 +212,21 @@ def permute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def unpermute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of permute_for_rope: llama.cpp's interleaved rows back to HF's half-split layout."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def to_hf_layout(spec: "ArchSpec", dims: "Dims", hf_name: str, a: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
+    """A 2-D tensor in GGUF layout (as a TensorPlan loads it) back to the HF parameter's layout and shape:
+    undo the q/k RoPE row permutation and the FFN zero padding."""
+    if spec.permute_qk and ".self_attn.q_proj." in hf_name:
+        a = unpermute_for_rope(a, dims.n_head)
+    elif spec.permute_qk and ".self_attn.k_proj." in hf_name:
+        a = unpermute_for_rope(a, dims.n_head_kv)
+    return np.ascontiguousarray(a[: hf_shape[0], : hf_shape[1]])
+
+
 @dataclass
 class TensorPlan:
     gguf_name: str

@@ -62,6 +62,8 @@ def _cmd_quantize(a) -> int:
         base["n_samples"] = a.n_samples
     if a.no_keep_source:
         base["keep_source"] = False
+    if a.measure_blocks is not None:
+        base["measure_blocks"] = a.measure_blocks
     try:
         cfg = Quantize.model_validate(base)
     except ValidationError as e:
@@ -83,6 +85,9 @@ def _cmd_quantize(a) -> int:
         counts[t] = counts.get(t, 0) + 1
     print(f"wrote {result.path}: {result.n_bytes:,} bytes, {q.bits_per_weight:.3f} bits per weight "
           f"(budget {q.budget_bytes:,} B of tensor data); types " + ", ".join(f"{k}×{v}" for k, v in sorted(counts.items())))
+    for t in q.trials:
+        print(f"{'chose' if t.chosen else 'tried'} " + ", ".join(f"{n} {ty}" for n, ty in t.big_types.items())
+              + f": measured KL {t.measured_kl:.5f} (estimate {t.estimate:.4g})")
     if q.kept_source:
         print(f"kept the source GGUF's own blocks for {len(q.kept_source)} unchanged tensors (no re-rounding)")
     return 0
@@ -133,6 +138,8 @@ def add_commands(sub) -> None:
     q.add_argument("--n-samples", type=int, help="calibration blocks (default: the recipe's)")
     q.add_argument("--no-keep-source", action="store_true",
                    help="re-encode every tensor, even those still equal to the source GGUF's blocks")
+    q.add_argument("--measure-blocks", type=int, metavar="N",
+                   help="score the big tensors' type choices by measured KL on N calibration blocks (0: off)")
     q.add_argument("--report", help="write a JSON report (types, per-type sensitivity)")
     q.set_defaults(fn=_cmd_quantize)
 

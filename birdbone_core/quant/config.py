@@ -8,6 +8,7 @@
       importance: true           # importance-weighted scale search (imatrix)
       imatrix: path/to/imatrix.gguf             # a llama-imatrix file (GGUF or .dat) instead of our own
       gptq: {enabled: true, act_order: true, block_size: 128, damp: 0.01}
+      measure_blocks: 4          # score the big tensors' type choices by measured KL (quant/trials.py)
 
 1-D tensors (norms) stay F32, as llama.cpp keeps them. A tensor whose rows do not fit a type's blocks
 (rows not a multiple of 256 -> no K-quants) never gets that type.
@@ -72,6 +73,9 @@ class Quantize(_Strict):
     imatrix: str | None = Field(None, description="llama-imatrix file (GGUF or legacy .dat)")
     gptq: GPTQConfig = GPTQConfig()
     n_samples: int | None = Field(None, ge=1, description="calibration blocks (default: recipe calibration)")
+    measure_blocks: int = Field(4, ge=0, description="blocks (fresh windows of the calibration text) on which "
+                                "the allocations that differ in the big tensors' types are scored by measured KL; "
+                                "0 trusts the estimate")
     keep_source: bool = Field(True, description="a tensor still equal to its GGUF source's blocks may keep them "
                                                 "(an exact candidate of the source type) instead of re-encoding")
 

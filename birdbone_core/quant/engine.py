@@ -134,6 +134,7 @@ class QuantResult:
     gptq_won: dict[str, dict[str, bool]]
     seconds: float
     kept_source: list[str] = field(default_factory=list)  # tensors written with the source GGUF's own blocks
+    trials: list = field(default_factory=list)  # quant.trials.Trial: allocations scored by measured KL
 
     @property
     def bits_per_weight(self) -> float:

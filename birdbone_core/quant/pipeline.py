@@ -4,6 +4,7 @@ candidates, bit budget, export. Used by `birdbone export` (recipe with `quantize
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
     from birdbone_core import atomic
     from birdbone_core.data.text import calibration_blocks, read_text
     from birdbone_core.export.gguf_file import export_gguf
-    from birdbone_core.quant.engine import check_budget, collect_sensitivity, quantize_model
+    from birdbone_core.quant.engine import check_budget, choose, collect_sensitivity, measure_candidates
+    from birdbone_core.quant.trials import choose_measured
     from birdbone_core.quant.importance import read_imatrix
 
     check_budget(model, cfg)  # before the calibration pass
@@ -26,7 +28,14 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
     n = cfg.n_samples or calibration.n_samples
     blocks = calibration_blocks(tokenizer, text, n, calibration.seq_len, calibration.seed)
     sens = collect_sensitivity(model, blocks)
-    q = quantize_model(model, cfg, sens, imatrix, source_gguf)
+    cands = measure_candidates(model, cfg, sens, imatrix, source_gguf)
+    budget = cfg.target_bytes if cfg.target_bytes is not None else int(math.floor(cfg.target_bpw * cands.n_weights / 8))
+    if cfg.measure_blocks:
+        held = calibration_blocks(tokenizer, text, cfg.measure_blocks, calibration.seq_len, calibration.seed + 1)
+        q, _ = choose_measured(model, cands, budget, held)
+    else:
+        q = choose(cands, budget)
+    trials = q.trials
     meta: dict[str, Any] = dict(extra_metadata or {})
     meta.update({
         "birdbone.quant.types": json.dumps(q.types, separators=(",", ":")),
@@ -38,6 +47,9 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
         "birdbone.quant.calibration": f"{text_desc}, {n} x {calibration.seq_len}",
         "birdbone.quant.kept_source_blocks": len(q.kept_source),
     })
+    if trials:
+        meta["birdbone.quant.trials"] = json.dumps([{"types": t.big_types, "measured_kl": round(t.measured_kl, 6),
+                                                     "chosen": t.chosen} for t in trials], separators=(",", ":"))
     result = export_gguf(model, tokenizer, out_path, out_type="f16", source_gguf=source_gguf,
                          extra_metadata=meta, quantized=q.quantized)
     if report_path is not None:
@@ -45,5 +57,5 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
             "gguf": str(result.path), "file_bytes": result.n_bytes, "tensor_bytes": q.n_bytes,
             "budget_bytes": q.budget_bytes, "bits_per_weight": q.bits_per_weight, "seconds": round(q.seconds, 1),
             "types": q.types, "kept_source_blocks": q.kept_source, "sensitivity": q.errors, "gptq_beat_rounding": q.gptq_won,
-            "settings": cfg.model_dump(mode="json")})
+            "trials": [dict(vars(t)) for t in trials], "settings": cfg.model_dump(mode="json")})
     return result, q

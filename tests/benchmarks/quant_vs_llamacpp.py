@@ -88,6 +88,7 @@ def birdbone_phase(a, work: Path, state: dict) -> None:
     from birdbone_core.model.load import load_model
     from birdbone_core.quant.config import GPTQConfig, Quantize
     from birdbone_core.quant.engine import choose, collect_sensitivity, measure_candidates
+    from birdbone_core.quant.trials import choose_measured
 
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
@@ -99,6 +100,7 @@ def birdbone_phase(a, work: Path, state: dict) -> None:
     t1 = time.perf_counter()
     sens = collect_sensitivity(lm.model, blocks, batch_size=a.batch)
     t_sens = time.perf_counter() - t1
+    rss_after_sens = round(_peak_rss_mib(), 1)
     cfg = Quantize(target_bpw=8.0, gptq=GPTQConfig(act_order=True),
                    **({"types": [t.strip() for t in a.types.split(",")]} if a.types else {}))
     t2 = time.perf_counter()
@@ -112,6 +114,8 @@ def birdbone_phase(a, work: Path, state: dict) -> None:
                              "source_candidates": len(cands.from_source),
                              "peak_rss_mib": round(_peak_rss_mib(), 1),
                              "settings": cfg.model_dump(mode="json")}
+    state["birdbone_run"]["peak_rss_after_sensitivity_mib"] = rss_after_sens
+    state["birdbone_run"]["measure_blocks"] = a.measure_blocks
     print(f"birdbone: sensitivity {t_sens:.0f} s, candidates {t_cand:.0f} s, peak RSS {_peak_rss_mib():.0f} MiB",
           flush=True)
     # the header (metadata, tokenizer, tensor table) costs the same whatever the types; measure it once
@@ -121,27 +125,44 @@ def birdbone_phase(a, work: Path, state: dict) -> None:
                       extra_metadata={"birdbone.quant.types": json.dumps(probe.types)})
     overhead = res.n_bytes - probe.n_bytes + 4096  # + margin for a longer types string and alignment
     (work / "bb-probe.gguf").unlink()
-    state.setdefault("birdbone", {})
+    held = calibration_blocks(lm.tokenizer, text, a.measure_blocks, L, 1) if a.measure_blocks else None
     for v in a.points:
         target = state["llama"][v]["stats"]["file_bytes"]
         t3 = time.perf_counter()
-        r = choose(cands, target - overhead)
-        out = work / f"bb-{v}.gguf"
-        res = export_gguf(lm.model, lm.tokenizer, out, out_type="f16", quantized=r.quantized,
-                          source_gguf=Path(a.model) if a.model.endswith(".gguf") else None,
-                          extra_metadata={"birdbone.quant.types": json.dumps(r.types),
-                                          "birdbone.quant.budget_bytes": int(r.budget_bytes)})
+        estimate_only = choose(cands, target - overhead)
+        trials = []
+        r = estimate_only
+        if held is not None:
+            r, trials = choose_measured(lm.model, cands, target - overhead, held)
         t_choose = time.perf_counter() - t3
-        assert res.n_bytes <= target, (res.n_bytes, target)
-        k = ref.kld(out, state["logits"], threads=a.threads)
-        st = ref.gguf_stats(out)
-        state["birdbone"][v] = {"file_bytes": res.n_bytes, "target_file_bytes": target, "bpw": st["bpw"],
-                                "kept_source": len(r.kept_source),
-                                "types": st["types"], "tensor_types": st["tensor_types"], "kld": k,
-                                "choose_and_write_s": round(t_choose, 1)}
-        print(f"birdbone  {v:>16}: {res.n_bytes:,} B (<= {target:,})  bpw {st['bpw']:.3f}  KLD {k['mean_kld']:.5f} "
-              f"(llama.cpp {state['llama'][v]['kld']['mean_kld']:.5f})", flush=True)
-        out.unlink()
+        rec = {"target_file_bytes": target, "choose_s": round(t_choose, 1),
+               "trials": [{"types": t.big_types, "estimate": t.estimate, "measured_kl": t.measured_kl,
+                           "chosen": t.chosen} for t in trials]}
+        # the allocation birdbone ships, and (when the measured choice differs) the estimate's own optimum
+        for key, q in (("shipped", r), ("estimate_only", estimate_only)):
+            if key == "estimate_only" and q.types == r.types:
+                rec["estimate_only_same"] = True
+                continue
+            out = work / f"bb-{v}-{key}.gguf"
+            res = export_gguf(lm.model, lm.tokenizer, out, out_type="f16", quantized=q.quantized,
+                              source_gguf=Path(a.model) if a.model.endswith(".gguf") else None,
+                              extra_metadata={"birdbone.quant.types": json.dumps(q.types),
+                                              "birdbone.quant.budget_bytes": int(q.budget_bytes)})
+            assert res.n_bytes <= target, (res.n_bytes, target)
+            k = ref.kld(out, state["logits"], threads=a.threads)
+            st = ref.gguf_stats(out)
+            fields = {"file_bytes": res.n_bytes, "bpw": st["bpw"], "kept_source": len(q.kept_source),
+                      "types": st["types"], "tensor_types": st["tensor_types"], "kld": k}
+            if key == "shipped":
+                rec.update(fields)
+            else:
+                rec["estimate_only"] = fields
+            out.unlink()
+        state.setdefault("birdbone", {})[v] = rec
+        eo = rec.get("estimate_only", {}).get("kld", {}).get("mean_kld")
+        print(f"birdbone  {v:>16}: {rec['file_bytes']:,} B (<= {target:,})  bpw {rec['bpw']:.3f}  KLD "
+              f"{rec['kld']['mean_kld']:.5f} (llama.cpp {state['llama'][v]['kld']['mean_kld']:.5f}"
+              + (f"; estimate-only allocation {eo:.5f}" if eo is not None else "") + ")", flush=True)
 
 
 def markdown(state: dict) -> str:
@@ -150,18 +171,32 @@ def markdown(state: dict) -> str:
              f"Base: {state['base']['source']['kind']}; eval {state['texts']['eval']}, n_ctx {kb['n_ctx']}, "
              f"{kb['n_chunks']} chunks, base ppl {kb['ppl']:.4f}. llama.cpp: llama-quantize with llama-imatrix "
              f"({state['imatrix']['chunks']} chunks of the calibration text). birdbone: "
-             f"{state['birdbone_run']['calibration']}, grid-aware GPTQ (act-order) + Fisher-weighted bit budget "
-             f"over all its block types, file no larger than llama.cpp's. KLD by llama-perplexity --kl-divergence.", "",
+             f"{state['birdbone_run']['calibration']}, grid-aware GPTQ (act-order) + Fisher-weighted bit budget"
+             + (f" + measured choice of the big tensors' types ({state['birdbone_run']['measure_blocks']} fresh "
+                f"calibration windows) " if state['birdbone_run'].get('measure_blocks') else " ")
+             + "over all its block types, file no larger than llama.cpp's. KLD by llama-perplexity --kl-divergence.", "",
              "| point | llama.cpp bytes | llama.cpp bpw | llama.cpp KLD | birdbone bytes | birdbone bpw | birdbone KLD "
-             "| ratio | llama ppl | birdbone ppl | birdbone types | kept source blocks |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ratio | estimate-only KLD | llama ppl | birdbone ppl | birdbone types | kept source blocks |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    trial_lines = []
     for v, b in state.get("birdbone", {}).items():
         l = state["llama"][v]
         kl, kb_ = l["kld"]["mean_kld"], b["kld"]["mean_kld"]
         types = " ".join(f"{t}×{c}" for t, c in sorted(b["types"].items(), key=lambda x: -x[1]))
+        eo = ("same" if b.get("estimate_only_same") else
+              f"{b['estimate_only']['kld']['mean_kld']:.5f}" if "estimate_only" in b else "-")
         lines.append(f"| {v} | {l['stats']['file_bytes']:,} | {l['stats']['bpw']:.3f} | {kl:.5f} | "
-                     f"{b['file_bytes']:,} | {b['bpw']:.3f} | {kb_:.5f} | {kb_ / kl:.2f} | {l['kld']['ppl']:.4f} | "
+                     f"{b['file_bytes']:,} | {b['bpw']:.3f} | {kb_:.5f} | {kb_ / kl:.2f} | {eo} | {l['kld']['ppl']:.4f} | "
                      f"{b['kld']['ppl']:.4f} | {types} | {b.get('kept_source', '-')} |")
+        if b.get("trials"):
+            trial_lines.append(f"- {v}: " + "; ".join(
+                ("**" if t["chosen"] else "") + ", ".join(f"{n.split('.')[0]} {ty}" for n, ty in t["types"].items())
+                + f" {t['measured_kl']:.4f}" + ("**" if t["chosen"] else "") for t in b["trials"]))
+    if trial_lines:
+        lines += ["", "Measured choice (`quantize.measure_blocks`): for each type of the big tensors the rest is "
+                  "allocated by the estimate, and each allocation's mean KL on fresh calibration windows is measured "
+                  "in torch; the lowest (bold) ships. estimate-only KLD: the estimate's own optimum, scored by "
+                  "llama.cpp like the rest (\"same\" when the measured choice kept it).", ""] + trial_lines
     br = state["birdbone_run"]
     if "as_shipped" in state:
         s_ = state["as_shipped"]
@@ -175,7 +210,9 @@ def markdown(state: dict) -> str:
                   "qualified. llama.cpp re-quantizes the F16 base and cannot know the original grid."]
     lines += ["", f"birdbone time: load {br['load_s']} s, calibration pass (forward+backward) {br['sensitivity_s']} s, "
               f"{br['n_candidate_encodings']} candidate encodings {br['candidates_s']} s (GPTQ beat plain rounding in "
-              f"{br['gptq_beat_plain']}), peak RSS {br['peak_rss_mib']} MiB. llama-quantize: "
+              f"{br['gptq_beat_plain']}), peak RSS {br['peak_rss_mib']} MiB; choosing with measured trials: "
+              + ", ".join(f"{v} {b.get('choose_s', '-')} s" for v, b in state.get("birdbone", {}).items())
+              + ". llama-quantize: "
               + ", ".join(f"{v} {l['quantize']['run']['wall_s']} s / {l['quantize']['run']['peak_rss_mib']} MiB"
                           for v, l in state["llama"].items()) + ".", ""]
     return "\n".join(lines)
@@ -190,7 +227,11 @@ def main() -> None:
     ap.add_argument("--imatrix-ctx", type=int, default=256)
     ap.add_argument("--imatrix-chunks", type=int, default=64)
     ap.add_argument("--calib", default="64x256", help="birdbone calibration: N_SAMPLESxSEQ_LEN")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=2, help="calibration blocks per forward+backward (memory: "
+                    "Gemma's 262k-vocabulary logits and their gradients are ~2 GB per 8 x 256 tokens, per copy)")
+    ap.add_argument("--measure-blocks", type=int, default=4,
+                    help="fresh calibration windows (seed 1) on which the big tensors' type choices are scored "
+                         "by measured KL (quantize.measure_blocks); 0: the estimate's allocation only")
     ap.add_argument("--types", default=None, help="birdbone candidate types (default: all ten)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-keep-source", action="store_true",

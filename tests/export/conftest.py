@@ -62,7 +62,6 @@ def tiny_llama(tiny_llama_dir):
     """(model, tokenizer): float32, eval mode. Tests must not modify the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(tiny_llama_dir)
 

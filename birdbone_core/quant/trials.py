@@ -1,0 +1,164 @@
+"""Measured choice between bit allocations: the budget's error model is an estimate (second order, one
+tensor at a time, errors added up), and where one tensor holds a large share of the weights (Gemma 3's
+262k x 640 tied embedding: 63%) the choice of its type decides most of the file, so an error of the
+estimate there costs the most. For each type of those "big" tensors, the rest of the budget is
+allocated by the estimate; each allocation is then put into the model (its exact decoded bytes) and
+scored by the mean KL(base || quantized) of next-token distributions on held-out calibration blocks.
+The lowest measured KL wins.
+
+    choose_measured(model, cands, budget_bytes, blocks) -> (QuantResult, [Trial])
+
+Cost: one forward pass over `blocks` per distinct allocation (plus one for the base), with the
+model's 2-D weights swapped in and restored afterwards (exact bytes back).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from birdbone_core.export.arch import arch_for, model_dims, plan_tensors, to_hf_layout
+from birdbone_core.progress import progress_bar
+from birdbone_core.quant import budget as budget_mod
+from birdbone_core.quant.codecs import decode
+from birdbone_core.quant.engine import Candidates, QuantResult, choose
+
+BIG_SHARE = 0.25  # a tensor with at least this share of the budgeted weights gets its types tried
+MAX_BIG = 2  # at most this many big tensors (their types multiply the number of trials)
+
+
+@dataclass
+class Trial:
+    big_types: dict[str, str]  # big tensor -> its type in this allocation
+    estimate: float  # the budget's summed estimated error
+    measured_kl: float  # mean KL(base || quantized) per predicted token on the held-out blocks
+    n_bytes: int
+    chosen: bool = False
+
+
+def big_tensors(c: Candidates, share: float = BIG_SHARE, at_most: int = MAX_BIG) -> list[str]:
+    """Budgeted tensors holding >= `share` of the budgeted weights, largest first."""
+    sizes = {n: _n_weights(c, n) for n in c.options}
+    total = sum(sizes.values()) or 1
+    big = sorted((n for n, s in sizes.items() if s >= share * total), key=lambda n: -sizes[n])
+    return big[:at_most]
+
+
+def _n_weights(c: Candidates, name: str) -> int:
+    # every candidate type of a tensor holds the same weights; bytes / bytes-per-weight of any one
+    from birdbone_core.quant.formats import get_format
+
+    t, (n_bytes, _) = next(iter(c.options[name].items()))
+    fmt = get_format(t)
+    return n_bytes // fmt.type_size * fmt.block_size
+
+
+def allocations(c: Candidates, budget_bytes: int, big: list[str]) -> list[tuple[dict[str, str], QuantResult]]:
+    """One allocation per feasible combination of the big tensors' types (the rest by the estimate),
+    deduplicated, the estimate's own optimum first."""
+    out: list[tuple[dict[str, str], QuantResult]] = []
+    seen: set[tuple] = set()
+    first = choose(c, budget_bytes)
+    combos = [{n: first.types[n] for n in big}]
+    combos += [dict(zip(big, ts)) for ts in itertools.product(*(sorted(c.options[n]) for n in big))]
+    for combo in combos:
+        options = {n: ({combo[n]: o[combo[n]]} if n in combo else o) for n, o in c.options.items()}
+        smallest = sum(min(b for b, _ in o.values()) for o in options.values())
+        if smallest > budget_bytes - c.fixed_bytes:
+            continue
+        r = choose(Candidates(options, c.packed, c.fixed, c.fixed_bytes, c.n_weights, c.gptq_won, 0.0,
+                              c.from_source), budget_bytes)
+        key = tuple(sorted(r.types.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append((combo, r))
+    return out
+
+
+class _WeightSwap:
+    """Put decoded GGUF tensors into the model's parameters (HF layout) and restore the originals exactly."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.spec = arch_for(model.config)
+        state = model.state_dict()
+        self.dims = model_dims(model.config, state)
+        plans = plan_tensors(model, self.spec, self.dims, model.config, state)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        self.where = {p.gguf_name: (p.hf_name, params[p.hf_name]) for p in plans if len(p.shape) == 2}
+        self.shapes = {p.gguf_name: p.shape for p in plans}
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def put(self, quantized: dict[str, tuple[str, np.ndarray]]) -> None:
+        for name, (t, data) in quantized.items():
+            if name not in self.where:
+                continue
+            hf_name, param = self.where[name]
+            shape = self.shapes[name]
+            if t in ("F16", "F32"):
+                a = np.asarray(data, dtype=np.float32).reshape(shape)
+            else:
+                a = decode(t, data, shape).numpy()
+            if name not in self.saved:
+                self.saved[name] = param.data.clone()
+            param.data.copy_(torch.from_numpy(to_hf_layout(self.spec, self.dims, hf_name, a, tuple(param.shape))))
+
+    def restore(self) -> None:
+        for name, w in self.saved.items():
+            self.where[name][1].data.copy_(w)
+        self.saved.clear()
+
+
+def _log_probs(model, blocks: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(input_ids=b[None], use_cache=False).logits[0, :-1].float().log_softmax(-1) for b in blocks]
+
+
+def measured_kl(model, blocks: torch.Tensor, base: list[torch.Tensor]) -> float:
+    """Mean KL(base || model) per predicted token; base: log-probs per block [seq_len - 1, vocab] (float16 ok)."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for b, lp in zip(blocks, base):
+            lq = model(input_ids=b[None], use_cache=False).logits[0, :-1].float().log_softmax(-1)
+            lp = lp.float()
+            total += float((lp.exp() * (lp - lq)).sum(dtype=torch.float64))
+            n += lp.shape[0]
+    return total / max(n, 1)
+
+
+def choose_measured(model: torch.nn.Module, c: Candidates, budget_bytes: int, blocks: torch.Tensor,
+                    share: float = BIG_SHARE) -> tuple[QuantResult, list[Trial]]:
+    """The allocation with the lowest measured KL among `allocations` (see the module docstring)."""
+    t0 = time.time()
+    big = big_tensors(c, share)
+    cands = allocations(c, budget_bytes, big)
+    if len(cands) < 2:
+        r = cands[0][1] if cands else choose(c, budget_bytes)
+        return r, []
+    was_training = model.training
+    model.eval()
+    swap = _WeightSwap(model)
+    # base log-probs kept in float16 ([n, seq_len - 1, vocab]: 0.5 GB for 4 x 256 tokens of a 262k vocabulary)
+    base = [lp.half() for lp in _log_probs(model, blocks)]
+    trials = []
+    try:
+        with progress_bar("measuring allocations (KL on held-out calibration)", total=len(cands)) as advance:
+            for combo, r in cands:
+                swap.put(r.quantized)
+                estimate = sum(c.options[n][t][1] for n, t in r.types.items() if n in c.options)
+                trials.append(Trial({n: r.types[n] for n in big}, estimate, measured_kl(model, blocks, base),
+                                    r.n_bytes))
+                swap.restore()
+                advance()
+    finally:
+        swap.restore()
+        model.train(was_training)
+    best = min(range(len(trials)), key=lambda i: (trials[i].measured_kl, i))
+    trials[best].chosen = True
+    r = cands[best][1]
+    r.seconds += time.time() - t0
+    r.trials = trials
+    return r, trials
