@@ -20,7 +20,7 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # the block types birdbone encodes (quant/grid.py TOP; kept literal so recipes load without torch)
-BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL")
 OVERRIDE_TYPES = (*BLOCK_TYPES, "F16", "F32")
 
 
@@ -66,7 +66,7 @@ class Quantize(_Strict):
     target_bpw: float | None = Field(None, gt=1.5, le=32, description="average bits per weight, all tensor data")
     target_bytes: int | None = Field(None, gt=0, description="bytes of tensor data (the file adds its header)")
     types: list[str] = Field(default_factory=lambda: ["Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1",
-                                                      "Q5_K", "Q6_K", "Q8_0"])
+                                                      "Q5_K", "Q6_K", "Q8_0", "IQ4_NL"])
     overrides: dict[str, str] = Field(default_factory=dict, description="regex over GGUF names -> type")
     stress: dict[str, float] = Field(default_factory=dict, description="regex -> error multiplier (more bits)")
     importance: bool = True

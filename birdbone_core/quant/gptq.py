@@ -112,7 +112,10 @@ def gptq_quantize_many(W: torch.Tensor, H: torch.Tensor, qtypes, settings: GPTQS
     static = settings.static_scales or settings.act_order
     perm = torch.argsort(torch.diag(H0), descending=True, stable=True) if settings.act_order else torch.arange(cols)
     U = _inverse_cholesky(H0[perm][:, perm], settings.damp).to(torch.float32)
-    groups = [names] if static else [[n] for n in names]  # dynamic grids are fitted per format as GPTQ goes
+    # dynamic grids are fitted per format as GPTQ goes; a table format (IQ4_NL) has its own nearest-level rule
+    affine = [n for n in names if n not in grid.TABLE]
+    groups = ([affine] if affine else []) + [[n] for n in names if n in grid.TABLE] if static else [[n] for n in names]
+    groups = [g for g in groups if g]
     out: dict[str, GPTQResult] = {}
     for group in groups:
         # rows are independent problems sharing H: do them in chunks to bound memory (the 262k-row embedding)
@@ -144,6 +147,9 @@ def _gptq_rows(names: list[str], W0: torch.Tensor, U: torch.Tensor, perm: torch.
         raise BirdboneError("GPTQ: formats share a column pass only with static grids")
     fmts = [get_format(n) for n in names]
     bs = fmts[0].block_size  # dynamic grids: one format only
+    table = names[0] if names[0] in grid.TABLE else None  # a table format runs alone
+    if table is not None and k != 1:
+        raise BirdboneError("GPTQ: a table format (IQ4_NL) has its own column pass")
     B = max(bs, -(-block_size // max(f.block_size for f in fmts)) * max(f.block_size for f in fmts))
     # plain codec rounding: the baseline, and the static grid
     plains = [_blocks(n, W0, imp) for n in names]
@@ -177,9 +183,14 @@ def _gptq_rows(names: list[str], W0: torch.Tensor, U: torch.Tensor, perm: torch.
                     s, o = grid.affine(names[0], blk)
                     step_t[c:c + bs], off_t[c:c + bs] = s.T, o.T
                 w = W1[i]
-                q = grid.nearest_levels(w, step_t[c], off_t[c], top)
+                if table is None:
+                    q = grid.nearest_levels(w, step_t[c], off_t[c], top)
+                    value = step_t[c] * q + off_t[c]
+                else:
+                    q = grid.nearest_table_levels(w, step_t[c], off_t[c], table)
+                    value = step_t[c] * grid.level_values(table, q) + off_t[c]
                 Qt[c] = q
-                err = (w - (step_t[c] * q + off_t[c])) / U1[i, i]
+                err = (w - value) / U1[i, i]
                 W1[i:].addr_(U1[i, i:], err, alpha=-1)
                 E1[i] = err
             if i2 < cols:

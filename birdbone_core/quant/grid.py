@@ -12,7 +12,8 @@ a time.
     TOP[name]                   the largest level (the smallest is 0)
 
 Level conventions (unsigned, as stored): Q8_0 q = int8 + 128; Q4_0/Q4_1 0..15; Q5_0/Q5_1 0..31;
-Q2_K 0..3; Q3_K 0..7 (low 2 bits + 4 * hmask bit); Q4_K 0..15; Q5_K 0..31; Q6_K 0..63.
+Q2_K 0..3; Q3_K 0..7 (low 2 bits + 4 * hmask bit); Q4_K 0..15; Q5_K 0..31; Q6_K 0..63; IQ4_NL 0..15,
+an index into its value table (TABLE): value = step * TABLE[q] + offset, offset 0.
 Byte layouts are the ones in `codecs/legacy.py`, `k_affine.py`, `k_symmetric.py`.
 """
 from __future__ import annotations
@@ -22,11 +23,15 @@ from typing import Callable
 import torch
 
 from birdbone_core.quant.codecs import decode as _decode
+from birdbone_core.quant.codecs.nonlinear import KVALUES as _IQ4_NL_VALUES
+from birdbone_core.quant.codecs.nonlinear import nearest_index as _iq4_nl_nearest
 from birdbone_core.quant.codecs._bits import pack_bits, pack_crumbs, unpack_bits, unpack_crumbs
 from birdbone_core.quant.formats import get_format
 
 TOP = {"Q8_0": 255, "Q4_0": 15, "Q4_1": 15, "Q5_0": 31, "Q5_1": 31,
-       "Q2_K": 3, "Q3_K": 7, "Q4_K": 15, "Q5_K": 31, "Q6_K": 63}
+       "Q2_K": 3, "Q3_K": 7, "Q4_K": 15, "Q5_K": 31, "Q6_K": 63, "IQ4_NL": 15}
+# non-uniform formats: value = step * TABLE[name][q] + offset (the others: step * q + offset)
+TABLE = {"IQ4_NL": _IQ4_NL_VALUES}
 
 
 def _nib_u(b):  # 16 bytes -> 32 levels (low nibbles are weights 0..15, high ones 16..31)
@@ -116,6 +121,7 @@ _FIELDS: dict[str, tuple[int, int, Callable, Callable]] = {
     "Q4_K": (16, 144, _q4k_unpack, _q4k_pack),
     "Q5_K": (16, 176, _q5k_unpack, _q5k_pack),
     "Q6_K": (0, 192, _q6k_unpack, _q6k_pack),
+    "IQ4_NL": (2, 18, _nib_u, lambda q: pack_crumbs(q.to(torch.uint8), 4)),
 }
 
 
@@ -139,14 +145,32 @@ def with_levels(name, packed: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def affine(name, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-weight (step, offset) [N, block_size] of blocks [N, type_size]: value = step * q + offset.
-    Read off the decoder itself (levels 0 and TOP), so it is whatever the format really computes."""
+    """Per-weight (step, offset) [N, block_size] of blocks [N, type_size]: value = step * q + offset
+    (for a TABLE format: step * TABLE[q] + offset). Read off the decoder itself, so it is whatever the
+    format really computes: levels 0 and TOP, or for a table the level whose value is 1."""
     fmt = get_format(name)
     n, bs = packed.shape[0], fmt.block_size
     zero = torch.zeros(n, bs)
+    if fmt.name in TABLE:
+        one = int((TABLE[fmt.name] == 1).nonzero()[0])
+        step = _decode(fmt.name, with_levels(fmt.name, packed, zero + one), (n, bs))
+        return step, torch.zeros_like(step)
     lo = _decode(fmt.name, with_levels(fmt.name, packed, zero), (n, bs))
     hi = _decode(fmt.name, with_levels(fmt.name, packed, zero + TOP[fmt.name]), (n, bs))
     return (hi - lo) / TOP[fmt.name], lo
+
+
+def level_values(name, q: torch.Tensor) -> torch.Tensor:
+    """The grid value (before step and offset) of levels q: q itself, or TABLE[name][q]."""
+    table = TABLE.get(get_format(name).name)
+    return q if table is None else table[q.long()]
+
+
+def nearest_table_levels(x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, name: str) -> torch.Tensor:
+    """The level whose value step * TABLE[q] + offset is nearest x, for a TABLE format (step 0 -> level 0)."""
+    ok = step != 0
+    q = _iq4_nl_nearest((x - offset) / torch.where(ok, step, torch.ones_like(step))).float()
+    return torch.where(ok, q, torch.zeros_like(q))
 
 
 def nearest_levels(x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, top: int | torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,12 @@ from birdbone_core.export import export_gguf
 from birdbone_core.quant.config import Quantize
 
 N_CTX = 128
-# one tensor per block type (the rest Q4_K), so a single file holds all ten
+# one tensor per block type (the rest Q4_K), so a single file holds all eleven
 EVERY_TYPE = {r"blk\.0\.attn_q\.": "Q2_K", r"blk\.0\.attn_k\.": "Q3_K", r"blk\.0\.attn_v\.": "Q5_K",
               r"blk\.0\.attn_output\.": "Q6_K", r"blk\.0\.ffn_gate\.": "Q4_0", r"blk\.0\.ffn_up\.": "Q4_1",
               r"blk\.0\.ffn_down\.": "Q5_0", r"blk\.1\.attn_q\.": "Q5_1", r"blk\.1\.attn_k\.": "Q8_0",
-              r"blk\.1\.attn_v\.": "F16", "token_embd": "Q6_K", r"blk\.[23]\.": "F16"}
+              r"blk\.1\.attn_v\.": "F16", r"blk\.1\.attn_output\.": "IQ4_NL", "token_embd": "Q6_K",
+              r"blk\.[23]\.": "F16"}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_types_and_metadata(every_type):
     types = {t.name: t.tensor_type.name for t in r.tensors}
     assert types == q.types == res.tensor_types
     assert set(types.values()) == {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                                   "F16", "F32"}
+                                   "IQ4_NL", "F16", "F32"}
     assert json.loads(r.fields["birdbone.quant.types"].contents()) == types
     assert r.fields["birdbone.out_type"].contents() == "mixed"
     # general.file_type names the type holding the most bytes: here the F16 layers 2 and 3

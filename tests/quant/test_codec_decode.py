@@ -28,7 +28,7 @@ def assert_bits_equal(a: np.ndarray, b: np.ndarray):
 
 
 def test_every_format_has_a_codec():
-    assert set(NAMES) == {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+    assert set(NAMES) == {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -9,7 +9,7 @@ from birdbone_core.quant.codecs import quantize_dequantize
 from birdbone_core.quant.formats import get_format
 from birdbone_core.quant.gptq import GPTQSettings, gptq_quantize, gptq_quantize_many, output_error
 
-NAMES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+NAMES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"]
 SETTINGS = {"dynamic": GPTQSettings(), "static": GPTQSettings(static_scales=True),
             "act_order": GPTQSettings(act_order=True)}
 
@@ -27,7 +27,8 @@ def correlated_problem(rows=16, cols=512, seed=0):
 
 
 # every format with act-order (the default); dynamic and static grids on one format of each family
-CASES = [(n, "act_order") for n in NAMES] + [(n, m) for n in ("Q4_0", "Q4_1", "Q4_K", "Q6_K") for m in ("dynamic", "static")]
+CASES = [(n, "act_order") for n in NAMES] + [(n, m) for n in ("Q4_0", "Q4_1", "Q4_K", "Q6_K", "IQ4_NL")
+                                           for m in ("dynamic", "static")]
 
 
 @pytest.mark.parametrize("name, mode", CASES)

@@ -19,7 +19,7 @@ def test_levels_roundtrip_and_affine(name):
     assert torch.equal(grid.with_levels(name, b, q), b)
     step, off = grid.affine(name, b)
     v = decode(name, b, (b.shape[0], fmt.block_size))
-    assert torch.allclose(step * q + off, v, rtol=0, atol=1e-6 * float(v.abs().max()))
+    assert torch.allclose(step * grid.level_values(name, q) + off, v, rtol=0, atol=1e-6 * float(v.abs().max()))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -34,7 +34,7 @@ def test_with_levels_changes_only_levels(name):
     step2, off2 = grid.affine(name, b2)
     assert torch.equal(step, step2) and torch.equal(off, off2)
     v = decode(name, b2, (b.shape[0], fmt.block_size))
-    assert torch.allclose(step * q + off, v, rtol=0, atol=1e-6 * float(v.abs().max()))
+    assert torch.allclose(step * grid.level_values(name, q) + off, v, rtol=0, atol=1e-6 * float(v.abs().max()))
 
 
 def test_nearest_levels():
@@ -42,3 +42,13 @@ def test_nearest_levels():
     off = torch.tensor([-1.0, -1.0, 0.0, 3.0])
     x = torch.tensor([0.24, 9.0, -0.6, 1.0])
     assert grid.nearest_levels(x, step, off, 15).tolist() == [2.0, 15.0, 2.0, 0.0]
+
+
+def test_nearest_table_levels():
+    """IQ4_NL's levels index a non-uniform table (-127 ... 113): the nearest value wins, in either sign of step."""
+    t = grid.TABLE["IQ4_NL"]
+    step = torch.tensor([1.0, 1.0, -2.0, 0.0, 1.0])
+    x = torch.tensor([0.0, 200.0, 20.0, 5.0, -115.5])
+    q = grid.nearest_table_levels(x, step, torch.zeros(5), "IQ4_NL")
+    assert q.tolist() == [8.0, 15.0, 7.0, 0.0, 1.0]  # 1; 113; -10 * -2 = 20; step 0; -115.5: a tie of -127 and -104 goes up
+    assert float(t[8]) == 1.0 and float(t[1]) == -104.0

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from birdbone_core.errors import BirdboneError
-from birdbone_core.quant.codecs import k_affine, k_symmetric, legacy
+from birdbone_core.quant.codecs import k_affine, k_symmetric, legacy, nonlinear
 from birdbone_core.quant.codecs._base import Codec
 from birdbone_core.quant.formats import get_format
 
-_CODECS: dict[str, Codec] = {c.name: c for c in (*legacy.CODECS, *k_affine.CODECS, *k_symmetric.CODECS)}
+_CODECS: dict[str, Codec] = {c.name: c for c in (*legacy.CODECS, *k_affine.CODECS, *k_symmetric.CODECS, *nonlinear.CODECS)}
 _PLAIN = {"F32": None, "F16": torch.float16, "BF16": torch.bfloat16}
 
 # Weights encoded per step: large enough to amortize per-op overhead, small enough to stay in cache.
