@@ -204,7 +204,7 @@ def markdown(state: dict) -> str:
                   f"{s_['kld']['mean_kld']:.5f}, ppl {s_['kld']['ppl']:.4f}. Its weights are exactly the base's "
                   "(before F16 rounding), so this KLD is llama.cpp's own floor for that mix of types (its quantized "
                   "matmuls round activations too); no file of those types can score much below it."]
-    if "source_candidates" in br:
+    if br.get("source_candidates"):
         lines += ["", f"kept source blocks: tensors written with the source GGUF's own blocks (weights unchanged and "
                   f"the budget chose the source's type: exact, no re-rounding); {br['source_candidates']} tensors "
                   "qualified. llama.cpp re-quantizes the F16 base and cannot know the original grid."]
