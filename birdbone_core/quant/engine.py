@@ -31,6 +31,11 @@ from birdbone_core.quant.gptq import GPTQSettings, gptq_quantize_many
 from birdbone_core.quant.importance import Imatrix
 
 
+# A tensor holding at least this share of the budgeted weights keeps both of its encodings per type
+# (GPTQ's and plain rounding's): the estimate ranks them, quant.trials measures them.
+ALTERNATE_SHARE = 0.25
+
+
 @dataclass
 class Sensitivity:
     hessian: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> E[x x^T] [in, in]
@@ -160,6 +165,9 @@ class Candidates:
     gptq_won: dict[str, dict[str, bool]]
     seconds: float
     from_source: dict[str, str] = field(default_factory=dict)  # gguf name -> type whose candidate is the source's
+    # big tensors (>= ALTERNATE_SHARE of the budgeted weights): the encoding the estimate ranked second
+    # (GPTQ or plain rounding) per type, with its estimate, for quant.trials to measure
+    alternates: dict[str, dict[str, tuple[np.ndarray, float]]] = field(default_factory=dict)
 
 
 def quantize_model(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity | None,
@@ -248,6 +256,8 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
                             static_scales=cfg.gptq.static_scales)
     options: dict[str, dict[str, tuple[int, float]]] = {}
     candidates: dict[str, dict[str, np.ndarray]] = {}
+    alternates: dict[str, dict[str, tuple[np.ndarray, float]]] = {}
+    budgeted = sum(int(np.prod(p.shape)) for p, _ in todo)
     won: dict[str, dict[str, bool]] = {}
     with progress_bar("quantizing tensors", total=sum(len(t) for _, t in todo)) as advance:
         for p, types in todo:
@@ -291,10 +301,14 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
                     packed, W_hat = r.packed, r.W_hat
                     plain_hat = decode(t, r.plain_packed, (rows, cols))
                     e_g, e_p = _sens(W_hat - W, H, F, emb_rows), _sens(plain_hat - W, H, F, emb_rows)
+                    other = (r.plain_packed, e_p)
                     if e_p < e_g:
+                        other = (packed, e_g)
                         packed, e_g = r.plain_packed, e_p
                     won[p.gguf_name][t] = packed is r.packed
                     err = e_g
+                    if rows * cols >= ALTERNATE_SHARE * budgeted:  # the measured choice will try both
+                        alternates.setdefault(p.gguf_name, {})[t] = (other[0], other[1] * cfg.stress_for(p.gguf_name))
                 else:
                     pk, _ = _encode_torch(t, W, imp)
                     packed = pk.numpy()
@@ -315,7 +329,7 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
         data = pl.load().astype(np.float16 if t == "F16" else np.float32) if len(pl.shape) >= 2 else None
         fixed[pl.gguf_name] = (t, data)
     return Candidates(options, candidates, fixed, fixed_bytes, n_weights, won, time.time() - t0,
-                      {n: t for n, (t, _) in source.items()})
+                      {n: t for n, (t, _) in source.items()}, alternates)
 
 
 def _sens(dW: torch.Tensor, H: torch.Tensor | None, F: torch.Tensor | None,

@@ -1,7 +1,8 @@
 """Measured choice between bit allocations: the budget's error model is an estimate (second order, one
 tensor at a time, errors added up), and where one tensor holds a large share of the weights (Gemma 3's
 262k x 640 tied embedding: 63%) the choice of its type decides most of the file, so an error of the
-estimate there costs the most. For each type of those "big" tensors, the rest of the budget is
+estimate there costs the most. For each type of those "big" tensors, and each of its two encodings
+(GPTQ's and plain rounding's, which the estimate also ranks imperfectly), the rest of the budget is
 allocated by the estimate; each allocation is then put into the model (its exact decoded bytes) and
 scored by the mean KL(base || quantized) of next-token distributions on held-out calibration blocks.
 The lowest measured KL wins.
@@ -24,15 +25,15 @@ from birdbone_core.export.arch import arch_for, model_dims, plan_tensors, to_hf_
 from birdbone_core.progress import progress_bar
 from birdbone_core.quant import budget as budget_mod
 from birdbone_core.quant.codecs import decode
-from birdbone_core.quant.engine import Candidates, QuantResult, choose
+from birdbone_core.quant.engine import ALTERNATE_SHARE, Candidates, QuantResult, choose
 
-BIG_SHARE = 0.25  # a tensor with at least this share of the budgeted weights gets its types tried
+BIG_SHARE = ALTERNATE_SHARE  # a tensor with at least this share of the budgeted weights gets its types tried
 MAX_BIG = 2  # at most this many big tensors (their types multiply the number of trials)
 
 
 @dataclass
 class Trial:
-    big_types: dict[str, str]  # big tensor -> its type in this allocation
+    big_types: dict[str, str]  # big tensor -> "TYPE (encoding)" in this allocation: gptq, rounding or source
     estimate: float  # the budget's summed estimated error
     measured_kl: float  # mean KL(base || quantized) per predicted token on the held-out blocks
     n_bytes: int
@@ -56,25 +57,60 @@ def _n_weights(c: Candidates, name: str) -> int:
     return n_bytes // fmt.type_size * fmt.block_size
 
 
-def allocations(c: Candidates, budget_bytes: int, big: list[str]) -> list[tuple[dict[str, str], QuantResult]]:
-    """One allocation per feasible combination of the big tensors' types (the rest by the estimate),
-    deduplicated, the estimate's own optimum first."""
-    out: list[tuple[dict[str, str], QuantResult]] = []
+def _variants(c: Candidates, name: str) -> list[tuple[str, str]]:
+    """(type, encoding) pairs of a big tensor: the estimate's pick per type, and its alternate if kept."""
+    out = []
+    for t in sorted(c.options[name]):
+        if c.from_source.get(name) == t:
+            out.append((t, "source"))
+            continue
+        gptq_first = c.gptq_won.get(name, {}).get(t)
+        first = "gptq" if gptq_first else "rounding"
+        out.append((t, first))
+        if t in c.alternates.get(name, {}):
+            out.append((t, "rounding" if gptq_first else "gptq"))
+    return out
+
+
+def _with_variants(c: Candidates, pick: dict[str, tuple[str, str]]) -> Candidates:
+    """Candidates with each big tensor restricted to one (type, encoding)."""
+    options, packed = dict(c.options), dict(c.packed)
+    for n, (t, enc) in pick.items():
+        alt = c.alternates.get(n, {}).get(t)
+        primary = "gptq" if c.gptq_won.get(n, {}).get(t) else "rounding"
+        if alt is not None and enc != primary and enc != "source":
+            options[n] = {t: (c.options[n][t][0], alt[1])}
+            packed[n] = {t: alt[0]}
+        else:
+            options[n] = {t: c.options[n][t]}
+    return Candidates(options, packed, c.fixed, c.fixed_bytes, c.n_weights, c.gptq_won, 0.0, c.from_source,
+                      c.alternates)
+
+
+def allocations(c: Candidates, budget_bytes: int, big: list[str]) -> list[tuple[dict[str, str], QuantResult, float]]:
+    """One allocation per feasible combination of the big tensors' (type, encoding) - the rest by the
+    estimate - deduplicated, the estimate's own optimum first.
+    Returns [({big tensor: "TYPE (encoding)"}, result, its summed estimated error)]."""
+    out: list[tuple[dict[str, str], QuantResult, float]] = []
     seen: set[tuple] = set()
     first = choose(c, budget_bytes)
-    combos = [{n: first.types[n] for n in big}]
-    combos += [dict(zip(big, ts)) for ts in itertools.product(*(sorted(c.options[n]) for n in big))]
+    primary = {n: (first.types[n], "gptq" if c.gptq_won.get(n, {}).get(first.types[n]) else "rounding")
+               for n in big}
+    for n in big:
+        if c.from_source.get(n) == first.types[n]:
+            primary[n] = (first.types[n], "source")
+    combos = [primary] + [dict(zip(big, vs)) for vs in itertools.product(*(_variants(c, n) for n in big))]
     for combo in combos:
-        options = {n: ({combo[n]: o[combo[n]]} if n in combo else o) for n, o in c.options.items()}
-        smallest = sum(min(b for b, _ in o.values()) for o in options.values())
+        sub = _with_variants(c, combo)
+        smallest = sum(min(b for b, _ in o.values()) for o in sub.options.values())
         if smallest > budget_bytes - c.fixed_bytes:
             continue
-        r = choose(Candidates(options, c.packed, c.fixed, c.fixed_bytes, c.n_weights, c.gptq_won, 0.0,
-                              c.from_source), budget_bytes)
-        key = tuple(sorted(r.types.items()))
+        r = choose(sub, budget_bytes)
+        key = tuple(sorted(r.types.items())) + tuple(sorted(combo.items()))
         if key not in seen:
             seen.add(key)
-            out.append((combo, r))
+            estimate = sum(sub.options[n][t][1] for n, t in r.types.items() if n in sub.options)
+            out.append(({n: f"{t} ({enc})" for n, (t, enc) in combo.items()}, r, estimate))
     return out
 
 
@@ -146,11 +182,9 @@ def choose_measured(model: torch.nn.Module, c: Candidates, budget_bytes: int, bl
     trials = []
     try:
         with progress_bar("measuring allocations (KL on held-out calibration)", total=len(cands)) as advance:
-            for combo, r in cands:
+            for combo, r, estimate in cands:
                 swap.put(r.quantized)
-                estimate = sum(c.options[n][t][1] for n, t in r.types.items() if n in c.options)
-                trials.append(Trial({n: r.types[n] for n in big}, estimate, measured_kl(model, blocks, base),
-                                    r.n_bytes))
+                trials.append(Trial(combo, estimate, measured_kl(model, blocks, base), r.n_bytes))
                 swap.restore()
                 advance()
     finally:

@@ -10,6 +10,7 @@ from birdbone_core.data.text import calibration_blocks, read_text
 from birdbone_core.export.arch import permute_for_rope, unpermute_for_rope
 from birdbone_core.quant.codecs import decode
 from birdbone_core.quant.config import Quantize
+from birdbone_core.quant import engine
 from birdbone_core.quant.engine import choose, collect_sensitivity, measure_candidates
 from birdbone_core.quant.trials import _WeightSwap, allocations, big_tensors, choose_measured, measured_kl, _log_probs
 
@@ -28,7 +29,10 @@ def setup(_tiny_loaded):
     text, _ = read_text(None, "calib")
     sens = collect_sensitivity(model, calibration_blocks(tok, text, 8, 128, 0), batch_size=4)
     cfg = Quantize(target_bpw=4.5, types=["Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q4_K", "Q6_K"])
-    cands = measure_candidates(model, cfg, sens)
+    with pytest.MonkeyPatch.context() as mp:  # keep both encodings of the (10%) embedding, as for a big tensor
+        mp.setattr(engine, "ALTERNATE_SHARE", 0.08)
+        cands = measure_candidates(model, cfg, sens)
+    assert set(cands.alternates) == {"token_embd.weight"}
     budget = int(4.5 * cands.n_weights / 8)
     held = calibration_blocks(tok, text, 3, 128, 1)
     return model, cands, budget, held
@@ -68,10 +72,14 @@ def test_measured_choice_is_the_lowest_measured_kl(setup):
     assert _digest(model) == before
     combos = allocations(cands, budget, ["token_embd.weight"])
     assert len(trials) == len(combos) >= 3
-    assert [t.big_types["token_embd.weight"] for t in trials][0] == choose(cands, budget).types["token_embd.weight"]
+    first = choose(cands, budget).types["token_embd.weight"]
+    assert trials[0].big_types["token_embd.weight"].split(" ")[0] == first
+    # each type's two encodings (GPTQ and rounding) are both tried
+    labels = {t.big_types["token_embd.weight"] for t in trials}
+    assert {f"{first} (gptq)", f"{first} (rounding)"} <= labels
     chosen = [t for t in trials if t.chosen]
     assert len(chosen) == 1 and chosen[0].measured_kl == min(t.measured_kl for t in trials)
-    assert r.types["token_embd.weight"] == chosen[0].big_types["token_embd.weight"]
+    assert r.types["token_embd.weight"] == chosen[0].big_types["token_embd.weight"].split(" ")[0]
     assert r.trials == trials
     assert all(t.n_bytes <= budget and t.measured_kl > 0 for t in trials)
     # the chosen allocation, put back in, measures what its trial said
