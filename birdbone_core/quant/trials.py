@@ -23,9 +23,9 @@ import torch
 
 from birdbone_core.export.arch import arch_for, model_dims, plan_tensors, to_hf_layout
 from birdbone_core.progress import progress_bar
-from birdbone_core.quant import budget as budget_mod
 from birdbone_core.quant.codecs import decode
 from birdbone_core.quant.engine import ALTERNATE_SHARE, Candidates, QuantResult, choose
+from birdbone_core.quant.formats import get_format
 
 BIG_SHARE = ALTERNATE_SHARE  # a tensor with at least this share of the budgeted weights gets its types tried
 MAX_BIG = 2  # at most this many big tensors (their types multiply the number of trials)
@@ -50,25 +50,26 @@ def big_tensors(c: Candidates, share: float = BIG_SHARE, at_most: int = MAX_BIG)
 
 def _n_weights(c: Candidates, name: str) -> int:
     # every candidate type of a tensor holds the same weights; bytes / bytes-per-weight of any one
-    from birdbone_core.quant.formats import get_format
-
     t, (n_bytes, _) = next(iter(c.options[name].items()))
     fmt = get_format(t)
     return n_bytes // fmt.type_size * fmt.block_size
+
+
+def _primary(c: Candidates, name: str, t: str) -> str:
+    """How the candidate the estimate kept for (tensor, type) was encoded: source, gptq or rounding."""
+    if c.from_source.get(name) == t:
+        return "source"
+    return "gptq" if c.gptq_won.get(name, {}).get(t) else "rounding"
 
 
 def _variants(c: Candidates, name: str) -> list[tuple[str, str]]:
     """(type, encoding) pairs of a big tensor: the estimate's pick per type, and its alternate if kept."""
     out = []
     for t in sorted(c.options[name]):
-        if c.from_source.get(name) == t:
-            out.append((t, "source"))
-            continue
-        gptq_first = c.gptq_won.get(name, {}).get(t)
-        first = "gptq" if gptq_first else "rounding"
+        first = _primary(c, name, t)
         out.append((t, first))
-        if t in c.alternates.get(name, {}):
-            out.append((t, "rounding" if gptq_first else "gptq"))
+        if first != "source" and t in c.alternates.get(name, {}):
+            out.append((t, "rounding" if first == "gptq" else "gptq"))
     return out
 
 
@@ -77,8 +78,7 @@ def _with_variants(c: Candidates, pick: dict[str, tuple[str, str]]) -> Candidate
     options, packed = dict(c.options), dict(c.packed)
     for n, (t, enc) in pick.items():
         alt = c.alternates.get(n, {}).get(t)
-        primary = "gptq" if c.gptq_won.get(n, {}).get(t) else "rounding"
-        if alt is not None and enc != primary and enc != "source":
+        if alt is not None and enc != _primary(c, n, t):
             options[n] = {t: (c.options[n][t][0], alt[1])}
             packed[n] = {t: alt[0]}
         else:
@@ -94,11 +94,7 @@ def allocations(c: Candidates, budget_bytes: int, big: list[str]) -> list[tuple[
     out: list[tuple[dict[str, str], QuantResult, float]] = []
     seen: set[tuple] = set()
     first = choose(c, budget_bytes)
-    primary = {n: (first.types[n], "gptq" if c.gptq_won.get(n, {}).get(first.types[n]) else "rounding")
-               for n in big}
-    for n in big:
-        if c.from_source.get(n) == first.types[n]:
-            primary[n] = (first.types[n], "source")
+    primary = {n: (first.types[n], _primary(c, n, first.types[n])) for n in big}
     combos = [primary] + [dict(zip(big, vs)) for vs in itertools.product(*(_variants(c, n) for n in big))]
     for combo in combos:
         sub = _with_variants(c, combo)
