@@ -45,10 +45,17 @@ class GPTQSettings:
 @dataclass
 class GPTQResult:
     packed: np.ndarray  # uint8 [out, in // block * type_size]
-    W_hat: torch.Tensor  # float32 [out, in], exactly what the packed bytes decode to
+    qtype: str
+    shape: tuple[int, int]  # [out, in]
     error: float  # tr(dW H dW^T) of W_hat - W (undamped H)
     plain_error: float  # the same for the codec's own rounding (importance-weighted, no feedback)
     plain_packed: np.ndarray  # that rounding's bytes, same shape as packed
+
+    @property
+    def W_hat(self) -> torch.Tensor:
+        """float32 [out, in], exactly what the packed bytes decode to (decoded on each call: results for
+        many formats of a 262k-row embedding would hold GBs of decoded copies otherwise)."""
+        return decode(self.qtype, self.packed, self.shape)
 
 
 def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
@@ -129,9 +136,9 @@ def gptq_quantize_many(W: torch.Tensor, H: torch.Tensor, qtypes, settings: GPTQS
             for n, (p, pp) in done.items():
                 packed[n][r0:r1], plain[n][r0:r1] = p.view(r1 - r0, -1), pp.view(r1 - r0, -1)
         for n in group:
-            W_hat = decode(n, packed[n], (rows, cols))
+            err = output_error(decode(n, packed[n], (rows, cols)) - W0, H0)
             plain_err = output_error(decode(n, plain[n], (rows, cols)) - W0, H0)
-            out[n] = GPTQResult(packed[n].numpy(), W_hat, output_error(W_hat - W0, H0), plain_err, plain[n].numpy())
+            out[n] = GPTQResult(packed[n].numpy(), n, (rows, cols), err, plain_err, plain[n].numpy())
     return out
 
 
