@@ -140,7 +140,9 @@ def birdbone_phase(a, work: Path, state: dict) -> None:
                            "chosen": t.chosen} for t in trials]}
         # the allocation birdbone ships, and (when the measured choice differs) the estimate's own optimum
         for key, q in (("shipped", r), ("estimate_only", estimate_only)):
-            if key == "estimate_only" and q.types == r.types:
+            # the same file only if the same bytes: a big tensor's measured encoding may differ at one type
+            same = q.types == r.types and all(q.quantized[n][1] is r.quantized[n][1] for n in q.quantized)
+            if key == "estimate_only" and same:
                 rec["estimate_only_same"] = True
                 continue
             out = work / f"bb-{v}-{key}.gguf"
@@ -184,7 +186,7 @@ def markdown(state: dict) -> str:
         kl, kb_ = l["kld"]["mean_kld"], b["kld"]["mean_kld"]
         types = " ".join(f"{t}×{c}" for t, c in sorted(b["types"].items(), key=lambda x: -x[1]))
         eo = ("same" if b.get("estimate_only_same") else
-              f"{b['estimate_only']['kld']['mean_kld']:.5f}" if "estimate_only" in b else "-")
+              f"{b['estimate_only']['kld']['mean_kld']:.5f}" if "kld" in b.get("estimate_only", {}) else "-")
         lines.append(f"| {v} | {l['stats']['file_bytes']:,} | {l['stats']['bpw']:.3f} | {kl:.5f} | "
                      f"{b['file_bytes']:,} | {b['bpw']:.3f} | {kb_:.5f} | {kb_ / kl:.2f} | {eo} | {l['kld']['ppl']:.4f} | "
                      f"{b['kld']['ppl']:.4f} | {types} | {b.get('kept_source', '-')} |")
@@ -196,7 +198,7 @@ def markdown(state: dict) -> str:
         lines += ["", "Measured choice (`quantize.measure_blocks`): for each type of the big tensors the rest is "
                   "allocated by the estimate, and each allocation's mean KL on fresh calibration windows is measured "
                   "in torch; the lowest (bold) ships. estimate-only KLD: the estimate's own optimum, scored by "
-                  "llama.cpp like the rest (\"same\" when the measured choice kept it).", ""] + trial_lines
+                  "llama.cpp like the rest (\"same\" when the measured choice kept its bytes, \"-\" not scored).", ""] + trial_lines
     br = state["birdbone_run"]
     if "as_shipped" in state:
         s_ = state["as_shipped"]
