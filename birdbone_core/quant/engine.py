@@ -176,8 +176,13 @@ def quantize_model(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity | No
     source_gguf: the GGUF the model was loaded from (its unchanged tensors keep their blocks)."""
     check_budget(model, cfg)
     cands = measure_candidates(model, cfg, sens, imatrix, source_gguf)
-    total = cfg.target_bytes if cfg.target_bytes is not None else int(math.floor(cfg.target_bpw * cands.n_weights / 8))
+    total = budget_bytes(cfg, cands.n_weights)
     return choose(cands, total)
+
+
+def budget_bytes(cfg: Quantize, n_weights: int) -> int:
+    """Bytes of tensor data the recipe allows: target_bytes, or target_bpw over all `n_weights`."""
+    return cfg.target_bytes if cfg.target_bytes is not None else int(math.floor(cfg.target_bpw * n_weights / 8))
 
 
 def choose(c: Candidates, total_budget: int) -> QuantResult:
@@ -204,7 +209,7 @@ def check_budget(model: torch.nn.Module, cfg: Quantize) -> None:
                     for p in plans if p.gguf_name in fixed_types)
     if cfg.target_bpw is None and cfg.target_bytes is None:
         raise BirdboneError("quantize: give target_bpw or target_bytes")
-    total = cfg.target_bytes if cfg.target_bytes is not None else int(math.floor(cfg.target_bpw * n_weights / 8))
+    total = budget_bytes(cfg, n_weights)
     if smallest > total:
         raise BirdboneError(f"bit budget of {total} bytes is below the smallest possible size "
                             f"({smallest} bytes with the allowed types)")

@@ -4,7 +4,6 @@ candidates, bit budget, export. Used by `birdbone export` (recipe with `quantize
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
     from birdbone_core import atomic
     from birdbone_core.data.text import calibration_blocks, read_text
     from birdbone_core.export.gguf_file import export_gguf
-    from birdbone_core.quant.engine import check_budget, choose, collect_sensitivity, measure_candidates
+    from birdbone_core.quant.engine import budget_bytes, check_budget, choose, collect_sensitivity, measure_candidates
     from birdbone_core.quant.trials import choose_measured
     from birdbone_core.quant.importance import read_imatrix
 
@@ -29,7 +28,7 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
     blocks = calibration_blocks(tokenizer, text, n, calibration.seq_len, calibration.seed)
     sens = collect_sensitivity(model, blocks)
     cands = measure_candidates(model, cfg, sens, imatrix, source_gguf)
-    budget = cfg.target_bytes if cfg.target_bytes is not None else int(math.floor(cfg.target_bpw * cands.n_weights / 8))
+    budget = budget_bytes(cfg, cands.n_weights)
     if cfg.measure_blocks:
         held = calibration_blocks(tokenizer, text, cfg.measure_blocks, calibration.seq_len, calibration.seed + 1)
         q, _ = choose_measured(model, cands, budget, held)
