@@ -52,11 +52,14 @@ def assemble(a, prof, variants, st, lc, cands, tev, bbg, bbq, mach, llama_cpp, p
             "run. algorithm s: the one-shot call alone (birdbone's prune_sequential, llm-compressor's oneshot), as "
             "each tool times itself.",
             "birdbone quantize @ <point> size: `birdbone quantize MODEL --bytes B` (grid-aware GPTQ with act-order, "
-            "Fisher-weighted bit budget over all ten block types, its own importance from the same calibration "
-            "blocks; no imatrix file) on the dense model, B chosen so that the whole file is no larger than llama.cpp's "
+            "Fisher-weighted bit budget over all its block types (IQ4_NL included), the big tensors' type and encoding "
+            "chosen by measured KL on fresh calibration windows (quantize.measure_blocks), its own importance from the "
+            "same calibration blocks; no imatrix file; a file may come out smaller than B when nothing left to buy "
+            "lowers the error) on the dense model, B chosen so that the whole file is no larger than llama.cpp's "
             "'<point> +imatrix' file, checked after writing (both sizes: the birdbone quantize vs llama.cpp table and the JSON). make s / peak RSS: the "
-            "whole CLI run (load, calibration pass, every candidate encoding, export); algorithm s: its candidate "
-            "encodings and bit allocation alone (calibration pass excluded), as birdbone reports them.",
+            "whole CLI run (load, calibration pass, every candidate encoding, measured choice, export); algorithm s: "
+            "its candidate encodings, bit allocation and measured choice (calibration pass excluded), as birdbone "
+            "reports them.",
             "birdbone GGUF rows: its SparseGPT 50% model (its best one-shot method on Gemma 3 270M in "
             "prune_methods results), exported by the pruning process in the base's type (make s = export only), then "
             "llama-quantize'd with the base's imatrix. A pruned GGUF is no smaller than a dense one of the same type: "
