@@ -1,6 +1,6 @@
 """Grid-aware GPTQ (Frantar et al. 2022) inside the exact GGUF block formats.
 
-    gptq_quantize(W, H, qtype, settings, importance=None) -> GPTQResult(packed, W_hat, error, plain_error)
+    gptq_quantize(W, H, qtype, settings, importance=None) -> GPTQResult(packed, W_hat, error, plain_error, ...)
 
 W [out, in] float weights; H [in, in] = E[x x^T] over calibration inputs x [in] (the layer's output
 error for a weight change dW is tr(dW H dW^T)); qtype a GGUF block format ("Q4_K", ...). Columns are
@@ -20,7 +20,7 @@ the returned bytes, so `gguf.quants.dequantize(packed)` gives exactly W_hat.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,16 +46,27 @@ class GPTQSettings:
 class GPTQResult:
     packed: np.ndarray  # uint8 [out, in // block * type_size]
     qtype: str
-    shape: tuple[int, int]  # [out, in]
-    error: float  # tr(dW H dW^T) of W_hat - W (undamped H)
-    plain_error: float  # the same for the codec's own rounding (importance-weighted, no feedback)
-    plain_packed: np.ndarray  # that rounding's bytes, same shape as packed
+    plain_packed: np.ndarray  # the codec's own rounding (importance-weighted, no feedback), same shape
+    W: torch.Tensor = field(repr=False)  # float32 [out, in], the weights quantized (a reference, not a copy)
+    H: torch.Tensor = field(repr=False)  # [in, in], undamped
 
+    # Decoded and scored on each call, not at construction: the engine scores candidates its own way
+    # (Fisher-weighted), and results for many formats of a 262k-row embedding would otherwise hold GBs
+    # of decoded copies and spend a 262k x 640 x 640 matmul per format on numbers nobody reads.
     @property
     def W_hat(self) -> torch.Tensor:
-        """float32 [out, in], exactly what the packed bytes decode to (decoded on each call: results for
-        many formats of a 262k-row embedding would hold GBs of decoded copies otherwise)."""
-        return decode(self.qtype, self.packed, self.shape)
+        """float32 [out, in], exactly what the packed bytes decode to."""
+        return decode(self.qtype, self.packed, tuple(self.W.shape))
+
+    @property
+    def error(self) -> float:
+        """tr(dW H dW^T) of W_hat - W."""
+        return output_error(self.W_hat - self.W, self.H)
+
+    @property
+    def plain_error(self) -> float:
+        """The same for the plain rounding's bytes."""
+        return output_error(decode(self.qtype, self.plain_packed, tuple(self.W.shape)) - self.W, self.H)
 
 
 def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
@@ -122,7 +133,6 @@ def gptq_quantize_many(W: torch.Tensor, H: torch.Tensor, qtypes, settings: GPTQS
     # dynamic grids are fitted per format as GPTQ goes; a table format (IQ4_NL) has its own nearest-level rule
     affine = [n for n in names if n not in grid.TABLE]
     groups = ([affine] if affine else []) + [[n] for n in names if n in grid.TABLE] if static else [[n] for n in names]
-    groups = [g for g in groups if g]
     out: dict[str, GPTQResult] = {}
     for group in groups:
         # rows are independent problems sharing H: do them in chunks to bound memory (the 262k-row embedding)
@@ -136,9 +146,7 @@ def gptq_quantize_many(W: torch.Tensor, H: torch.Tensor, qtypes, settings: GPTQS
             for n, (p, pp) in done.items():
                 packed[n][r0:r1], plain[n][r0:r1] = p.view(r1 - r0, -1), pp.view(r1 - r0, -1)
         for n in group:
-            err = output_error(decode(n, packed[n], (rows, cols)) - W0, H0)
-            plain_err = output_error(decode(n, plain[n], (rows, cols)) - W0, H0)
-            out[n] = GPTQResult(packed[n].numpy(), n, (rows, cols), err, plain_err, plain[n].numpy())
+            out[n] = GPTQResult(packed[n].numpy(), n, plain[n].numpy(), W0, H0)
     return out
 
 
@@ -157,7 +165,8 @@ def _gptq_rows(names: list[str], W0: torch.Tensor, U: torch.Tensor, perm: torch.
     table = names[0] if names[0] in grid.TABLE else None  # a table format runs alone
     if table is not None and k != 1:
         raise BirdboneError("GPTQ: a table format (IQ4_NL) has its own column pass")
-    B = max(bs, -(-block_size // max(f.block_size for f in fmts)) * max(f.block_size for f in fmts))
+    widest = max(f.block_size for f in fmts)
+    B = max(bs, -(-block_size // widest) * widest)  # lazy-batch columns: whole blocks of every format
     # plain codec rounding: the baseline, and the static grid
     plains = [_blocks(n, W0, imp) for n in names]
     heads = [p.view(rows, cols // f.block_size, -1).clone() for p, f in zip(plains, fmts)]

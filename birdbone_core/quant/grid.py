@@ -30,8 +30,10 @@ from birdbone_core.quant.formats import get_format
 
 TOP = {"Q8_0": 255, "Q4_0": 15, "Q4_1": 15, "Q5_0": 31, "Q5_1": 31,
        "Q2_K": 3, "Q3_K": 7, "Q4_K": 15, "Q5_K": 31, "Q6_K": 63, "IQ4_NL": 15}
-# non-uniform formats: value = step * TABLE[name][q] + offset (the others: step * q + offset)
+# non-uniform formats: value = step * TABLE[name][q] + offset (the others: step * q + offset), and the
+# format's own nearest-index rule (v -> index of the nearest table value)
 TABLE = {"IQ4_NL": _IQ4_NL_VALUES}
+_TABLE_NEAREST = {"IQ4_NL": _iq4_nl_nearest}
 
 
 def _nib_u(b):  # 16 bytes -> 32 levels (low nibbles are weights 0..15, high ones 16..31)
@@ -169,7 +171,8 @@ def level_values(name, q: torch.Tensor) -> torch.Tensor:
 def nearest_table_levels(x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, name: str) -> torch.Tensor:
     """The level whose value step * TABLE[q] + offset is nearest x, for a TABLE format (step 0 -> level 0)."""
     ok = step != 0
-    q = _iq4_nl_nearest((x - offset) / torch.where(ok, step, torch.ones_like(step))).float()
+    nearest = _TABLE_NEAREST[get_format(name).name]
+    q = nearest((x - offset) / torch.where(ok, step, torch.ones_like(step))).float()
     return torch.where(ok, q, torch.zeros_like(q))
 
 

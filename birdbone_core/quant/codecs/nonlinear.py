@@ -29,10 +29,8 @@ _MIDPOINTS = (KVALUES[1:] + KVALUES[:-1]) / 2  # [15], all multiples of 1/2
 # index exactly, several times faster than a binary search per element
 _LUT_HALF = 512
 _LUT = (torch.arange(-_LUT_HALF, _LUT_HALF + 1, dtype=torch.float32).unsqueeze(-1) >= 2 * _MIDPOINTS).sum(-1)
-NTRY = 7
-
-
 _VALUE_LUT = KVALUES[_LUT]
+NTRY = 7  # llama.cpp's quantize_iq4_nl: scales tried at t = -7..7
 
 
 def _key(v: torch.Tensor) -> torch.Tensor:
