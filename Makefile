@@ -1,35 +1,52 @@
 # birdbone — quick start:  `make demo`  (compress the built-in Gemma 3 270M)  and  `make test`.
 # Both create .venv and install what they need; torch is pinned to the local CPU wheel and installed
-# first, so nothing later pulls a CUDA build.
+# first, so nothing later pulls a CUDA build. Every install takes its versions from the committed lock
+# requirements/birdbone.txt (pip constraints), so a fresh machine gets exactly what the suite ran with;
+# `make lock` re-resolves it on purpose.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+LOCK   := requirements/birdbone.txt
+PIN    := -c $(LOCK)
+PIP_VERSION := $(shell sed -n 's/^pip==//p' $(LOCK))
 # llama-cpp-python compiles from source once; pip caches the wheel for later venvs. Portable build.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 
-.PHONY: demo demo-cli test test-slow venv clean-venv sysdeps
+.PHONY: demo demo-cli test test-slow venv clean-venv sysdeps lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.torch: | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
+$(VENV)/.torch: $(LOCK) | $(BIN)/python
+	$(BIN)/pip install -q "pip==$(PIP_VERSION)"
+	$(BIN)/pip install -q $(PIN) torch==2.13.0
 	touch $@
 
 $(VENV)/.core: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q $(PIN) -e .
 	touch $@
 
 $(VENV)/.demo: $(VENV)/.core
-	$(BIN)/pip install -q -e '.[demo]'
+	$(BIN)/pip install -q $(PIN) -e '.[demo]'
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core
-	$(BIN)/pip install -q -e '.[test,llamacpp,heal,tasks,ops]'
+	$(BIN)/pip install -q $(PIN) -e '.[test,llamacpp,heal,tasks,ops]'
 	touch $@
+
+# Re-resolve the lock from PyPI within pyproject.toml's ranges, in a throwaway venv with every extra
+# (DeepSpeed without its compiled ops), and rewrite $(LOCK). Review and commit the diff with `make test`.
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(LOCK_VENV)/bin/pip install -q ".[$$($(PYTHON) -c 'import tomllib; print(",".join(tomllib.load(open("pyproject.toml","rb"))["project"]["optional-dependencies"]))')]"
+	$(LOCK_VENV)/bin/python requirements/lock.py
+	rm -rf $(LOCK_VENV)
 
 # Services the tests start for real (Prometheus, Pushgateway) and the browser for the Airflow UI test.
 SYSDEPS := chromium prometheus prometheus-pushgateway

@@ -12,9 +12,9 @@ DEMO_RUN_ID  ?= demo-airflow
 
 .PHONY: airflow-venv test-airflow demo-airflow
 
-$(VENV_AIRFLOW)/.stamp: requirements/airflow.txt
+$(VENV_AIRFLOW)/.stamp: requirements/airflow.txt $(LOCK)
 	$(PYTHON) -m venv $(VENV_AIRFLOW)
-	$(VENV_AIRFLOW)/bin/pip install -q --upgrade pip
+	$(VENV_AIRFLOW)/bin/pip install -q "pip==$(PIP_VERSION)"
 	$(VENV_AIRFLOW)/bin/pip install -q -r requirements/airflow.txt
 	touch $@
 

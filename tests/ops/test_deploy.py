@@ -3,7 +3,6 @@ here, so: parse everything, check it against what the code and the other files e
 manifests against the Kubernetes schema when kubernetes-validate is available."""
 import ast
 import importlib.metadata as md
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -19,6 +18,8 @@ import birdbone_core
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 IMAGES = ROOT / "images"
+LOCK = dict(ln.split("==") for ln in (ROOT / "requirements/birdbone.txt").read_text().splitlines()
+            if ln and not ln.startswith("#"))
 SECRETISH = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN", re.I)
 # what KubernetesPodOperator calls (cncf.kubernetes 10.x): create/read/list/watch/patch/delete pods,
 # read their logs, list events; exec only for an XCom sidecar
@@ -227,8 +228,9 @@ def test_images_install_the_tested_versions(name):
     assert args["BIRDBONE_VERSION"] == pyproject == birdbone_core.__version__ == installed
     import torch
     assert args["TORCH_VERSION"] == torch.__version__.split("+")[0]
-    assert args["PIP_VERSION"] == md.version("pip")
+    assert args["PIP_VERSION"] == md.version("pip") == LOCK["pip"]
     assert re.search(r'test "\$\(\S*birdbone --version\)" = "birdbone \$\{BIRDBONE_VERSION\}"', text)
+    assert re.search(r"^COPY .*requirements/birdbone\.txt /tmp/constraints\.txt$", text, re.M)
     assert "-c /tmp/constraints.txt" in text
     froms = re.findall(r"^FROM (\S+)", text, re.M)
     assert froms and all(re.search(r":\d[\w.-]*$", f) for f in froms)           # pinned base tags
@@ -240,7 +242,7 @@ def test_images_install_the_tested_versions(name):
         for spec in re.findall(r'"([^"]+)"', line):
             assert "==" in spec or spec.startswith("/"), (name, spec)
     ignore = (IMAGES / f"{name}.dockerignore").read_text().split()
-    assert {"!pyproject.toml", "!birdbone_core/", "!images/constraints.txt"} <= set(ignore)
+    assert {"!pyproject.toml", "!birdbone_core/", "!requirements/birdbone.txt"} <= set(ignore)
 
 
 def test_cpu_and_cuda_images_differ_only_where_they_must():
@@ -249,16 +251,3 @@ def test_cpu_and_cuda_images_differ_only_where_they_must():
     assert cpu_args == cuda_args
     assert "download.pytorch.org/whl/cpu" in cpu and "download.pytorch.org" not in cuda
     assert re.search(r'ENTRYPOINT \["birdbone"\]', cpu) and re.search(r'ENTRYPOINT \["birdbone"\]', cuda)
-
-
-def test_image_lock_matches_the_test_environment():
-    spec = importlib.util.spec_from_file_location("birdbone_images_freeze", IMAGES / "freeze.py")
-    freeze = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(freeze)
-    want = [ln for ln in freeze.render(freeze.closure(freeze.ROOT_DIST, freeze.EXTRAS)).splitlines()
-            if not ln.startswith("#")]
-    have = [ln for ln in (IMAGES / "constraints.txt").read_text().splitlines() if not ln.startswith("#")]
-    assert have == want, "images/constraints.txt is stale: run .venv/bin/python images/freeze.py"
-    pins = dict(ln.split("==") for ln in have)
-    for dep in ("torch", "transformers", "dvc", "dvc-s3", "prometheus-client", "gguf", "peft", "s3fs"):
-        assert dep in pins, dep
