@@ -341,7 +341,7 @@ def revert(run: Run, wave: int, out_dir: Path) -> Path:
 
 def compress(root: Path, model_spec: str | None, recipe_file: str | None, load_options: dict | None = None) -> dict:
     """All steps in one process on one loaded model (the model is pruned in place after the baseline)."""
-    run = init_run(root, model_spec, recipe_file)
+    run = init_run(root, model_spec, recipe_file, load_options)
     lm = _load(run.model_spec(), "base model", run.load_options())
     step_baseline(run, lm)
     step_prune(run, lm)

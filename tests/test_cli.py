@@ -108,6 +108,22 @@ def test_steps_one_by_one_match_compress(tmp_path, compressed, tiny_path):
     assert r.returncode == 2 and "different model or recipe" in r.stderr
 
 
+def test_compress_honours_its_load_options(tmp_path, tiny_path):
+    """`compress --allow-pickle` reaches the loader and the run's manifest (it was once dropped)."""
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_path, model)
+    state = load_file(str(model / "model.safetensors"))
+    (model / "model.safetensors").unlink()
+    torch.save(state, model / "pytorch_model.bin")
+    recipe = _recipe(tmp_path, "magnitude")
+    refused = cli("compress", model, "-r", recipe, "-o", tmp_path / "refused")
+    _assert_clean_failure(refused, "pickle")
+    r = cli("compress", model, "-r", recipe, "-o", tmp_path / "run", "--allow-pickle")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert manifest["model"]["options"]["allow_pickle"] is True
+
+
 def test_eval_command_on_run_dir(compressed, tiny_path):
     r = cli("eval", compressed, "--reference", tiny_path, "--n-ctx", "128", "--max-chunks", "2", "--json")
     assert r.returncode == 0, r.stderr
