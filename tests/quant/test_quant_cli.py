@@ -71,11 +71,13 @@ def test_export_step_with_quantize_section(run_cli, tmp_path, tiny_path):
         code, _, err = run_cli(*args)
         assert code == 0, (args, err)
     manifest = json.loads((run / "run.json").read_text())
-    info = manifest["steps"]["export"] if "steps" in manifest else {}
+    info = manifest["steps"]["export"]
     ggufs = list(run.glob("*.gguf"))
     assert len(ggufs) == 1
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(ggufs[0]).tensors}
     assert set(types.values()) <= {"Q4_K", "Q4_0", "F32"}
     rep = json.loads((run / "quant_report.json").read_text())
     assert rep["bits_per_weight"] <= 4.6 and rep["types"] == types
-    assert info == {} or "budget_bytes" in json.dumps(info)
+    assert info["path"] == str(ggufs[0]) and info["bytes"] == ggufs[0].stat().st_size
+    assert info["types"] == {t: n for t, n in ((t, list(types.values()).count(t)) for t in set(types.values()))}
+    assert 0 < info["bits_per_weight"] <= 4.6 and info["budget_bytes"] > 0
