@@ -242,6 +242,25 @@ def parse_recipe(data: object, source: str = "recipe") -> Recipe:
         raise BirdboneError(_format_error(source, e)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a repeated key in one mapping (plain YAML lets the last one win silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str):
+    """YAML as recipes are read: safe types only, duplicate keys refused (yaml.YAMLError)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def load_recipe(path: str | Path | None) -> Recipe:
     """Read a YAML recipe; None gives the default recipe (50% unstructured SparseGPT, Q8_0)."""
     if path is None:
@@ -250,7 +269,7 @@ def load_recipe(path: str | Path | None) -> Recipe:
     if not p.is_file():
         raise BirdboneError(f"{p}: recipe file not found")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = read_yaml(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BirdboneError(f"{p}: not valid YAML ({first})") from None

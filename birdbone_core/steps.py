@@ -31,9 +31,7 @@ from birdbone_core.model.load import LoadedModel, load_model, preflight, resolve
 from birdbone_core.model.save import save_hf
 from birdbone_core.progress import console
 from birdbone_core.prune.sequential import count_zeros, prune_sequential
-from birdbone_core.recipe import Recipe, dump_recipe, load_recipe, parse_recipe
-
-import yaml
+from birdbone_core.recipe import Recipe, dump_recipe, load_recipe
 
 
 def _versions() -> dict[str, str]:
@@ -81,7 +79,14 @@ class Run:
             raise BirdboneError(f"{self.manifest_path}: corrupt manifest ({e.msg})") from None
 
     def recipe(self) -> Recipe:
-        return parse_recipe(yaml.safe_load(self.recipe_path.read_text()), str(self.recipe_path))
+        """The run's recipe, refused when it no longer is the one `init` recorded (edited by hand)."""
+        recipe = load_recipe(self.recipe_path)
+        recorded = self.manifest().get("recipe_sha256")
+        if recipe.sha256() != recorded:
+            raise BirdboneError(f"{self.recipe_path}: changed since `birdbone init` recorded it (sha256 "
+                                f"{recipe.sha256()[:12]} != {str(recorded)[:12]}); start a new run directory "
+                                f"with the new recipe")
+        return recipe
 
     def model_spec(self) -> str:
         return self.manifest()["model"]["path"]
@@ -123,7 +128,16 @@ def init_run(root: Path, model_spec: str | None, recipe_file: str | None,
                 f"{run.root}: run directory already holds a different model or recipe; use a new directory"
             )
         return run
-    run.root.mkdir(parents=True, exist_ok=True)
+    if run.root.exists() or run.root.is_symlink():
+        if not run.root.is_dir():
+            raise BirdboneError(f"{run.root}: exists and is not a directory; choose a new or empty run directory")
+        if any(run.root.iterdir()):
+            raise BirdboneError(f"{run.root}: exists, is not empty and is not a birdbone run; "
+                                f"choose a new or empty run directory")
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError, PermissionError) as exc:
+        raise BirdboneError(f"{run.root}: cannot create the run directory ({exc.strerror})") from exc
     atomic.write_text(run.recipe_path, dump_recipe(recipe))
     atomic.write_json(run.manifest_path, {
         "birdbone_run": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -332,10 +346,11 @@ def revert(run: Run, wave: int, out_dir: Path) -> Path:
         raise BirdboneError(f"{run.root}: this run has no ledger yet (run `birdbone prune` first)")
     if not 0 <= wave <= ledger.last_wave:
         raise BirdboneError(f"{run.root}: no wave {wave}; the ledger holds waves 0..{ledger.last_wave}")
+    atomic.check_output_dir(out_dir, "reverted model", not_within=run.root)
     lm = _load(run.model_spec(), "base model", run.load_options())
     state = ledger.state_at(wave, state_of(lm.model))
     lm.model.load_state_dict(state, strict=True)
-    save_hf(lm.model, lm.tokenizer, out_dir)
+    save_hf(lm.model, lm.tokenizer, out_dir, mark=True)
     return out_dir
 
 

@@ -170,6 +170,29 @@ def test_invalid_recipe(tmp_path, tiny_path):
     assert not out.exists()
 
 
+def test_compress_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_path):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    _assert_clean_failure(cli("compress", tiny_path, "-r", _recipe(tmp_path), "-o", user), "not a birdbone run")
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
+    (tmp_path / "afile").write_text("x")
+    for target, needle in ((tmp_path / "afile", "is not a directory"), (tmp_path / "afile" / "run", "cannot create")):
+        _assert_clean_failure(cli("init", target, "--model", tiny_path, "-r", _recipe(tmp_path)), needle)
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_hand_edited_run_recipe_is_refused(tmp_path, tiny_path):
+    run = tmp_path / "run"
+    assert cli("init", run, "--model", tiny_path, "-r", _recipe(tmp_path)).returncode == 0
+    text = (run / "recipe.yaml").read_text()
+    (run / "recipe.yaml").write_text(text.replace("sparsity: 0.5", "sparsity: 0.7"))
+    _assert_clean_failure(cli("baseline", run), "recipe.yaml", "changed since `birdbone init`")
+    (run / "recipe.yaml").write_text(text + "prune: {}\n")
+    _assert_clean_failure(cli("prune", run), "recipe.yaml", "duplicate key 'prune'")
+    assert not (run / "baseline").exists() and not (run / "pruned").exists()
+
+
 def test_step_on_missing_run(tmp_path):
     _assert_clean_failure(run_cli("prune", tmp_path / "nope"), "not a birdbone run directory")
 
@@ -197,3 +220,28 @@ def test_ledger_log_diff_revert(tmp_path, compressed, tiny_path):
     assert all(torch.equal(w0[k], base[k]) for k in base)
     assert w1.keys() == pruned.keys() and all(torch.equal(w1[k], pruned[k]) for k in pruned)
     _assert_clean_failure(run_cli("revert", compressed, "--to", "7", "-o", tmp_path / "w7"), "no wave 7")
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_revert_never_replaces_what_it_did_not_write(tmp_path, compressed):
+    """`revert -o` onto the run itself, into it, onto a folder around it or onto a user's folder is
+    refused before any work, and nothing changes; its own earlier output may be replaced."""
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me too")
+    before = _tree(compressed)
+    for target, needle in ((compressed, "cannot be the run directory"), (compressed / "pruned", "lie in it"),
+                           (compressed.parent, "contain it"), (user, "'notes.txt', which birdbone did not write"),
+                           (afile, "is not a directory")):
+        _assert_clean_failure(cli("revert", compressed, "--to", "0", "-o", target), str(target), needle)
+    assert _tree(compressed) == before
+    assert (user / "notes.txt").read_text() == "keep me" and afile.read_text() == "keep me too"
+    out = tmp_path / "again"
+    for wave in ("1", "0"):                     # a second revert into its own output replaces it
+        assert cli("revert", compressed, "--to", wave, "-o", out).returncode == 0
+    assert (out / ".birdbone-output").is_file() and (out / "model.safetensors").is_file()

@@ -38,6 +38,8 @@ def test_round_trip_and_hash(tmp_path):
     ("waves: {heal: {method: lora}}", "waves.heal.method"),
     ("waves: {max_per_wave: 0}", "waves.max_per_wave"),
     ("waves: {stop_loss: {patience: 0}}", "waves.stop_loss.patience"),
+    ("prune: {sparsity: 0.3}\nexport: {type: f16}\nprune: {sparsity: 0.6}", "duplicate key 'prune' (line 3)"),
+    ("prune: {sparsity: 0.3, sparsity: 0.6}", "duplicate key 'sparsity' (line 1)"),
 ])
 def test_invalid_recipes_name_field(tmp_path, text, needle):
     p = _write(tmp_path, text)

@@ -34,11 +34,12 @@ def strip_gguf_traces(model: PreTrainedModel) -> None:
         del config._model_name_or_path
 
 
-def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
+def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, mark: bool = False) -> Path:
     """Save to `out_dir` (config.json, model.safetensors, tokenizer files) and return it.
 
     Everything is written into a temporary sibling directory first; only when it is complete does it
-    take `out_dir`'s place, so a crash never leaves a half-written model where a good one was.
+    take `out_dir`'s place, so a crash never leaves a half-written model where a good one was. `mark`: a
+    user-named output (atomic.OUTPUT_MARK), which a later save may replace; check_output_dir refuses others.
     Tied embeddings stay tied: transformers stores the shared tensor once and re-ties on load.
     """
     out_dir = Path(out_dir)
@@ -46,7 +47,7 @@ def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir:
         raise BirdboneError(f"{out_dir}: exists and is not a directory; cannot save a model there")
     strip_gguf_traces(model)
     try:
-        with staged_dir(out_dir) as tmp:
+        with staged_dir(out_dir, mark=mark) as tmp:
             model.save_pretrained(tmp, max_shard_size=_SINGLE_SHARD)
             tokenizer.save_pretrained(tmp)
     except OSError as exc:
