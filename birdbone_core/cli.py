@@ -256,10 +256,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands that change the run directory they are given: they hold its lock (steps.Run.locked), so two
+# processes never work on one run at once; the second waits. (`compress` locks once its run exists.)
+CHANGES_RUN = frozenset({"baseline", "prune", "export", "evaluate", "prepare", "wave", "rollback", "finish",
+                         "run", "resume", "publish", "report"})
+
+
+def _dispatch(args) -> int:
+    if args.cmd in CHANGES_RUN and getattr(args, "run", None):
+        from birdbone_core.steps import Run
+
+        run = Run(Path(args.run))
+        if run.manifest_path.is_file():                 # else the command says what is wrong with it
+            with run.locked(args.cmd):
+                return args.fn(args)
+    return args.fn(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        return _dispatch(args)
     except BirdboneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,9 +11,13 @@ so any step can run in its own process (or container) and be retried after a cra
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -65,6 +69,31 @@ class Run:
     @property
     def metrics_path(self) -> Path:
         return self.root / "metrics.json"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / ".lock"
+
+    @contextlib.contextmanager
+    def locked(self, command: str):
+        """Hold the run's lock (flock on RUN/.lock) while `command` changes the run. A second process waits,
+        naming the holder; the OS releases the lock when the holder exits or is killed, so a crash never
+        leaves a run locked."""
+        self.manifest()                                        # only a run directory has a lock
+        with open(self.lock_path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                print(f"{self.root} is being worked on by {holder}; waiting for it to finish",
+                      file=sys.stderr, flush=True)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            f.truncate()
+            f.write(f"PID {os.getpid()} ({command}, since {datetime.now(timezone.utc).isoformat(timespec='seconds')})\n")
+            f.flush()
+            yield self                                         # closing f releases the lock
 
     def gguf_path(self, recipe: Recipe) -> Path:
         kind = "mixed" if recipe.quantize is not None else recipe.export.type
@@ -357,8 +386,9 @@ def revert(run: Run, wave: int, out_dir: Path) -> Path:
 def compress(root: Path, model_spec: str | None, recipe_file: str | None, load_options: dict | None = None) -> dict:
     """All steps in one process on one loaded model (the model is pruned in place after the baseline)."""
     run = init_run(root, model_spec, recipe_file, load_options)
-    lm = _load(run.model_spec(), "base model", run.load_options())
-    step_baseline(run, lm)
-    step_prune(run, lm)
-    step_export(run, lm)
-    return step_evaluate(run, lm)
+    with run.locked("compress"):
+        lm = _load(run.model_spec(), "base model", run.load_options())
+        step_baseline(run, lm)
+        step_prune(run, lm)
+        step_export(run, lm)
+        return step_evaluate(run, lm)

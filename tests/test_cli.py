@@ -193,6 +193,34 @@ def test_a_hand_edited_run_recipe_is_refused(tmp_path, tiny_path):
     assert not (run / "baseline").exists() and not (run / "pruned").exists()
 
 
+def test_a_second_process_waits_for_the_runs_lock_even_after_a_sigkill(tmp_path, tiny_path):
+    """Two processes on one run: the second names the holder and waits; killing the holder (SIGKILL, no
+    clean-up) releases the lock and the second goes on."""
+    import signal
+
+    run = tmp_path / "run"
+    assert cli("init", run, "--model", tiny_path, "-r", _recipe(tmp_path)).returncode == 0
+    env = {**os.environ, "BIRDBONE_PROGRESS": "0"}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from birdbone_core.steps import Run\n"
+         "with Run(Path(sys.argv[1])).locked('test'):\n    print('locked', flush=True); time.sleep(300)", str(run)],
+        stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        waiter = subprocess.Popen([sys.executable, "-m", "birdbone_core.cli", "publish", str(run), "--enabled", "false"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        line = waiter.stderr.readline()
+        assert f"is being worked on by PID {holder.pid} (test" in line and "waiting" in line, line
+        assert waiter.poll() is None                       # still waiting while the holder lives
+        holder.send_signal(signal.SIGKILL)
+        _, err = waiter.communicate(timeout=120)
+        assert waiter.returncode == 0, err
+        assert f"PID {waiter.pid} (publish" in (run / ".lock").read_text()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_step_on_missing_run(tmp_path):
     _assert_clean_failure(run_cli("prune", tmp_path / "nope"), "not a birdbone run directory")
 
