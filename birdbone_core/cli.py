@@ -156,13 +156,14 @@ def _cmd_revert(a) -> int:
 
 def _cmd_eval(a) -> int:
     from birdbone_core.data.text import evaluation_chunks, read_text
-    from birdbone_core.eval.perplexity import evaluate
+    from birdbone_core.eval.perplexity import check_n_ctx, evaluate
     from birdbone_core.steps import load_with_options
 
     spec = a.model
     if (Path(spec) / "run.json").is_file():
         spec = str(Path(spec) / "pruned")
     lm = load_with_options(spec, _load_options(a))
+    check_n_ctx(lm.model, a.n_ctx)
     text, desc = read_text(a.text, "eval")
     chunks = evaluation_chunks(lm.tokenizer, text, a.n_ctx, a.max_chunks)
     ref_hidden = None

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from birdbone_core import __version__, atomic
 from birdbone_core.data.text import calibration_blocks, evaluation_chunks, read_text
 from birdbone_core.errors import BirdboneError
-from birdbone_core.eval.perplexity import EvalResult, evaluate
+from birdbone_core.eval.perplexity import EvalResult, check_n_ctx, evaluate
 from birdbone_core.ledger import Ledger, state_of
 from birdbone_core.model.load import LoadedModel, load_model, preflight, resolve_source
 from birdbone_core.model.save import save_hf
@@ -206,6 +206,7 @@ def step_baseline(run: Run, lm: LoadedModel | None = None) -> EvalResult:
     recipe = run.recipe()
     lm = lm or _load(run.model_spec(), "base model", run.load_options())
     ev = recipe.evaluation
+    check_n_ctx(lm.model, ev.n_ctx)
     text, text_desc = read_text(ev.text, "eval")
     chunks = evaluation_chunks(lm.tokenizer, text, ev.n_ctx, ev.max_chunks)
     result, hidden = evaluate(lm.model, chunks, description="scoring base model")

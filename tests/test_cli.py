@@ -221,6 +221,20 @@ def test_a_second_process_waits_for_the_runs_lock_even_after_a_sigkill(tmp_path,
         holder.wait()
 
 
+@pytest.mark.parametrize("n_ctx, needle", [("0", "at least 16 tokens"), ("8", "at least 16 tokens"),
+                                           ("100000", "longer than the model's context (512 tokens)")])
+def test_eval_n_ctx_out_of_range(tiny_path, n_ctx, needle):
+    _assert_clean_failure(cli("eval", tiny_path, "--n-ctx", n_ctx), f"n_ctx={n_ctx}", needle)
+
+
+def test_recipe_n_ctx_beyond_the_models_context(tmp_path, tiny_path):
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text(FAST.format(method="magnitude", type="f16").replace("n_ctx: 128", "n_ctx: 100000"))
+    out = tmp_path / "run"
+    _assert_clean_failure(cli("compress", tiny_path, "-r", recipe, "-o", out), "n_ctx=100000", "longer than")
+    assert not (out / "baseline").exists()
+
+
 def test_step_on_missing_run(tmp_path):
     _assert_clean_failure(run_cli("prune", tmp_path / "nope"), "not a birdbone run directory")
 

@@ -83,9 +83,14 @@ def calibration_blocks(tokenizer, text: str, n_samples: int, seq_len: int, seed:
     return blocks
 
 
+MIN_N_CTX = 16                       # the half of each chunk that is scored must hold a few tokens
+
+
 def evaluation_chunks(tokenizer, text: str, n_ctx: int, max_chunks: int | None) -> torch.Tensor:
     """llama-perplexity's chunking: consecutive n_ctx-token chunks of the whole text, the first token of
     each replaced by BOS when the model uses BOS. Shape [n_chunks, n_ctx]."""
+    if n_ctx < MIN_N_CTX:
+        raise BirdboneError(f"n_ctx={n_ctx}: an evaluation chunk needs at least {MIN_N_CTX} tokens")
     ids = tokenize(tokenizer, text)
     n_chunks = len(ids) // n_ctx
     if max_chunks is not None:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from birdbone_core.errors import BirdboneError
 from birdbone_core.progress import progress_bar
 
 
@@ -37,12 +38,21 @@ def _first(n_ctx: int) -> int:
 
 
 @torch.no_grad()
+def check_n_ctx(model, n_ctx: int) -> None:
+    """Refuse chunks longer than the model's context (they would run far slower and score nonsense)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and n_ctx > limit:
+        raise BirdboneError(f"n_ctx={n_ctx} is longer than the model's context ({limit} tokens); "
+                            f"choose n_ctx <= {limit}")
+
+
 def scored_hidden_states(model, chunks: torch.Tensor, description: str = "evaluating") -> torch.Tensor:
     """Final (normed) hidden states at the scored positions.
 
     chunks: [n_chunks, n_ctx] -> [n_chunks, n_ctx - 1 - n_ctx/2, d_model] float32.
     """
     n_chunks, n_ctx = chunks.shape
+    check_n_ctx(model, n_ctx)
     first = _first(n_ctx)
     base = model.get_decoder()
     out = []
