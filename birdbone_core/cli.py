@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -174,6 +175,9 @@ def _cmd_eval(a) -> int:
         _, ref_hidden = evaluate(ref.model, chunks, description="scoring reference")
         del ref
     result, _ = evaluate(lm.model, chunks, reference_hidden=ref_hidden, description="scoring model")
+    if not all(math.isfinite(x) for x in (result.ppl, result.kld if result.kld is not None else 0.0)):
+        raise BirdboneError(f"{a.model}: scoring gave ppl {result.ppl}, KLD {result.kld}: the model's outputs "
+                            f"hold NaN/Inf; check its weights and config")
     out = {"model": a.model, "text": desc, **result.as_dict()}
     if a.json:
         print(json.dumps(out, indent=2))

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import platform
 import sys
@@ -210,6 +211,9 @@ def step_baseline(run: Run, lm: LoadedModel | None = None) -> EvalResult:
     text, text_desc = read_text(ev.text, "eval")
     chunks = evaluation_chunks(lm.tokenizer, text, ev.n_ctx, ev.max_chunks)
     result, hidden = evaluate(lm.model, chunks, description="scoring base model")
+    if not math.isfinite(result.ppl):
+        raise BirdboneError(f"{run.model_spec()}: the base model scores perplexity {result.ppl} (its outputs "
+                            f"hold NaN/Inf); check its weights and config")
     with atomic.staged_dir(run.baseline_dir) as tmp:
         save_file({"chunks": chunks.contiguous(), "hidden": hidden.contiguous()}, str(tmp / "reference.safetensors"))
         atomic.write_json(tmp / "eval.json", {"text": text_desc, **result.as_dict()})

@@ -59,6 +59,23 @@ def _choose_format(plan: TensorPlan, out_type: str, fallbacks: dict[str, str]) -
     return fallback
 
 
+F16_MAX = float(np.finfo(np.float16).max)     # 65504: F16 tensors and every block format's f16 scales
+
+
+def check_storable(name: str, a: np.ndarray, fmt: str) -> None:
+    """Refuse a tensor that would reach the file as NaN/Inf: non-finite values, or (for F16 and the block
+    formats) magnitudes beyond what f16 values and f16 block scales can hold."""
+    finite = np.isfinite(a)
+    if not finite.all():
+        raise BirdboneError(f"tensor {name} holds {int(a.size - finite.sum())} NaN/Inf value(s); not writing a "
+                            f"GGUF that llama.cpp would compute garbage with")
+    if fmt not in ("F32", "BF16") and a.size:
+        peak = float(np.abs(a).max())
+        if peak > F16_MAX:
+            raise BirdboneError(f"tensor {name} holds values up to {peak:.3g}, beyond the f16 range ({F16_MAX:g}) "
+                                f"that {fmt} stores; export it as f32 or fix the weights")
+
+
 def _encode(a: np.ndarray, fmt: str) -> np.ndarray:
     f = get_format(fmt)
     if f.name == "F32":
@@ -174,7 +191,9 @@ def _write(model: torch.nn.Module, tokenizer: Any, path: Path, spec, dims, confi
         with progress_bar(f"writing GGUF ({out_type})", total=len(plans)) as advance:
             for p in plans:
                 q = quantized.get(p.gguf_name)
-                data = q[1] if q is not None else _encode(p.load(), types[p.gguf_name])
+                src = p.load()
+                check_storable(p.gguf_name, src, types[p.gguf_name])
+                data = q[1] if q is not None else _encode(src, types[p.gguf_name])
                 writer.write_tensor_data(data)
                 advance()
     finally:

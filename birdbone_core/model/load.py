@@ -135,6 +135,8 @@ def load_model(
             f"{source.path}: model_type {model_type!r} is not supported (supported: {supported_list()})"
         )
     decoder_layers(model)  # fail now, not mid-pipeline, if the module layout is unexpected
+    check_config_values(model.config.to_dict(), f"{source.path} (config)")   # a GGUF's header too
+    check_finite(model.state_dict(), source.path)
     model.eval()
     return LoadedModel(model, tokenizer, source, model_type, SUPPORTED_ARCHITECTURES[model_type])
 
@@ -255,6 +257,12 @@ def _checked_load(cls, where: str, label: str, **kwargs) -> PreTrainedModel:
             f"{label}: {len(missing)} weight(s) missing from the checkpoint for this config.json "
             f"(e.g. {missing[0]}); the weights do not match the config"
         )
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected and not kwargs.get("gguf_file"):    # (GGUF tensors are mapped by transformers' own table)
+        raise BirdboneError(
+            f"{label}: {len(unexpected)} weight(s) in the checkpoint that this config.json has no place for "
+            f"(e.g. {unexpected[0]}); the weights do not match the config"
+        )
     return model
 
 
@@ -267,8 +275,39 @@ def _load_tokenizer(where: str, label: str, **kwargs):
         raise BirdboneError(f"{label}: failed to load tokenizer ({_one_line(exc)})") from exc
 
 
+def check_finite(tensors: dict[str, torch.Tensor], where: str, what: str = "weights") -> None:
+    """Refuse NaN/Inf in float tensors, naming the first bad tensor and how many values are bad."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            kinds = "/".join(k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if f(t).any())
+            raise BirdboneError(f"{where}: {what} {name} holds {bad} non-finite value(s) ({kinds})")
+
+
 def _shape(shape) -> str:
     return "x".join(str(d) for d in shape) if isinstance(shape, (tuple, list, torch.Size)) else str(shape)
+
+
+# config.json fields that must be positive when present (a negative eps gives NaN everywhere; a layer
+# count of -1 or 0 builds a model that silently ignores the checkpoint).
+_POSITIVE_INTS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
+_POSITIVE_FLOATS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
+
+
+def check_config_values(config: dict, where: str) -> None:
+    """Refuse out-of-range sizes and constants in a config (and in its text_config, for Gemma 3)."""
+    for cfg, prefix in ((config, ""), (config.get("text_config") or {}, "text_config.")):
+        if not isinstance(cfg, dict):
+            continue
+        for key in _POSITIVE_INTS:
+            v = cfg.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise BirdboneError(f"{where}: {prefix}{key} must be a positive integer, got {v!r}")
+        for key in _POSITIVE_FLOATS:
+            v = cfg.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
+                raise BirdboneError(f"{where}: {prefix}{key} must be a positive number, got {v!r}")
 
 
 def _check_config(config: dict, where: str, trust_remote_code: bool) -> None:
@@ -276,6 +315,7 @@ def _check_config(config: dict, where: str, trust_remote_code: bool) -> None:
     if not model_type:
         raise BirdboneError(f"{where}: no model_type field")
     if model_type in SUPPORTED_ARCHITECTURES:
+        check_config_values(config, where)
         return
     if config.get("auto_map") and not trust_remote_code:
         raise BirdboneError(
@@ -322,6 +362,8 @@ def _one_line(exc: BaseException) -> str:
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
+    "check_config_values",
+    "check_finite",
     "LoadedModel",
     "ModelSource",
     "load_model",

@@ -5,6 +5,7 @@ import hashlib
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,6 +101,31 @@ def test_error_mid_write_keeps_existing_good_file(tiny_llama, tmp_path, monkeypa
         export_gguf(model, tok, out, out_type="f32")
     assert _digest(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["x.gguf"]
+
+
+@pytest.mark.parametrize("out_type, scale, needle", [
+    ("f16", 2.0 ** 100, "beyond the f16 range (65504) that F16 stores"),      # finite in fp32, Inf in f16
+    ("q8_0", 2.0 ** 100, "beyond the f16 range (65504) that Q8_0 stores"),    # Inf block scales
+    ("f32", float("nan"), "NaN/Inf value(s)"),
+])
+def test_weights_that_would_be_written_as_nan_or_inf_are_refused(tiny_llama, tmp_path, out_type, scale, needle):
+    model, tok = tiny_llama
+    out = tmp_path / "x.gguf"
+    export_gguf(model, tok, out, out_type="f32")
+    before = _digest(out)
+    w = model.model.layers[0].mlp.down_proj.weight
+    saved = w.data.clone()
+    try:
+        w.data[:, :1] *= scale
+        with pytest.raises(BirdboneError) as e:
+            export_gguf(model, tok, out, out_type=out_type)
+    finally:
+        w.data.copy_(saved)
+    assert "blk.0.ffn_down.weight" in str(e.value) and needle in str(e.value)
+    assert _digest(out) == before and [p.name for p in tmp_path.iterdir()] == ["x.gguf"]
+    with pytest.raises(BirdboneError, match="beyond the f16 range"):
+        gguf_file.check_storable("t", np.array([1e5], np.float32), "Q4_K")
+    gguf_file.check_storable("t", np.array([1e30], np.float32), "BF16")     # bf16 holds it
 
 
 def test_unmappable_tensor_is_a_user_error(tiny_llama, tmp_path):

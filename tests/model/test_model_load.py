@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -10,7 +11,7 @@ from tinymodels import ARCHS, build_model
 from safetensors.torch import load_file
 
 from birdbone_core.errors import BirdboneError
-from birdbone_core.model.load import SUPPORTED_ARCHITECTURES, ModelSource, load_model, resolve_source
+from birdbone_core.model.load import SUPPORTED_ARCHITECTURES, ModelSource, load_model, preflight, resolve_source
 
 EXPECTED = {  # arch -> (class name, gguf arch)
     "llama": ("LlamaForCausalLM", "llama"),
@@ -252,3 +253,42 @@ def test_plain_file_is_not_a_model(tmp_path):
     f.write_text("hi")
     with pytest.raises(BirdboneError, match="not a model"):
         resolve_source(str(f))
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"num_hidden_layers": -1}, "num_hidden_layers must be a positive integer, got -1"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer, got 0"),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps must be a positive number, got -1e-06"),
+    ({"hidden_size": "64"}, "hidden_size must be a positive integer, got '64'"),
+    ({"vocab_size": True}, "vocab_size must be a positive integer, got True"),
+])
+def test_config_values_out_of_range_refused_before_loading(tiny_dir, changes, needle):
+    d = tiny_dir("llama")
+    _edit_config(d, **changes)
+    with pytest.raises(BirdboneError, match="config.json: " + re.escape(needle)):
+        preflight(resolve_source(str(d)))
+    with pytest.raises(BirdboneError, match=re.escape(needle)):
+        load_model(str(d))
+
+
+def test_checkpoint_with_more_layers_than_the_config_is_refused(tiny_dir):
+    d = tiny_dir("llama")
+    n = json.loads((d / "config.json").read_text())["num_hidden_layers"]
+    _edit_config(d, num_hidden_layers=n - 1)
+    with pytest.raises(BirdboneError, match=rf"weight\(s\) in the checkpoint that this config.json has no place for "
+                                            rf"\(e.g. model.layers.{n - 1}\."):
+        load_model(str(d))
+
+
+@pytest.mark.parametrize("poison, kinds", [(float("nan"), "NaN"), (float("inf"), "Inf"), (-float("inf"), "Inf")])
+def test_non_finite_weights_are_named(tiny_dir, poison, kinds):
+    from safetensors.torch import load_file, save_file
+
+    d = tiny_dir("llama")
+    state = load_file(str(d / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    state[name] = state[name].clone()
+    state[name][3, :2] = poison
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(BirdboneError, match=rf"weights {re.escape(name)} holds \d+ non-finite value\(s\) \({kinds}\)"):
+        load_model(str(d))
