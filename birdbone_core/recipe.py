@@ -43,9 +43,22 @@ class TextSource(_Strict):
     seed: int = 0
 
 
+# Calibration activations of every sample are held through each layer walk: cap the tokens so a typo
+# (n_samples: 100000) is a clear error, not an out-of-memory kill hours later. 2^21 = e.g. 1024 x 2048.
+MAX_CALIBRATION_TOKENS = 2 ** 21
+MAX_WAVES = 200
+
+
 class Calibration(TextSource):
     n_samples: int = Field(64, ge=1, le=100_000)
     seq_len: int = Field(512, ge=8, le=131_072)
+
+    @model_validator(mode="after")
+    def _tokens(self) -> "Calibration":
+        if self.n_samples * self.seq_len > MAX_CALIBRATION_TOKENS:
+            raise ValueError(f"n_samples x seq_len = {self.n_samples * self.seq_len:,} tokens, more than the "
+                             f"{MAX_CALIBRATION_TOKENS:,} calibration tokens birdbone holds")
+        return self
 
 
 class AccuracyGuard(_Strict):
@@ -200,6 +213,14 @@ class Recipe(_Strict):
     export: Export = Export()
     waves: Waves | None = Field(None, description="absent: one-shot pruning; present: pruning in waves")
     quantize: Quantize | None = Field(None, description="mixed-type GGUF under a bit budget (export)")
+
+    @model_validator(mode="after")
+    def _wave_count(self) -> "Recipe":
+        if self.waves is not None and len(self.waves.targets(self.prune.sparsity)) > MAX_WAVES:
+            n = len(self.waves.targets(self.prune.sparsity))
+            raise ValueError(f"prune.sparsity {self.prune.sparsity} at waves.max_per_wave {self.waves.max_per_wave} "
+                             f"is {n:,} waves, more than {MAX_WAVES}; raise max_per_wave")
+        return self
 
     @model_validator(mode="after")
     def _disjoint(self) -> "Recipe":

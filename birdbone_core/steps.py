@@ -35,7 +35,7 @@ from birdbone_core.ledger import Ledger, state_of
 from birdbone_core.model.load import LoadedModel, load_model, preflight, resolve_source
 from birdbone_core.model.save import save_hf
 from birdbone_core.progress import console
-from birdbone_core.prune.sequential import count_zeros, prune_sequential
+from birdbone_core.prune.sequential import check_pattern, count_zeros, prune_sequential
 from birdbone_core.recipe import Recipe, dump_recipe, load_recipe
 
 
@@ -208,6 +208,7 @@ def step_baseline(run: Run, lm: LoadedModel | None = None) -> EvalResult:
     lm = lm or _load(run.model_spec(), "base model", run.load_options())
     ev = recipe.evaluation
     check_n_ctx(lm.model, ev.n_ctx)
+    check_pattern(lm.model, recipe.prune)          # the first step that has the model: refuse before any work
     text, text_desc = read_text(ev.text, "eval")
     chunks = evaluation_chunks(lm.tokenizer, text, ev.n_ctx, ev.max_chunks)
     result, hidden = evaluate(lm.model, chunks, description="scoring base model")

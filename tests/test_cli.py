@@ -235,6 +235,17 @@ def test_recipe_n_ctx_beyond_the_models_context(tmp_path, tiny_path):
     assert not (out / "baseline").exists()
 
 
+def test_nm_pattern_that_does_not_divide_a_width_is_refused_before_any_work(tmp_path, tiny_path):
+    width = json.loads((tiny_path / "config.json").read_text())["hidden_size"]
+    m = next(m for m in range(3, 64) if width % m)
+    recipe = tmp_path / "nm.yaml"
+    recipe.write_text(FAST.format(method="wanda", type="f16").replace("sparsity: 0.5", f"pattern: '1:{m}'"))
+    out = tmp_path / "run"
+    _assert_clean_failure(cli("compress", tiny_path, "-r", recipe, "-o", out), f"prune.pattern 1:{m}",
+                          f"has {width} inputs, not a multiple of {m}")
+    assert not (out / "baseline").exists() and not (out / "pruned").exists()
+
+
 def test_step_on_missing_run(tmp_path):
     _assert_clean_failure(run_cli("prune", tmp_path / "nope"), "not a birdbone run directory")
 

@@ -40,6 +40,9 @@ def test_round_trip_and_hash(tmp_path):
     ("waves: {stop_loss: {patience: 0}}", "waves.stop_loss.patience"),
     ("prune: {sparsity: 0.3}\nexport: {type: f16}\nprune: {sparsity: 0.6}", "duplicate key 'prune' (line 3)"),
     ("prune: {sparsity: 0.3, sparsity: 0.6}", "duplicate key 'sparsity' (line 1)"),
+    ("calibration: {n_samples: 100000, seq_len: 2048}", "calibration: Value error, n_samples x seq_len = 204,800,000"),
+    ("prune: {sparsity: 0.5}\nwaves: {max_per_wave: 0.0001}", "is 5,000 waves, more than 200"),
+    ("waves: {heal: {steps: 1000000000000}}", "waves.heal.steps: Input should be less than or equal to 1000000"),
 ])
 def test_invalid_recipes_name_field(tmp_path, text, needle):
     p = _write(tmp_path, text)

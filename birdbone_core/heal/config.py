@@ -34,7 +34,8 @@ class Heal(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: Literal["blockwise", "distill", "none"] = "blockwise"
-    steps: int = Field(200, ge=0, description="optimizer steps (per layer for blockwise, total for distill)")
+    steps: int = Field(200, ge=0, le=1_000_000,
+                       description="optimizer steps (per layer for blockwise, total for distill)")
     lr: float | None = Field(
         None, gt=0, le=1.0, description="peak learning rate; None = 2e-4 for blockwise, 3e-5 for distill")
     trainable: Literal["weights", "norms", "lora", "qlora"] = Field(

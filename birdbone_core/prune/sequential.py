@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from birdbone_core.errors import BirdboneError
 from birdbone_core.model.layers import decoder_layers, linear_modules
 from birdbone_core.progress import progress_bar
 from birdbone_core.prune import kernel_for
@@ -161,8 +162,28 @@ def _attach_stats(modules: dict[str, nn.Linear], full: bool):
 
 
 @torch.no_grad()
+def check_pattern(model, cfg: Prune) -> None:
+    """Refuse an N:M pattern that does not divide the input width of every module it would prune (the
+    mask groups each row's inputs in runs of M), before any work."""
+    if cfg.nm is None:
+        return
+    n, m = cfg.nm
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.startswith(_decoder_prefix(model)) \
+                and (cfg.sparsity_for(name) or 0) > 0 and mod.in_features % m:
+            raise BirdboneError(f"prune.pattern {n}:{m}: {name} has {mod.in_features} inputs, not a multiple of "
+                                f"{m}; choose an M that divides it or skip the module (prune.skip)")
+
+
+def _decoder_prefix(model) -> str:
+    names = {m: n for n, m in model.named_modules()}
+    layers = decoder_layers(model)
+    return names[layers[0]].rsplit(".", 1)[0] if len(layers) else ""
+
+
 def prune_sequential(model, blocks: torch.Tensor, cfg: Prune, description: str = "pruning") -> PruneReport:
     """Prune every linear module of every decoder layer in place, per the recipe section `cfg`."""
+    check_pattern(model, cfg)
     t0 = time.perf_counter()
     report = PruneReport(method=cfg.method, pattern=cfg.pattern)
     kernel = kernel_for(cfg.method)
