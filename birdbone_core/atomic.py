@@ -13,6 +13,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from birdbone_core.errors import BirdboneError
 
@@ -85,6 +86,20 @@ def check_output_dir(path: Path, what: str, *, not_within: Path | None = None) -
     if names and OUTPUT_MARK not in names:
         raise BirdboneError(f"{path}: exists and holds '{names[0]}', which birdbone did not write; "
                             f"choose a new or empty directory for the {what}")
+
+
+def check_output_file(path: Path, what: str, ours: Callable[[Path], bool]) -> None:
+    """Refuse `path` as a file to (re)place unless it is absent or `ours(path)` says birdbone wrote it."""
+    path = Path(path)
+    if path.is_dir():
+        raise BirdboneError(f"{path}: is a directory; give a file path for the {what}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BirdboneError(f"{path}: {parent} is not a directory")
+            break
+    if (path.exists() or path.is_symlink()) and not ours(path):
+        raise BirdboneError(f"{path}: exists and birdbone did not write it; choose another path for the {what}")
 
 
 @contextlib.contextmanager

@@ -149,3 +149,11 @@ def _parse(buf, size: int) -> GgufHeader:
             raise GgufHeaderError(f"tensor {name} needs bytes up to {start + n_bytes}, file has {size}")
         header.tensors.append(TensorInfo(name, shape, ggml_type, start, n_bytes))
     return header
+
+
+def written_by_birdbone(path: Path) -> bool:
+    """A readable GGUF whose metadata carries birdbone.version (exports, quantized files, imatrix files)."""
+    try:
+        return "birdbone.version" in read_gguf_header(Path(path)).metadata
+    except (GgufHeaderError, OSError, ValueError):
+        return False

@@ -41,7 +41,9 @@ def _model_and_recipe(spec: str, recipe_file: str | None):
 def _cmd_quantize(a) -> int:
     from pydantic import ValidationError
 
+    from birdbone_core.atomic import check_output_file
     from birdbone_core.errors import BirdboneError
+    from birdbone_core.model.gguf_header import written_by_birdbone
     from birdbone_core.model.load import load_model
     from birdbone_core.quant.config import Quantize
     from birdbone_core.quant.pipeline import quantize_and_export
@@ -76,6 +78,7 @@ def _cmd_quantize(a) -> int:
     out = Path(a.out) if a.out else (run_dir / "model-mixed.gguf" if run_dir else None)
     if out is None:
         raise BirdboneError("quantize: give -o OUT.gguf")
+    check_output_file(out, "quantized GGUF", written_by_birdbone)
     lm = load_model(spec)
     src = Path(spec) if spec.endswith(".gguf") else None
     result, q = quantize_and_export(lm.model, lm.tokenizer, cfg, out, calibration=recipe.calibration,
@@ -96,11 +99,14 @@ def _cmd_quantize(a) -> int:
 def _cmd_imatrix(a) -> int:
     import torch
 
+    from birdbone_core.atomic import check_output_file
     from birdbone_core.data.text import calibration_blocks, read_text
     from birdbone_core.export.arch import arch_for, model_dims, plan_tensors
+    from birdbone_core.model.gguf_header import written_by_birdbone
     from birdbone_core.model.load import load_model
     from birdbone_core.quant.importance import Imatrix, collect_hessians, write_imatrix
 
+    check_output_file(Path(a.out), "imatrix file", written_by_birdbone)
     lm = load_model(a.model)
     text, desc = read_text(a.text, "calib")
     blocks = calibration_blocks(lm.tokenizer, text, a.n_samples, a.seq_len, 0)

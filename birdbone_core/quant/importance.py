@@ -123,10 +123,13 @@ def write_imatrix(path: str | Path, im: Imatrix) -> Path:
     """Write `im` in llama-imatrix's GGUF format (llama-quantize --imatrix reads it). Atomic."""
     import gguf
 
+    from birdbone_core import __version__ as birdbone_version
+
     p = Path(path)
     with staged_file(p) as tmp:
         w = gguf.GGUFWriter(tmp, arch="imatrix")  # writes general.architecture; llama.cpp ignores it
         w.add_type("imatrix")
+        w.add_string("birdbone.version", birdbone_version)   # marks the file as one birdbone may replace
         w.add_array("imatrix.datasets", list(im.datasets) or ["birdbone"])
         w.add_uint32("imatrix.chunk_count", int(im.chunk_count))
         w.add_uint32("imatrix.chunk_size", int(im.chunk_size))

@@ -55,6 +55,27 @@ def test_errors_are_one_line(run_cli, tmp_path, tiny_path, args, msg):
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_quantize_and_imatrix_replace_only_their_own_files(run_cli, tmp_path, tiny_path):
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"GGUF not really, but the user's")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for cmd, extra in (("quantize", ["--bpw", "5", "--no-gptq"]), ("imatrix", [])):
+        for target, needle in ((mine, "exists and birdbone did not write it"), (folder, "is a directory"),
+                               (mine / "x.gguf", "is not a directory")):
+            code, _, err = run_cli(cmd, tiny_path, "-o", target, "--n-samples", "1", *extra)
+            assert code == 2 and err.startswith(f"error: {target}: ") and needle in err, err
+    assert mine.read_bytes() == b"GGUF not really, but the user's" and not any(folder.iterdir())
+    im = tmp_path / "im.gguf"
+    for _ in range(2):                                   # its own earlier output is replaced
+        code, _, err = run_cli("imatrix", tiny_path, "-o", im, "--n-samples", "1", "--seq-len", "64")
+        assert code == 0, err
+    q = tmp_path / "q.gguf"
+    for _ in range(2):
+        code, _, err = run_cli("quantize", tiny_path, "-o", q, "--bpw", "5", "--no-gptq", "--n-samples", "1")
+        assert code == 0, err
+
+
 RECIPE = """
 name: prune-quant
 calibration: {n_samples: 2, seq_len: 128}
