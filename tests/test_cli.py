@@ -246,6 +246,13 @@ def test_nm_pattern_that_does_not_divide_a_width_is_refused_before_any_work(tmp_
     assert not (out / "baseline").exists() and not (out / "pruned").exists()
 
 
+def test_the_step_loop_refuses_a_run_pruned_in_one_shot_before_writing(compressed):
+    before = _tree(compressed)
+    for cmd in ("run", "prepare"):
+        _assert_clean_failure(cli(cmd, compressed), "already pruned in one shot")
+    assert _tree(compressed) == before and not (compressed / "base").exists()
+
+
 def test_step_on_missing_run(tmp_path):
     _assert_clean_failure(run_cli("prune", tmp_path / "nope"), "not a birdbone run directory")
 
@@ -276,7 +283,9 @@ def test_ledger_log_diff_revert(tmp_path, compressed, tiny_path):
 
 
 def _tree(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes, but the run lock's holder line (rewritten by each command that takes it)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and p.name != ".lock"}
 
 
 def test_revert_never_replaces_what_it_did_not_write(tmp_path, compressed):

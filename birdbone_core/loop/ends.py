@@ -43,6 +43,9 @@ from birdbone_core.steps import step_baseline
 def prepare(ctx: Context) -> dict | None:
     if read_json(ctx.lay.prepare_marker) is not None:
         return None
+    if ctx.run.done("prune"):            # pruned by the one-shot `prune` step (the loop's own marks `finish`)
+        raise BirdboneError(f"{ctx.run.root}: already pruned in one shot (`birdbone prune` or `compress`); the "
+                            f"step loop prunes a run itself: start it in a new run directory")
     t0 = time.perf_counter()
     run, lay, recipe = ctx.run, ctx.lay, ctx.recipe
     if not run.done("baseline"):

@@ -79,12 +79,17 @@ def resolve_source(spec: str, *, offline: bool = True) -> ModelSource:
         raise BirdboneError(
             f"{spec}: not a model; give a Hugging Face model directory (with config.json) or a .gguf file"
         )
+    if path.exists():                    # a device, FIFO or socket (e.g. /dev/zero)
+        raise BirdboneError(f"{spec}: not a regular file or directory; give a model directory or a .gguf file")
+    if path.is_symlink():
+        raise BirdboneError(f"{spec}: a symlink to {os.readlink(path)}, which does not exist")
     if spec.lower().endswith(".gguf"):
         raise BirdboneError(f"{spec}: GGUF file not found")
     if _HUB_ID.match(spec) and not spec.startswith("."):
         if offline:
             raise BirdboneError(
-                f"{spec}: not a local path, and hub downloads are off; {_HUB_HINT} to fetch it from the hub"
+                f"{spec}: no such local file or directory; as a hub id it would need downloads, which are "
+                f"off ({_HUB_HINT})"
             )
         return ModelSource("hub", spec)
     raise BirdboneError(f"{spec}: no such file or directory")

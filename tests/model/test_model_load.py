@@ -235,7 +235,7 @@ def test_resolve_kinds(pristine_dirs, tiny_gguf, tmp_path):
 
 
 def test_hub_id_offline_is_refused():
-    with pytest.raises(BirdboneError, match=r"google/gemma-3-270m: not a local path, and hub downloads are off.*offline=False"):
+    with pytest.raises(BirdboneError, match=r"google/gemma-3-270m: no such local file or directory; as a hub id it would need downloads, which are off.*offline=False"):
         load_model("google/gemma-3-270m")
 
 
@@ -292,3 +292,12 @@ def test_non_finite_weights_are_named(tiny_dir, poison, kinds):
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(BirdboneError, match=rf"weights {re.escape(name)} holds \d+ non-finite value\(s\) \({kinds}\)"):
         load_model(str(d))
+
+
+def test_special_files_and_dangling_links_are_named_for_what_they_are(tmp_path):
+    with pytest.raises(BirdboneError, match="/dev/zero: not a regular file or directory"):
+        resolve_source("/dev/zero")
+    link = tmp_path / "model"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(BirdboneError, match=rf"a symlink to {re.escape(str(tmp_path / 'gone'))}, which does not exist"):
+        resolve_source(str(link))
