@@ -7,6 +7,7 @@ refused by check_output_dir, never deleted."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -29,6 +30,27 @@ def _umask() -> int:
 def _publish_mode(path: Path | str, is_dir: bool) -> None:
     """mkstemp/mkdtemp create private (0600/0700) entries; published ones get the usual umask mode."""
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_sha256(path: Path, expected: str | None, what: str) -> None:
+    """Refuse a file a step wrote earlier when its bytes no longer hash to what was recorded then
+    (bit rot, a hand edit, a file copied in from another run). `expected` None: recorded by an older
+    birdbone that kept no hash; nothing to check."""
+    if expected is None:
+        return
+    if not Path(path).is_file():
+        raise BirdboneError(f"{path}: missing ({what})")
+    if sha256_file(path) != expected:
+        raise BirdboneError(f"{path}: its bytes differ from the sha256 recorded when it was written ({what}); "
+                            f"the file was damaged or replaced (`birdbone verify RUN` checks the whole run)")
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -5,6 +5,7 @@ task in its own container); `compress` chains them in one process.
     birdbone init RUN [--model MODEL] [-r recipe.yaml]   # then: baseline, prune, export, evaluate
     birdbone eval MODEL [--reference BASE]               # score any HF dir / GGUF / run dir
     birdbone log RUN | diff RUN A B | revert RUN --to W -o OUT   # the ledger of weight changes
+    birdbone verify RUN                                           # every file against its recorded hash
 
 User mistakes (bad files, bad recipes, unsupported models) print one line `error: ...` and exit 2.
 """
@@ -125,12 +126,23 @@ def _ledger(a):
     return ledger
 
 
+def _cmd_verify(a) -> int:
+    from birdbone_core.verify import verify_run
+
+    for line in verify_run(Path(a.run)):
+        print(f"ok  {line}")
+    print(f"{a.run}: every recorded file matches")
+    return 0
+
+
 def _cmd_log(a) -> int:
     from rich.console import Console
 
     from birdbone_core.ledger import format_log
 
-    Console(width=max(140, Console().width)).print(format_log(_ledger(a).log()))
+    ledger = _ledger(a)
+    ledger.verify()              # a log of a damaged ledger would print what the files no longer hold
+    Console(width=max(140, Console().width)).print(format_log(ledger.log()))
     return 0
 
 
@@ -227,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("run")
         s.set_defaults(fn=_cmd_step)
 
+    vf = sub.add_parser("verify", help="check every file of a run against the hashes recorded when written")
+    vf.add_argument("run")
+    vf.set_defaults(fn=_cmd_verify)
     lg = sub.add_parser("log", help="the run's ledger: one line per wave")
     lg.add_argument("run")
     lg.set_defaults(fn=_cmd_log)
@@ -261,10 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Commands that change the run directory they are given: they hold its lock (steps.Run.locked), so two
-# processes never work on one run at once; the second waits. (`compress` locks once its run exists.)
+# Commands that change the run directory they are given (or, verify, need it still): they hold its lock
+# (steps.Run.locked), so two processes never work on one run at once; the second waits. (`compress` locks
+# once its run exists.)
 CHANGES_RUN = frozenset({"baseline", "prune", "export", "evaluate", "prepare", "wave", "rollback", "finish",
-                         "run", "resume", "publish", "report"})
+                         "run", "resume", "publish", "report", "verify"})
 
 
 def _dispatch(args) -> int:

@@ -64,6 +64,16 @@ class Run:
         return self.root / "baseline"
 
     @property
+    def reference_path(self) -> Path:
+        return self.baseline_dir / "reference.safetensors"
+
+    def reference(self) -> dict[str, torch.Tensor]:
+        """The baseline's {"chunks", "hidden"}, checked against the hash the baseline step recorded."""
+        atomic.check_sha256(self.reference_path, self.manifest()["steps"].get("baseline", {}).get("reference_sha256"),
+                            "the dense model's outputs, from `baseline`")
+        return load_file(str(self.reference_path))
+
+    @property
     def pruned_dir(self) -> Path:
         return self.root / "pruned"
 
@@ -216,9 +226,10 @@ def step_baseline(run: Run, lm: LoadedModel | None = None) -> EvalResult:
         raise BirdboneError(f"{run.model_spec()}: the base model scores perplexity {result.ppl} (its outputs "
                             f"hold NaN/Inf); check its weights and config")
     with atomic.staged_dir(run.baseline_dir) as tmp:
-        save_file({"chunks": chunks.contiguous(), "hidden": hidden.contiguous()}, str(tmp / "reference.safetensors"))
+        save_file({"chunks": chunks.contiguous(), "hidden": hidden.contiguous()}, str(tmp / run.reference_path.name))
         atomic.write_json(tmp / "eval.json", {"text": text_desc, **result.as_dict()})
-    run.mark_done("baseline", {"ppl": result.ppl, "n_scored": result.n_scored, "text": text_desc})
+    run.mark_done("baseline", {"ppl": result.ppl, "n_scored": result.n_scored, "text": text_desc,
+                               "reference_sha256": atomic.sha256_file(run.reference_path)})
     return result
 
 
@@ -323,7 +334,7 @@ def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
     t0 = time.perf_counter()
     recipe = run.recipe()
     lm = lm or _load(str(run.pruned_dir), "pruned model")
-    ref = load_file(str(run.baseline_dir / "reference.safetensors"))
+    ref = run.reference()
     base_eval = json.loads((run.baseline_dir / "eval.json").read_text())
     result, _ = evaluate(lm.model, ref["chunks"], reference_hidden=ref["hidden"], description="scoring pruned model")
     zeros, total = count_zeros(lm.model)

@@ -6,8 +6,6 @@ no traceback, nothing partial left behind.
 the ~5-10 s of importing torch and transformers again (every step as its own process, one retried after
 a SIGKILL, compared bit for bit with an uninterrupted run: tests/dags/test_airflow_server.py).
 Both sides use one torch thread: float sums are reproducible run to run, not across thread counts."""
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -20,26 +18,7 @@ import torch
 from gguf import GGUFReader
 from safetensors.torch import load_file
 
-from birdbone_core.cli import main
-
-
-def run_cli(*args, cwd=None):
-    env = {**os.environ, "BIRDBONE_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "birdbone_core.cli", *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    """`birdbone ARGS` in this process, on one torch thread; returns what run_cli returns."""
-    out, err = io.StringIO(), io.StringIO()
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main([str(a) for a in args])
-    finally:
-        torch.set_num_threads(n)
-    return subprocess.CompletedProcess(["birdbone", *map(str, args)], code, out.getvalue(), err.getvalue())
+from clitools import assert_clean_failure, cli, run_cli, tree
 
 
 FAST = """
@@ -117,7 +96,7 @@ def test_compress_honours_its_load_options(tmp_path, tiny_path):
     torch.save(state, model / "pytorch_model.bin")
     recipe = _recipe(tmp_path, "magnitude")
     refused = cli("compress", model, "-r", recipe, "-o", tmp_path / "refused")
-    _assert_clean_failure(refused, "pickle")
+    assert_clean_failure(refused, "pickle")
     r = cli("compress", model, "-r", recipe, "-o", tmp_path / "run", "--allow-pickle")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -131,15 +110,6 @@ def test_eval_command_on_run_dir(compressed, tiny_path):
     assert out["n_scored"] == 2 * 63 and out["kld"] > 0
 
 
-def _assert_clean_failure(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
-    assert len(lines) == 1, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 def test_corrupt_safetensors(tmp_path, tiny_path):
     bad = tmp_path / "bad-model"
     shutil.copytree(tiny_path, bad)
@@ -147,7 +117,7 @@ def test_corrupt_safetensors(tmp_path, tiny_path):
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
     out = tmp_path / "out"
     r = run_cli("compress", bad, "-r", _recipe(tmp_path), "-o", out)
-    _assert_clean_failure(r, "model.safetensors", "corrupt")
+    assert_clean_failure(r, "model.safetensors", "corrupt")
     assert not (out / "pruned").exists() and not list(out.glob("*.gguf"))
 
 
@@ -157,7 +127,7 @@ def test_truncated_gguf(tmp_path, compressed):
     g.write_bytes(src[: len(src) // 3])
     out = tmp_path / "out"
     r = run_cli("compress", g, "-r", _recipe(tmp_path), "-o", out)
-    _assert_clean_failure(r, "trunc.gguf", "truncated or corrupt GGUF")
+    assert_clean_failure(r, "trunc.gguf", "truncated or corrupt GGUF")
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -166,7 +136,7 @@ def test_invalid_recipe(tmp_path, tiny_path):
     p.write_text("prune: {method: sparsegpt, sparsity: 2}\n")
     out = tmp_path / "out"
     r = run_cli("compress", tiny_path, "-r", p, "-o", out)
-    _assert_clean_failure(r, "r.yaml", "prune.sparsity")
+    assert_clean_failure(r, "r.yaml", "prune.sparsity")
     assert not out.exists()
 
 
@@ -174,11 +144,11 @@ def test_compress_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_path):
     user = tmp_path / "mine"
     user.mkdir()
     (user / "notes.txt").write_text("keep me")
-    _assert_clean_failure(cli("compress", tiny_path, "-r", _recipe(tmp_path), "-o", user), "not a birdbone run")
+    assert_clean_failure(cli("compress", tiny_path, "-r", _recipe(tmp_path), "-o", user), "not a birdbone run")
     assert [p.name for p in user.iterdir()] == ["notes.txt"]
     (tmp_path / "afile").write_text("x")
     for target, needle in ((tmp_path / "afile", "is not a directory"), (tmp_path / "afile" / "run", "cannot create")):
-        _assert_clean_failure(cli("init", target, "--model", tiny_path, "-r", _recipe(tmp_path)), needle)
+        assert_clean_failure(cli("init", target, "--model", tiny_path, "-r", _recipe(tmp_path)), needle)
     assert (tmp_path / "afile").read_text() == "x"
 
 
@@ -187,9 +157,9 @@ def test_a_hand_edited_run_recipe_is_refused(tmp_path, tiny_path):
     assert cli("init", run, "--model", tiny_path, "-r", _recipe(tmp_path)).returncode == 0
     text = (run / "recipe.yaml").read_text()
     (run / "recipe.yaml").write_text(text.replace("sparsity: 0.5", "sparsity: 0.7"))
-    _assert_clean_failure(cli("baseline", run), "recipe.yaml", "changed since `birdbone init`")
+    assert_clean_failure(cli("baseline", run), "recipe.yaml", "changed since `birdbone init`")
     (run / "recipe.yaml").write_text(text + "prune: {}\n")
-    _assert_clean_failure(cli("prune", run), "recipe.yaml", "duplicate key 'prune'")
+    assert_clean_failure(cli("prune", run), "recipe.yaml", "duplicate key 'prune'")
     assert not (run / "baseline").exists() and not (run / "pruned").exists()
 
 
@@ -224,14 +194,14 @@ def test_a_second_process_waits_for_the_runs_lock_even_after_a_sigkill(tmp_path,
 @pytest.mark.parametrize("n_ctx, needle", [("0", "at least 16 tokens"), ("8", "at least 16 tokens"),
                                            ("100000", "longer than the model's context (512 tokens)")])
 def test_eval_n_ctx_out_of_range(tiny_path, n_ctx, needle):
-    _assert_clean_failure(cli("eval", tiny_path, "--n-ctx", n_ctx), f"n_ctx={n_ctx}", needle)
+    assert_clean_failure(cli("eval", tiny_path, "--n-ctx", n_ctx), f"n_ctx={n_ctx}", needle)
 
 
 def test_recipe_n_ctx_beyond_the_models_context(tmp_path, tiny_path):
     recipe = tmp_path / "long.yaml"
     recipe.write_text(FAST.format(method="magnitude", type="f16").replace("n_ctx: 128", "n_ctx: 100000"))
     out = tmp_path / "run"
-    _assert_clean_failure(cli("compress", tiny_path, "-r", recipe, "-o", out), "n_ctx=100000", "longer than")
+    assert_clean_failure(cli("compress", tiny_path, "-r", recipe, "-o", out), "n_ctx=100000", "longer than")
     assert not (out / "baseline").exists()
 
 
@@ -241,20 +211,20 @@ def test_nm_pattern_that_does_not_divide_a_width_is_refused_before_any_work(tmp_
     recipe = tmp_path / "nm.yaml"
     recipe.write_text(FAST.format(method="wanda", type="f16").replace("sparsity: 0.5", f"pattern: '1:{m}'"))
     out = tmp_path / "run"
-    _assert_clean_failure(cli("compress", tiny_path, "-r", recipe, "-o", out), f"prune.pattern 1:{m}",
+    assert_clean_failure(cli("compress", tiny_path, "-r", recipe, "-o", out), f"prune.pattern 1:{m}",
                           f"has {width} inputs, not a multiple of {m}")
     assert not (out / "baseline").exists() and not (out / "pruned").exists()
 
 
 def test_the_step_loop_refuses_a_run_pruned_in_one_shot_before_writing(compressed):
-    before = _tree(compressed)
+    before = tree(compressed)
     for cmd in ("run", "prepare"):
-        _assert_clean_failure(cli(cmd, compressed), "already pruned in one shot")
-    assert _tree(compressed) == before and not (compressed / "base").exists()
+        assert_clean_failure(cli(cmd, compressed), "already pruned in one shot")
+    assert tree(compressed) == before and not (compressed / "base").exists()
 
 
 def test_step_on_missing_run(tmp_path):
-    _assert_clean_failure(run_cli("prune", tmp_path / "nope"), "not a birdbone run directory")
+    assert_clean_failure(run_cli("prune", tmp_path / "nope"), "not a birdbone run directory")
 
 
 def test_eval_command_on_exported_gguf(compressed):
@@ -279,13 +249,7 @@ def test_ledger_log_diff_revert(tmp_path, compressed, tiny_path):
     pruned = load_file(str(compressed / "pruned" / "model.safetensors"))
     assert all(torch.equal(w0[k], base[k]) for k in base)
     assert w1.keys() == pruned.keys() and all(torch.equal(w1[k], pruned[k]) for k in pruned)
-    _assert_clean_failure(run_cli("revert", compressed, "--to", "7", "-o", tmp_path / "w7"), "no wave 7")
-
-
-def _tree(root: Path) -> dict:
-    """Every file's bytes, but the run lock's holder line (rewritten by each command that takes it)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-            and p.name != ".lock"}
+    assert_clean_failure(run_cli("revert", compressed, "--to", "7", "-o", tmp_path / "w7"), "no wave 7")
 
 
 def test_revert_never_replaces_what_it_did_not_write(tmp_path, compressed):
@@ -296,12 +260,12 @@ def test_revert_never_replaces_what_it_did_not_write(tmp_path, compressed):
     (user / "notes.txt").write_text("keep me")
     afile = tmp_path / "afile"
     afile.write_text("keep me too")
-    before = _tree(compressed)
+    before = tree(compressed)
     for target, needle in ((compressed, "cannot be the run directory"), (compressed / "pruned", "lie in it"),
                            (compressed.parent, "contain it"), (user, "'notes.txt', which birdbone did not write"),
                            (afile, "is not a directory")):
-        _assert_clean_failure(cli("revert", compressed, "--to", "0", "-o", target), str(target), needle)
-    assert _tree(compressed) == before
+        assert_clean_failure(cli("revert", compressed, "--to", "0", "-o", target), str(target), needle)
+    assert tree(compressed) == before
     assert (user / "notes.txt").read_text() == "keep me" and afile.read_text() == "keep me too"
     out = tmp_path / "again"
     for wave in ("1", "0"):                     # a second revert into its own output replaces it

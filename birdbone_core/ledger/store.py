@@ -12,6 +12,7 @@ History is append-only: a rollback is a new wave whose delta leads back to an ea
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import replace
@@ -123,17 +124,40 @@ class Ledger:
         if not 0 <= wave <= last:
             raise BirdboneError(f"ledger: wave {wave} is not recorded (waves 0..{last} are)")
 
-    def load_delta(self, wave: int) -> dict[str, TensorDelta]:
-        """The deltas of a recorded wave (wave >= 1), by tensor name."""
-        self._check_recorded(wave)
-        if wave == 0:
-            return {}
-        path = self.wave_dir(wave) / "delta.safetensors"
+    def delta_path(self, wave: int) -> Path:
+        return self.wave_dir(wave) / "delta.safetensors"
+
+    def delta_bytes(self, wave: int) -> bytes:
+        """A recorded wave's delta file, checked against the sha256 index.json recorded with it (a damaged
+        or swapped delta file is refused; ledgers written before the hash was kept are not checked)."""
+        index = self._index()
+        self._check_recorded(wave, index)
+        path = self.delta_path(wave)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             raise BirdboneError(f"{path}: missing from the ledger (wave {wave})") from None
-        return codec.unpack(data, f"{path} (wave {wave})")
+        expected = index["waves"][wave - 1].get("delta_sha256")
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            raise BirdboneError(f"{path}: its bytes differ from the sha256 ledger/index.json recorded for wave "
+                                f"{wave} (damaged or swapped delta file)")
+        return data
+
+    def load_delta(self, wave: int) -> dict[str, TensorDelta]:
+        """The deltas of a recorded wave (wave >= 1), by tensor name, hash-checked."""
+        self._check_recorded(wave)
+        if wave == 0:
+            return {}
+        return codec.unpack(self.delta_bytes(wave), f"{self.delta_path(wave)} (wave {wave})")
+
+    def verify(self) -> int:
+        """Check every entry against index.json and every delta file against its recorded hash; returns
+        the number of waves checked. Raises BirdboneError at the first damaged file."""
+        for w in range(self.last_wave + 1):
+            self.entry(w)
+            if w:
+                self.delta_bytes(w)
+        return self.last_wave
 
     def _table(self, wave: int) -> dict[str, TensorRecord]:
         """Every tensor's record in the state after `wave` (base order)."""
@@ -259,7 +283,8 @@ class Ledger:
         with atomic.staged_dir(self.wave_dir(wave)) as tmp:
             atomic.write_bytes(tmp / "delta.safetensors", data)
             atomic.write_json(tmp / "entry.json", entry.to_json())
-        self._commit_index({**index, "waves": [*index["waves"], {"wave": wave, "kind": kind, "digest": digest}]})
+        self._commit_index({**index, "waves": [*index["waves"], {"wave": wave, "kind": kind, "digest": digest,
+                                                                 "delta_sha256": hashlib.sha256(data).hexdigest()}]})
         return entry
 
     # ---- rebuilding ---------------------------------------------------------------------------------

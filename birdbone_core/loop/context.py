@@ -52,13 +52,15 @@ class Context:
         """(evaluation chunks [n_chunks, n_ctx], the dense model's scored hidden states)."""
         if self._reference is None:
             self.run.require("baseline", "the adaptive loop")
-            ref = load_file(str(self.run.baseline_dir / "reference.safetensors"))
+            ref = self.run.reference()
             self._reference = (ref["chunks"], ref["hidden"])
         return self._reference
 
     def calibration(self) -> dict[str, torch.Tensor]:
         """{"blocks": [n, seq_len], "heal_blocks": [n', seq_len']} token ids cached by prepare."""
         if self._calibration is None:
+            atomic.check_sha256(self.lay.calibration_path, (read_json(self.lay.prepare_marker) or {}).get(
+                "calibration_sha256"), "the calibration token cache, from `prepare`")
             self._calibration = load_file(str(self.lay.calibration_path))
         return self._calibration
 
@@ -67,6 +69,8 @@ class Context:
 
         if not self.lay.teacher_path.is_file():
             return None
+        atomic.check_sha256(self.lay.teacher_path, (read_json(self.lay.prepare_marker) or {}).get("teacher_sha256"),
+                            "the teacher's top-k logits, from `prepare`")
         t = load_file(str(self.lay.teacher_path))
         return TeacherCache(values=t["values"], indices=t["indices"], lse=t["lse"])
 
@@ -135,7 +139,9 @@ class Context:
             if rec.get("weights"):
                 path = self.lay.wave_dir(k) / rec["weights"]
                 if not path.is_file():
-                    raise BirdboneError(f"{path}: missing (wave {k} {s} must run again: delete its .json)")
+                    raise BirdboneError(f"{path}: missing, though step 'wave {k} {s}' recorded it; the run "
+                                        f"directory was changed outside birdbone (`birdbone verify RUN`)")
+                atomic.check_sha256(path, (rec.get("overlay") or {}).get("sha256"), f"the weights of wave {k} {s}")
                 state.update(load_file(str(path)))
                 break
         return state
@@ -160,7 +166,8 @@ def save_overlay(path: Path, start: dict[str, torch.Tensor], model) -> dict:
             changed[n] = t.contiguous().clone()
     with atomic.staged_file(path) as tmp:
         save_file(changed, str(tmp), metadata={"format": "birdbone-wave-overlay/1"})
-    return {"tensors": len(changed), "elements": sum(t.numel() for t in changed.values())}
+    return {"tensors": len(changed), "elements": sum(t.numel() for t in changed.values()),
+            "sha256": atomic.sha256_file(path)}
 
 
 def finite_or_first_bad(model) -> str | None:

@@ -94,6 +94,9 @@ def prepare(ctx: Context) -> dict | None:
            "seconds": time.perf_counter() - t0}
     if base_acc is not None:
         rec["accuracy"] = base_acc
+    rec["calibration_sha256"] = atomic.sha256_file(lay.calibration_path)
+    if lay.teacher_path.is_file():
+        rec["teacher_sha256"] = atomic.sha256_file(lay.teacher_path)
     write_json(lay.prepare_marker, rec)
     push_metrics(ctx, "prepare", None, {"base_ppl": rec["base_ppl"], "n_waves": rec["n_waves"]}, rec["seconds"])
     return rec

@@ -120,6 +120,20 @@ def test_tampered_delta_is_caught(history, tmp_path):
     tensors[f"{name}.new"].view(-1)[0] += 1.0                          # one value altered
     path.write_bytes(save(tensors, metadata=meta))
     assert same_state(led.state_at(1, snaps[0]), snaps[1])            # earlier waves still fine
+    # first line of defence: the delta file's sha256 in index.json (also catches a swapped file)
+    for check in (lambda: led.state_at(2, snaps[0]), lambda: led.diff(1, 2), led.verify):
+        with pytest.raises(BirdboneError, match="differ from the sha256 ledger/index.json recorded for wave 2"):
+            check()
+    swapped = Ledger(tmp_path / "swapped")
+    shutil.copytree(led0.dir, swapped.dir)
+    (swapped.wave_dir(2) / "delta.safetensors").write_bytes((swapped.wave_dir(1) / "delta.safetensors").read_bytes())
+    with pytest.raises(BirdboneError, match="wave 2 .damaged or swapped delta file"):
+        swapped.diff(0, 3)
+    # the next ones hold for a ledger written before that hash was kept: the tensors' own hashes
+    index = json.loads(led.index_path.read_text())
+    for w in index["waves"]:
+        del w["delta_sha256"]
+    led.index_path.write_text(json.dumps(index))
     with pytest.raises(BirdboneError, match=rf"wave 2: tensor '{name}' does not match its recorded hash"):
         led.state_at(2, snaps[0])
     tensors[f"{name}.old"] = tensors[f"{name}.old"].clone()

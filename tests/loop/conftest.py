@@ -1,5 +1,8 @@
-import yaml
+import hashlib
+import json
+
 import pytest
+import yaml
 
 from birdbone_core.steps import init_run
 
@@ -47,5 +50,10 @@ def nan_wave_run(tmp_path, new_run):
         name = next(n for n in t if "down_proj" in n)
         t[name][0, 0] = float("nan")
         save_file(t, str(ov))
+        # as if the step itself had written the NaN: the marker records the poisoned file's hash
+        marker = ov.with_name("prune.json")
+        rec = json.loads(marker.read_text())
+        rec["overlay"]["sha256"] = hashlib.sha256(ov.read_bytes()).hexdigest()
+        marker.write_text(json.dumps(rec))
         return run, ov, name
     return make
