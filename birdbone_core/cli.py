@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from birdbone_core import __version__
+from birdbone_core.cliargs import positive_int
 from birdbone_core.errors import BirdboneError
 
 # Subcommands that live beside their feature: each module defines add_commands(subparsers) and keeps its
@@ -212,8 +213,17 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--online", action="store_true", help="allow downloading a hub id")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its complaint as the one `error:` line every other bad input gets (after the usage)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="birdbone", description="Prune, heal and quantize causal LMs into GGUF.")
+    p = _Parser(prog="birdbone", description="Prune, heal and quantize causal LMs into GGUF.")
     p.add_argument("--version", action="version", version=f"birdbone {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -261,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="HF dir, .gguf file, or run directory (its pruned model)")
     e.add_argument("--reference", help="uncompressed model for KL divergence and top-1 agreement")
     e.add_argument("--text", help="evaluation text (.txt/.jsonl[.gz]); default: built-in held-out slice")
-    e.add_argument("--n-ctx", type=int, default=512)
-    e.add_argument("--max-chunks", type=int, default=8)
+    e.add_argument("--n-ctx", type=positive_int, default=512)
+    e.add_argument("--max-chunks", type=positive_int, default=8)
     e.add_argument("--json", action="store_true", help="print JSON")
     _add_load_flags(e)
     e.set_defaults(fn=_cmd_eval)
@@ -295,7 +305,10 @@ def _dispatch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:               # --help, --version, or a usage error (already printed)
+        return int(e.code or 0)
     try:
         return _dispatch(args)
     except BirdboneError as e:

@@ -114,9 +114,15 @@ class Run:
         if not self.manifest_path.is_file():
             raise BirdboneError(f"{self.root}: not a birdbone run directory (no run.json); create it with `birdbone init`")
         try:
-            return json.loads(self.manifest_path.read_text())
+            m = json.loads(self.manifest_path.read_text())
         except json.JSONDecodeError as e:
             raise BirdboneError(f"{self.manifest_path}: corrupt manifest ({e.msg})") from None
+        except (UnicodeDecodeError, OSError) as e:
+            raise BirdboneError(f"{self.manifest_path}: unreadable manifest ({e})") from None
+        if not (isinstance(m, dict) and isinstance(m.get("model"), dict) and isinstance(m.get("steps"), dict)
+                and isinstance(m["model"].get("path"), str) and isinstance(m.get("recipe_sha256"), str)):
+            raise BirdboneError(f"{self.manifest_path}: corrupt manifest (not the run record `birdbone init` writes)")
+        return m
 
     def recipe(self) -> Recipe:
         """The run's recipe, refused when it no longer is the one `init` recorded (edited by hand)."""
@@ -154,6 +160,10 @@ def init_run(root: Path, model_spec: str | None, recipe_file: str | None,
     from birdbone_core.model.default import default_model_path
 
     recipe = load_recipe(recipe_file)
+    for field, path in (("calibration.text", recipe.calibration.text), ("evaluation.text", recipe.evaluation.text),
+                        ("quantize.imatrix", recipe.quantize.imatrix if recipe.quantize else None)):
+        if path is not None and not Path(path).is_file():           # before any work, not at the step that reads it
+            raise BirdboneError(f"{recipe_file}: {field}: {path} is not a file")
     spec = str(default_model_path()) if model_spec is None else model_spec
     opts = {k: bool(v) for k, v in (load_options or {}).items() if k in _LOAD_OPTIONS}
     source = resolve_source(spec, offline=not opts.get("online", False))

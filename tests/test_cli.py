@@ -191,10 +191,11 @@ def test_a_second_process_waits_for_the_runs_lock_even_after_a_sigkill(tmp_path,
         holder.wait()
 
 
-@pytest.mark.parametrize("n_ctx, needle", [("0", "at least 16 tokens"), ("8", "at least 16 tokens"),
-                                           ("100000", "longer than the model's context (512 tokens)")])
-def test_eval_n_ctx_out_of_range(tiny_path, n_ctx, needle):
-    assert_clean_failure(cli("eval", tiny_path, "--n-ctx", n_ctx), f"n_ctx={n_ctx}", needle)
+@pytest.mark.parametrize("n_ctx, needles", [("0", ("--n-ctx: expected a positive integer, got 0",)),
+                                            ("8", ("n_ctx=8", "at least 16 tokens")),
+                                            ("100000", ("n_ctx=100000", "longer than the model's context (512 tokens)"))])
+def test_eval_n_ctx_out_of_range(tiny_path, n_ctx, needles):
+    assert_clean_failure(cli("eval", tiny_path, "--n-ctx", n_ctx), *needles)
 
 
 def test_recipe_n_ctx_beyond_the_models_context(tmp_path, tiny_path):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from birdbone_core.cliargs import positive_int
+
 
 def _adapter(spec: str, a):
     """A scoring adapter for a model spec: .gguf -> llama.cpp, anything else -> torch."""
@@ -118,12 +120,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("target", help="run directory, HF model directory, or .gguf file")
     p.add_argument("--base", help="base model to compare with (default for a run: its input model)")
     p.add_argument("--tasks", help="comma-separated lm-eval task names (default: recipe's, else offline tasks)")
-    p.add_argument("--limit", type=int, help="documents per task (default: recipe's task_limit, else all)")
+    p.add_argument("--limit", type=positive_int, help="documents per task (default: recipe's task_limit, else all)")
     p.add_argument("-r", "--recipe", help="recipe whose evaluation section gives tasks and canaries")
     p.add_argument("--gguf", action="store_true", help="for a run: score its exported GGUF (llama.cpp)")
     p.add_argument("--engine", choices=("auto", "torch"), default="auto",
                    help="auto: .gguf files run in llama.cpp; torch: dequantize them instead")
-    p.add_argument("--n-ctx", type=int, default=1024, help="llama.cpp context for GGUF scoring")
+    p.add_argument("--n-ctx", type=positive_int, default=1024, help="llama.cpp context for GGUF scoring")
     p.add_argument("-o", "--out", help="write the JSON result here (default for a run: RUN/tasks.json)")
     p.add_argument("--json", action="store_true", help="print JSON")
     g = p.add_argument_group("model loading and data (all off by default)")

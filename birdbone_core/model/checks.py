@@ -7,6 +7,7 @@ work), so each check here reads only headers and sizes and raises a BirdboneErro
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Literal
@@ -82,6 +83,9 @@ def check_weights(directory: Path, allow_pickle: bool) -> Literal["safetensors",
 def check_tokenizer_files(directory: Path) -> None:
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         raise BirdboneError(f"{directory}: no tokenizer files (expected one of: {', '.join(_TOKENIZER_FILES)})")
+    for name in ("tokenizer.json", "tokenizer_config.json"):      # JSON the tokenizer libraries parse later
+        if (directory / name).is_file():
+            read_config(directory / name)
 
 
 def _read_index(index: Path) -> dict[Path, set[str]]:
@@ -107,15 +111,22 @@ def check_safetensors(path: Path, expect_tensors: set[str] | None = None, index:
     def corrupt(reason: str) -> BirdboneError:
         return BirdboneError(f"{path}: corrupt safetensors file ({reason})")
 
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise corrupt(f"{size} bytes, too short for a header")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > _MAX_SAFETENSORS_HEADER or 8 + header_len > size:
-            raise corrupt(f"header length {header_len} does not fit in a {size}-byte file")
-        raw = fh.read(header_len)
+    if path.is_symlink() and not path.exists():
+        raise BirdboneError(f"{path}: a symlink to {path.readlink()}, which does not exist")
+    if not path.is_file():
+        raise BirdboneError(f"{path}: not a regular file")
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise corrupt(f"{size} bytes, too short for a header")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > _MAX_SAFETENSORS_HEADER or 8 + header_len > size:
+                raise corrupt(f"header length {header_len} does not fit in a {size}-byte file")
+            raw = fh.read(header_len)
+    except OSError as exc:
+        raise BirdboneError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
@@ -174,3 +185,84 @@ def check_gguf(path: Path, supported_archs: list[str]) -> str:
             f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(supported_archs)})"
         )
     return arch
+
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The weight files of a safetensors checkpoint (the index's shards, or every *.safetensors)."""
+    index = directory / SAFETENSORS_INDEX
+    if index.is_file():
+        return sorted(_read_index(index))
+    return sorted(directory.glob("*.safetensors"))
+
+
+def check_tensors(directory: Path, config: dict) -> None:
+    """Read a safetensors checkpoint one tensor at a time (never the whole model): refuse NaN/Inf, naming the
+    tensor, and a checkpoint whose decoder layers are not the ones config.json declares (transformers
+    would silently drop extra layers, or fill missing ones with random weights)."""
+    from safetensors import safe_open
+    import torch
+
+    layers: set[int] = set()
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in safetensors_files(directory):
+        with safe_open(str(file), framework="pt") as fh:
+            for name in fh.keys():
+                if (m := _LAYER_INDEX.search(name)) is not None:
+                    layers.add(int(m.group(1)))
+                t = fh.get_tensor(name)
+                shapes[name] = tuple(t.shape)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    bad = int((~torch.isfinite(t)).sum())
+                    kinds = "/".join(k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if f(t).any())
+                    raise BirdboneError(f"{file}: weights {name} holds {bad} non-finite value(s) ({kinds})")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    n = text.get("num_hidden_layers")
+    if isinstance(n, int) and layers and layers != set(range(n)):
+        extra, missing = sorted(layers - set(range(n))), sorted(set(range(n)) - layers)
+        what = (f"holds layer(s) {_span(extra)} that config.json (num_hidden_layers={n}) has no place for" if extra
+                else f"lacks layer(s) {_span(missing)} of the {n} config.json declares")
+        raise BirdboneError(f"{directory}: the checkpoint {what}; the weights do not match the config")
+    _check_shapes(directory, config, shapes)
+
+
+def _span(xs: list[int]) -> str:
+    return f"{xs[0]}" if len(xs) == 1 else f"{xs[0]}..{xs[-1]}"
+
+
+def _check_shapes(directory: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Shapes the config implies (a skeleton model on the meta device, no memory) against the checkpoint's,
+    for every tensor name both have."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(cfg)
+    except Exception:              # a config transformers cannot build: the load reports it, with context
+        return
+    expected = {n: tuple(t.shape) for n, t in skeleton.state_dict().items()}
+    for name, shape in expected.items():
+        if name in shapes and shape != shapes[name]:
+            raise BirdboneError(f"{directory}: weight {name} has shape {_dims(shapes[name])} in the checkpoint, "
+                                f"config.json implies {_dims(shape)}; the weights do not match the config")
+    if len(expected.keys() & shapes.keys()) < len(expected) // 2:
+        return                     # the checkpoint names its tensors otherwise (e.g. a multimodal wrapper)
+    if getattr(cfg, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    ignored = [re.compile(p) for p in getattr(skeleton, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    missing = sorted(expected.keys() - shapes.keys())
+    unexpected = sorted(n for n in shapes.keys() - expected.keys() if not any(p.search(n) for p in ignored))
+    if missing:
+        raise BirdboneError(f"{directory}: {len(missing)} weight(s) config.json needs are missing from the checkpoint "
+                            f"(e.g. {missing[0]}); the weights do not match the config")
+    if unexpected:
+        raise BirdboneError(f"{directory}: {len(unexpected)} weight(s) in the checkpoint that config.json has no "
+                            f"place for (e.g. {unexpected[0]}); the weights do not match the config")
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))

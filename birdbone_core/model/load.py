@@ -104,8 +104,10 @@ def preflight(source: ModelSource, *, allow_pickle: bool = False, trust_remote_c
         directory = Path(source.path)
         config = checks.read_config(directory / "config.json")
         _check_config(config, str(directory / "config.json"), trust_remote_code)
-        checks.check_weights(directory, allow_pickle)
+        weights = checks.check_weights(directory, allow_pickle)
         checks.check_tokenizer_files(directory)
+        if weights == "safetensors" and config.get("model_type") in SUPPORTED_ARCHITECTURES:
+            checks.check_tensors(directory, config)
 
 
 def load_model(
@@ -254,7 +256,7 @@ def _checked_load(cls, where: str, label: str, **kwargs) -> PreTrainedModel:
         name, found, expected = (list(mismatched[0]) + ["?", "?"])[:3]
         raise BirdboneError(
             f"{label}: {len(mismatched)} weight(s) have the wrong shape for config.json (e.g. {name}: "
-            f"checkpoint {_shape(found)}, config expects {_shape(expected)})"
+            f"checkpoint {_shape(found)}, config expects {_shape(expected)}); the weights do not match the config"
         )
     missing = sorted(info.get("missing_keys") or ())
     if missing:

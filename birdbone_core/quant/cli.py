@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from birdbone_core.cliargs import positive_int
+
 
 def _split_types(s: str) -> list[str]:
     return [t.strip() for t in s.split(",") if t.strip()]
@@ -141,7 +143,7 @@ def add_commands(sub) -> None:
     q.add_argument("--override", action="append", metavar="REGEX=TYPE", help="fixed type for matching tensors")
     q.add_argument("--imatrix", help="llama-imatrix file (GGUF or .dat) for the scale search")
     q.add_argument("--no-gptq", action="store_true", help="plain importance-weighted rounding")
-    q.add_argument("--n-samples", type=int, help="calibration blocks (default: the recipe's)")
+    q.add_argument("--n-samples", type=positive_int, help="calibration blocks (default: the recipe's)")
     q.add_argument("--no-keep-source", action="store_true",
                    help="re-encode every tensor, even those still equal to the source GGUF's blocks")
     q.add_argument("--measure-blocks", type=int, metavar="N",
@@ -153,7 +155,7 @@ def add_commands(sub) -> None:
     m.add_argument("model")
     m.add_argument("-o", "--out", required=True)
     m.add_argument("--text", help="calibration text (.txt/.jsonl[.gz]); default: built-in slice")
-    m.add_argument("--n-samples", type=int, default=32)
-    m.add_argument("--seq-len", type=int, default=256)
+    m.add_argument("--n-samples", type=positive_int, default=32)
+    m.add_argument("--seq-len", type=positive_int, default=256)
     m.set_defaults(fn=_cmd_imatrix)
 
