@@ -38,6 +38,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _entry_text(entry: WaveEntry) -> str:
+    return json.dumps(entry.to_json(), indent=2) + "\n"
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _record(t: Tensor, **kw) -> TensorRecord:
     t = t.detach().cpu()
     return TensorRecord(hash=tensor_hash(t), shape=tuple(t.shape), dtype=dtype_name(t.dtype),
@@ -89,7 +97,7 @@ class Ledger:
         if not self.exists():
             raise BirdboneError(f"{self.root}: no ledger (ledger/index.json); record the base first")
         idx = self._read_json(self.index_path)
-        if idx.get("format") != FORMAT:
+        if not isinstance(idx, dict) or idx.get("format") != FORMAT or not isinstance(idx.get("waves"), list):
             raise BirdboneError(f"{self.index_path}: not a {FORMAT} index")
         return idx
 
@@ -103,14 +111,22 @@ class Ledger:
 
     # ---- reading ------------------------------------------------------------------------------------
     def entry(self, wave: int) -> WaveEntry:
+        """A recorded wave's entry; its file is checked against the sha256 index.json recorded for it (any
+        edit, metrics included), its digest against index.json's."""
         index = self._index()
         if wave == 0:
-            e = WaveEntry.from_json(self._read_json(self.base_path))
-            expect = index["base"]
+            path, expect, sha = self.base_path, index["base"], index.get("base_sha256")
         else:
             self._check_recorded(wave, index)
-            e = WaveEntry.from_json(self._read_json(self.wave_dir(wave) / "entry.json"))
-            expect = index["waves"][wave - 1]["digest"]
+            rec = index["waves"][wave - 1]
+            path, expect, sha = self.wave_dir(wave) / "entry.json", rec["digest"], rec.get("entry_sha256")
+        if sha is not None and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+            raise BirdboneError(f"{path}: its bytes differ from the sha256 ledger/index.json recorded for wave "
+                                f"{wave} (damaged ledger)")
+        try:
+            e = WaveEntry.from_json(self._read_json(path))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BirdboneError(f"{path}: not a ledger entry ({type(exc).__name__}: {exc}) (damaged ledger)") from None
         if e.wave != wave or e.digest != expect:
             raise BirdboneError(f"ledger wave {wave}: entry does not match ledger/index.json (damaged ledger)")
         return e
@@ -189,8 +205,9 @@ class Ledger:
         entry = WaveEntry(wave=0, kind="base", time=_now(), metrics=_json_safe(metrics or {}, "metrics"),
                           tensors=tensors, sparsity=sum(r.zeros for r in tensors.values()) / max(total, 1),
                           digest=digest, meta=_json_safe(meta or {}, "meta"))
-        atomic.write_json(self.base_path, entry.to_json())
-        self._commit_index({"format": FORMAT, "base": digest, "waves": []})
+        text = _entry_text(entry)
+        atomic.write_text(self.base_path, text)
+        self._commit_index({"format": FORMAT, "base": digest, "base_sha256": _sha256(text), "waves": []})
         return entry
 
     def _write_snapshot(self, state_dict: StateDict) -> None:
@@ -282,8 +299,10 @@ class Ledger:
                           digest=digest, decision=decision, reverts_to=reverts_to)
         with atomic.staged_dir(self.wave_dir(wave)) as tmp:
             atomic.write_bytes(tmp / "delta.safetensors", data)
-            atomic.write_json(tmp / "entry.json", entry.to_json())
+            text = _entry_text(entry)
+            atomic.write_text(tmp / "entry.json", text)
         self._commit_index({**index, "waves": [*index["waves"], {"wave": wave, "kind": kind, "digest": digest,
+                                                                 "entry_sha256": _sha256(text),
                                                                  "delta_sha256": hashlib.sha256(data).hexdigest()}]})
         return entry
 
