@@ -30,9 +30,10 @@ from safetensors.torch import load_file, save_file
 from birdbone_core import __version__, atomic
 from birdbone_core.data.text import calibration_blocks, evaluation_chunks, read_text
 from birdbone_core.errors import BirdboneError
-from birdbone_core.eval.perplexity import EvalResult, check_n_ctx, evaluate
+from birdbone_core.eval.perplexity import EvalResult, check_context, check_n_ctx, evaluate
 from birdbone_core.ledger import Ledger, state_of
-from birdbone_core.model.load import LoadedModel, load_model, preflight, resolve_source
+from birdbone_core.model.gguf_header import gguf_context_length
+from birdbone_core.model.load import LoadedModel, load_model, preflight, resolve_source, skeleton
 from birdbone_core.model.save import save_hf
 from birdbone_core.progress import console
 from birdbone_core.prune.sequential import check_pattern, count_zeros, prune_sequential
@@ -169,6 +170,11 @@ def init_run(root: Path, model_spec: str | None, recipe_file: str | None,
     source = resolve_source(spec, offline=not opts.get("online", False))
     preflight(source, allow_pickle=opts.get("allow_pickle", False),
               trust_remote_code=opts.get("trust_remote_code", False))
+    if (arch := skeleton(source)) is not None:      # the recipe against the architecture, before any work
+        check_n_ctx(arch, recipe.evaluation.n_ctx)
+        check_pattern(arch, recipe.prune)
+    elif source.kind == "gguf":
+        check_context(recipe.evaluation.n_ctx, gguf_context_length(Path(source.path)))
     run = Run(Path(root))
     model = {"spec": model_spec or "default", "kind": source.kind, "path": source.path, "options": opts}
     if run.manifest_path.exists():

@@ -40,7 +40,10 @@ def _first(n_ctx: int) -> int:
 @torch.no_grad()
 def check_n_ctx(model, n_ctx: int) -> None:
     """Refuse chunks longer than the model's context (they would run far slower and score nonsense)."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+    check_context(n_ctx, getattr(model.config, "max_position_embeddings", None))
+
+
+def check_context(n_ctx: int, limit: int | None) -> None:
     if limit is not None and n_ctx > limit:
         raise BirdboneError(f"n_ctx={n_ctx} is longer than the model's context ({limit} tokens); "
                             f"choose n_ctx <= {limit}")

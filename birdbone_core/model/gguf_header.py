@@ -157,3 +157,10 @@ def written_by_birdbone(path: Path) -> bool:
         return "birdbone.version" in read_gguf_header(Path(path)).metadata
     except (GgufHeaderError, OSError, ValueError):
         return False
+
+
+def gguf_context_length(path: Path) -> int | None:
+    """The training context a GGUF declares (`{arch}.context_length`), from the header alone."""
+    meta = read_gguf_header(Path(path)).metadata
+    n = meta.get(f"{meta.get('general.architecture')}.context_length")
+    return int(n) if isinstance(n, int) else None

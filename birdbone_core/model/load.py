@@ -110,6 +110,26 @@ def preflight(source: ModelSource, *, allow_pickle: bool = False, trust_remote_c
             checks.check_tensors(directory, config)
 
 
+def skeleton(source: ModelSource):
+    """The model `source` describes, built on the meta device (shapes and module names, no memory, no
+    weights read), for checks that need the architecture before any work; None when only a full load
+    can tell (hub ids, configs transformers cannot build without the weights) or when building it costs
+    too much (a GGUF: transformers parses its whole tokenizer for the config; see gguf_context_length)."""
+    if source.kind != "hf_dir":
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.for_model(**checks.read_config(Path(source.path) / "config.json"))
+        cfg = cfg.get_text_config() if cfg.model_type == "gemma3" else cfg
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg)
+    except BirdboneError:
+        raise
+    except Exception:          # the load that follows reports it, with context
+        return None
+
+
 def load_model(
     spec: str | None,
     *,
