@@ -9,7 +9,9 @@ from pathlib import Path
 from birdbone_core import atomic
 from birdbone_core.errors import BirdboneError
 from birdbone_core.ledger import Ledger
+from birdbone_core.ledger.delta import tensor_hash
 from birdbone_core.loop.layout import WEIGHT_STEPS, Layout, read_json
+from birdbone_core.model import checks
 from birdbone_core.steps import Run
 
 
@@ -26,7 +28,8 @@ def verify_run(root: Path) -> list[str]:
         lines.append(_line(run, run.reference_path, baseline.get("reference_sha256")))
     prep = read_json(lay.prepare_marker)
     if prep is not None:
-        for path, key in ((lay.calibration_path, "calibration_sha256"), (lay.teacher_path, "teacher_sha256")):
+        for path, key in ((lay.calibration_path, "calibration_sha256"), (lay.teacher_path, "teacher_sha256"),
+                          (lay.allocation_path, "allocation_sha256")):
             if key in prep or path.is_file():
                 atomic.check_sha256(path, prep.get(key), f"recorded by `prepare` in {lay.prepare_marker.name}")
                 lines.append(_line(run, path, prep.get(key)))
@@ -48,7 +51,28 @@ def verify_run(root: Path) -> list[str]:
     if ledger.exists():
         n = ledger.verify()
         lines.append(f"ledger: base and {n} wave(s), entries match index.json, delta files match their sha256")
+        if (lay.base_dir / "config.json").is_file():
+            lines.append(_check_base_copy(lay.base_dir, ledger))
     return lines
+
+
+def _check_base_copy(base_dir: Path, ledger: Ledger) -> str:
+    """The loop's base copy (RUN/base/) against the ledger's base hashes, one tensor at a time."""
+    from safetensors import safe_open
+
+    recorded = ledger.entry(0).tensors
+    n = 0
+    for file in checks.safetensors_files(base_dir):
+        with safe_open(str(file), framework="pt") as fh:
+            for name in fh.keys():
+                if name in recorded:
+                    if tensor_hash(fh.get_tensor(name)) != recorded[name].hash:
+                        raise BirdboneError(f"{file}: tensor {name} differs from the base the ledger recorded "
+                                            f"(damaged base copy)")
+                    n += 1
+    if n == 0:
+        raise BirdboneError(f"{base_dir}: holds none of the tensors the ledger's base records")
+    return f"{base_dir.name}/: {n} tensors match the ledger's base hashes"
 
 
 def _line(run: Run, path: Path, sha: str | None) -> str:

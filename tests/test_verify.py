@@ -50,7 +50,7 @@ def test_verify_lists_what_it_checked(prepared, tmp_path):
     assert r.returncode == 0, r.stderr
     for needle in ("recipe.yaml: sha256", "baseline/reference.safetensors: sha256",
                    "prepare/calibration.safetensors: sha256", "waves/1/prune.safetensors: sha256",
-                   "ledger: base and 0 wave(s)"):
+                   "ledger: base and 0 wave(s)", "base/: 38 tensors match the ledger's base hashes"):
         assert needle in r.stdout, r.stdout
 
 
@@ -97,3 +97,11 @@ def test_damaged_ledger_deltas_are_refused_by_log_diff_revert_and_verify(finishe
                  ("verify", run)):
         assert_clean_failure(cli(*args), "delta.safetensors", "damaged or swapped delta file")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_base_copy_is_refused_by_the_next_wave_and_by_verify(prepared, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(prepared, run)
+    _flip_last_byte(run / "base" / "model.safetensors")
+    assert_clean_failure(cli("verify", run), "model.safetensors", "damaged base copy")
+    assert_clean_failure(cli("wave", run, 1, "prune"), "differs from the recorded base")

@@ -76,6 +76,9 @@ class Context:
 
     def prune_section(self):
         """The recipe's prune section with the per-layer map `prepare` allocated (OWL), if any."""
+        if self.lay.allocation_path.is_file():
+            atomic.check_sha256(self.lay.allocation_path, (read_json(self.lay.prepare_marker) or {}).get(
+                "allocation_sha256"), "the per-layer sparsity map, from `prepare`")
         alloc = read_json(self.lay.allocation_path)
         p = self.recipe.prune
         return p if alloc is None else p.model_copy(update={"layer_sparsity": alloc["layer_sparsity"]})

@@ -95,8 +95,9 @@ def prepare(ctx: Context) -> dict | None:
     if base_acc is not None:
         rec["accuracy"] = base_acc
     rec["calibration_sha256"] = atomic.sha256_file(lay.calibration_path)
-    if lay.teacher_path.is_file():
-        rec["teacher_sha256"] = atomic.sha256_file(lay.teacher_path)
+    for key, path in (("teacher_sha256", lay.teacher_path), ("allocation_sha256", lay.allocation_path)):
+        if path.is_file():
+            rec[key] = atomic.sha256_file(path)
     write_json(lay.prepare_marker, rec)
     push_metrics(ctx, "prepare", None, {"base_ppl": rec["base_ppl"], "n_waves": rec["n_waves"]}, rec["seconds"])
     return rec
