@@ -353,6 +353,9 @@ def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
     ref = run.reference()
     base_eval = json.loads((run.baseline_dir / "eval.json").read_text())
     result, _ = evaluate(lm.model, ref["chunks"], reference_hidden=ref["hidden"], description="scoring pruned model")
+    if not math.isfinite(result.ppl):
+        raise BirdboneError(f"{run.pruned_dir}: the compressed model scores perplexity {result.ppl} (its outputs "
+                            f"hold NaN/Inf); not writing metrics")
     zeros, total = count_zeros(lm.model)
     m = run.manifest()
     gguf = run.gguf_path(recipe)

@@ -57,11 +57,22 @@ def _plan(a):
     return a.target, a.base, recipe.evaluation, out
 
 
+def _is_task_result(path: Path) -> bool:
+    """A JSON file `birdbone tasks` wrote (so -o may replace it)."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and isinstance(d.get("tasks"), list) and "model_report" in d
+
+
 def _cmd_tasks(a) -> int:
     from birdbone_core import atomic
     from birdbone_core.eval.tasks import OFFLINE_TASKS, accuracy_report, compare, load_tasks
 
     target, base, ev, out = _plan(a)
+    if out is not None:
+        atomic.check_output_file(out, "task results", _is_task_result)
     tasks = [t for t in a.tasks.split(",") if t] if a.tasks else (list(ev.tasks) or list(OFFLINE_TASKS))
     ev = ev.model_copy(update={"tasks": tasks, "task_limit": a.limit if a.limit else ev.task_limit})
     load_tasks(tasks, a.online)   # fail on missing data before loading any model

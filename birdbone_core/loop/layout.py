@@ -75,7 +75,8 @@ def read_json(path: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except json.JSONDecodeError as e:  # markers are written atomically; a corrupt one was edited by hand
-        raise BirdboneError(f"{path}: corrupt step record ({e.msg}); delete it to run the step again") from None
+        raise BirdboneError(f"{path}: corrupt step record ({e.msg}); the run directory was changed outside birdbone "
+                            f"(`birdbone verify RUN`); continue from a published copy (`birdbone pull`) or a new run") from None
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -70,6 +70,7 @@ RUN_CASES = [
     ("entry-edited", _edit_json("ledger/wave-0001/entry.json", lambda e: {**e, "sparsity": 0.99}),
      ("log", "verify", "diff:0:1", "revert:1"), "damaged ledger"),
     ("index-syntax", _write("ledger/index.json", b"{"), ("log", "verify", "diff:0:1", "revert:1"), "index.json"),
+    ("index-array", _write("ledger/index.json", b"[]"), ("log", "verify", "diff:0:1", "revert:1"), "index.json"),
 ]
 
 
@@ -145,6 +146,8 @@ TARGET_CASES = [
     ("imatrix", "dir", "is a directory"),
     ("report", "run", "cannot be the run directory"),
     ("report", "user-dir", "not part of a report"),
+    ("tasks", "user-file", "exists and birdbone did not write it"),
+    ("tasks", "dir", "is a directory"),
 ]
 
 
@@ -167,5 +170,6 @@ def test_output_targets_that_are_not_birdbones(finished, tmp_path, tiny_path, co
             "revert": ("revert", run, "--to", "0", "-o", target),
             "quantize": ("quantize", tiny_path, "-o", target, "--bpw", "5", "--no-gptq", "--n-samples", "1"),
             "imatrix": ("imatrix", tiny_path, "-o", target, "--n-samples", "1"),
-            "report": ("report", run, "-o", target)}[command]
+            "report": ("report", run, "-o", target),
+            "tasks": ("tasks", run, "-o", target, "--limit", "1")}[command]
     assert_clean_failure(run_case(work, *args), needle)
