@@ -175,6 +175,17 @@ class Ledger:
                 self.delta_bytes(w)
         return self.last_wave
 
+    def _uncommitted(self, wave: int, digest: str, data: bytes) -> str | None:
+        """The entry text of a wave directory written completely for this very change by a process killed
+        before index.json named it (it is then committed as it is, its time included); else None."""
+        d = self.wave_dir(wave)
+        try:
+            text = (d / "entry.json").read_text()
+            same = json.loads(text).get("digest") == digest and (d / "delta.safetensors").read_bytes() == data
+        except (OSError, ValueError, AttributeError):
+            return None
+        return text if same else None
+
     def _table(self, wave: int) -> dict[str, TensorRecord]:
         """Every tensor's record in the state after `wave` (base order)."""
         table = dict(self.entry(0).tensors)
@@ -297,10 +308,14 @@ class Ledger:
         entry = WaveEntry(wave=wave, kind=kind, time=_now(), metrics=_json_safe(metrics, "metrics"),
                           tensors=tensors, sparsity=sum(r.zeros for r in state.values()) / max(total, 1),
                           digest=digest, decision=decision, reverts_to=reverts_to)
-        with atomic.staged_dir(self.wave_dir(wave)) as tmp:
-            atomic.write_bytes(tmp / "delta.safetensors", data)
+        text = self._uncommitted(wave, digest, data)
+        if text is None:
             text = _entry_text(entry)
-            atomic.write_text(tmp / "entry.json", text)
+            with atomic.staged_dir(self.wave_dir(wave)) as tmp:
+                atomic.write_bytes(tmp / "delta.safetensors", data)
+                atomic.write_text(tmp / "entry.json", text)
+        else:
+            entry = WaveEntry.from_json(json.loads(text))
         self._commit_index({**index, "waves": [*index["waves"], {"wave": wave, "kind": kind, "digest": digest,
                                                                  "entry_sha256": _sha256(text),
                                                                  "delta_sha256": hashlib.sha256(data).hexdigest()}]})

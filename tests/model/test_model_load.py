@@ -177,7 +177,7 @@ def test_transformers_errors_are_wrapped(tiny_dir):
 
 def test_tokenizer_errors_are_wrapped(tiny_dir):
     d = tiny_dir("llama")
-    (d / "tokenizer.json").write_text("{")
+    (d / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "NoSuchModel"}}')   # JSON, not a tokenizer
     with pytest.raises(BirdboneError, match=rf"^{d}: failed to load tokenizer \("):
         load_model(str(d))
 
