@@ -175,16 +175,18 @@ class Ledger:
                 self.delta_bytes(w)
         return self.last_wave
 
-    def _uncommitted(self, wave: int, digest: str, data: bytes) -> str | None:
-        """The entry text of a wave directory written completely for this very change by a process killed
-        before index.json named it (it is then committed as it is, its time included); else None."""
+    def _uncommitted(self, wave: int, digest: str) -> tuple[str, bytes] | None:
+        """(entry text, delta bytes) of a wave directory written completely for this very change (same
+        digest: the same tensors before and after) by a process killed before index.json named it; it is
+        then committed as it is, time included, so a retried step leaves the bytes it would have. Else None."""
         d = self.wave_dir(wave)
         try:
             text = (d / "entry.json").read_text()
-            same = json.loads(text).get("digest") == digest and (d / "delta.safetensors").read_bytes() == data
+            if json.loads(text).get("digest") != digest:
+                return None
+            return text, (d / "delta.safetensors").read_bytes()
         except (OSError, ValueError, AttributeError):
             return None
-        return text if same else None
 
     def _table(self, wave: int) -> dict[str, TensorRecord]:
         """Every tensor's record in the state after `wave` (base order)."""
@@ -308,13 +310,14 @@ class Ledger:
         entry = WaveEntry(wave=wave, kind=kind, time=_now(), metrics=_json_safe(metrics, "metrics"),
                           tensors=tensors, sparsity=sum(r.zeros for r in state.values()) / max(total, 1),
                           digest=digest, decision=decision, reverts_to=reverts_to)
-        text = self._uncommitted(wave, digest, data)
-        if text is None:
+        found = self._uncommitted(wave, digest)
+        if found is None:
             text = _entry_text(entry)
             with atomic.staged_dir(self.wave_dir(wave)) as tmp:
                 atomic.write_bytes(tmp / "delta.safetensors", data)
                 atomic.write_text(tmp / "entry.json", text)
         else:
+            text, data = found
             entry = WaveEntry.from_json(json.loads(text))
         self._commit_index({**index, "waves": [*index["waves"], {"wave": wave, "kind": kind, "digest": digest,
                                                                  "entry_sha256": _sha256(text),
