@@ -108,7 +108,8 @@ def score_hidden(
     n = h.shape[0]
     nll = nll_sum / n
     return EvalResult(
-        ppl=math.exp(nll), nll=nll, n_scored=n, n_chunks=n_chunks, n_ctx=n_ctx,
+        ppl=math.exp(nll) if nll < 709 else math.inf,                     # exp overflows a float past ~709
+        nll=nll, n_scored=n, n_chunks=n_chunks, n_ctx=n_ctx,
         kld=kld_sum / n if ref is not None else None,
         top1=agree / n if ref is not None else None,
     )

@@ -21,6 +21,7 @@ import torch
 import birdbone_core
 from birdbone_core.atomic import staged_file
 from birdbone_core.errors import BirdboneError
+from birdbone_core.model.checks import F16_MAX
 from birdbone_core.progress import progress_bar
 from birdbone_core.export.arch import TensorPlan, arch_for, model_dims, plan_tensors, write_arch_metadata
 from birdbone_core.export.vocab import write_vocab
@@ -59,7 +60,6 @@ def _choose_format(plan: TensorPlan, out_type: str, fallbacks: dict[str, str]) -
     return fallback
 
 
-F16_MAX = float(np.finfo(np.float16).max)     # 65504: F16 tensors and every block format's f16 scales
 
 
 def check_storable(name: str, a: np.ndarray, fmt: str) -> None:

@@ -21,6 +21,10 @@ _PICKLE_LOADABLE = ("pytorch_model.bin", "pytorch_model-*.bin")
 _PICKLE_OTHER = ("*.pt", "*.pth", "model*.bin", "consolidated*.bin")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the format's own limit
+# The largest f16 value: GGUF's F16 tensors and every block format's scales are f16, and no trained LLM
+# weight comes near it; beyond it a checkpoint is damaged (a flipped exponent bit), and its norms overflow
+# to a uniform distribution (perplexity = vocabulary size) instead of failing.
+F16_MAX = 65504.0
 
 
 def read_config(path: Path) -> dict:
@@ -214,10 +218,7 @@ def check_tensors(directory: Path, config: dict) -> None:
                     layers.add(int(m.group(1)))
                 t = fh.get_tensor(name)
                 shapes[name] = tuple(t.shape)
-                if t.is_floating_point() and not torch.isfinite(t).all():
-                    bad = int((~torch.isfinite(t)).sum())
-                    kinds = "/".join(k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if f(t).any())
-                    raise BirdboneError(f"{file}: weights {name} holds {bad} non-finite value(s) ({kinds})")
+                check_values(name, t, str(file))
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     n = text.get("num_hidden_layers")
     if isinstance(n, int) and layers and layers != set(range(n)):
@@ -226,6 +227,22 @@ def check_tensors(directory: Path, config: dict) -> None:
                 else f"lacks layer(s) {_span(missing)} of the {n} config.json declares")
         raise BirdboneError(f"{directory}: the checkpoint {what}; the weights do not match the config")
     _check_shapes(directory, config, shapes)
+
+
+def check_values(name: str, t, where: str) -> None:
+    """Refuse NaN/Inf in a float tensor, and magnitudes beyond F16_MAX, naming the tensor."""
+    import torch
+
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        kinds = "/".join(k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if f(t).any())
+        raise BirdboneError(f"{where}: weights {name} holds {bad} non-finite value(s) ({kinds})")
+    peak = float(t.abs().max())
+    if peak > F16_MAX:
+        raise BirdboneError(f"{where}: weights {name} hold values up to {peak:.3g}, beyond any trained model's "
+                            f"(and f16's {F16_MAX:g}); the checkpoint is damaged")
 
 
 def _span(xs: list[int]) -> str:

@@ -302,13 +302,10 @@ def _load_tokenizer(where: str, label: str, **kwargs):
         raise BirdboneError(f"{label}: failed to load tokenizer ({_one_line(exc)})") from exc
 
 
-def check_finite(tensors: dict[str, torch.Tensor], where: str, what: str = "weights") -> None:
-    """Refuse NaN/Inf in float tensors, naming the first bad tensor and how many values are bad."""
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN/Inf and out-of-range values in a loaded model's tensors (checks.check_values)."""
     for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
-            kinds = "/".join(k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if f(t).any())
-            raise BirdboneError(f"{where}: {what} {name} holds {bad} non-finite value(s) ({kinds})")
+        checks.check_values(name, t, where)
 
 
 def _shape(shape) -> str:
@@ -320,6 +317,8 @@ def _shape(shape) -> str:
 _POSITIVE_INTS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
 _POSITIVE_FLOATS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
+_EPSILONS = ("rms_norm_eps", "layer_norm_eps")         # a norm's epsilon is tiny; >= 1 flattens every norm
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def check_config_values(config: dict, where: str) -> None:
@@ -335,6 +334,14 @@ def check_config_values(config: dict, where: str) -> None:
             v = cfg.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
                 raise BirdboneError(f"{where}: {prefix}{key} must be a positive number, got {v!r}")
+            if key in _EPSILONS and v is not None and v >= 1:
+                raise BirdboneError(f"{where}: {prefix}{key} must be below 1 (a norm's epsilon), got {v!r}")
+        vocab = cfg.get("vocab_size")
+        for key in _TOKEN_IDS:
+            ids = cfg.get(key)
+            for i in ids if isinstance(ids, list) else [ids]:
+                if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < (vocab or 2 ** 62)):
+                    raise BirdboneError(f"{where}: {prefix}{key} must be a token id below vocab_size {vocab}, got {i!r}")
 
 
 def _check_config(config: dict, where: str, trust_remote_code: bool) -> None:

@@ -129,12 +129,13 @@ def mutate_model(rng: random.Random, d: Path) -> str:
     if op.startswith("config") and op != "config-bytes":
         cfg = json.loads((d / "config.json").read_text())
         key = rng.choice(list(cfg))
+        value = copy.deepcopy(rng.choice(POOL))
         if op == "config-value":
-            cfg[key] = copy.deepcopy(rng.choice(POOL))
+            cfg[key] = value
         else:
             cfg.pop(key)
         (d / "config.json").write_text(json.dumps(cfg))
-        return f"{op} {key}"
+        return f"{op} {key}" + (f" = {value!r:.40}" if op == "config-value" else "")
     target = {"config-bytes": "config.json", "header-bytes": "model.safetensors", "data-bytes": "model.safetensors",
               "tokenizer-bytes": "tokenizer.json", "remove-file": rng.choice(sorted(p.name for p in d.iterdir())),
               "truncate": "model.safetensors"}[op]

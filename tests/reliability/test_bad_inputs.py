@@ -197,6 +197,9 @@ MODEL_CASES = [
       for v in (-1, 0, "8")],
     ("layers=1.5", _config(num_hidden_layers=1.5), "num_hidden_layers must be a positive integer"),
     *[(f"eps={v}", _config(rms_norm_eps=v), "rms_norm_eps must be a positive number") for v in (-1e-6, 0, "x")],
+    *[(f"eps={v}", _config(rms_norm_eps=v), "rms_norm_eps must be below 1") for v in (1, 1e308)],
+    *[(f"{k}={v}", _config(**{k: v}), f"{k} must be a token id below vocab_size") for k, v in
+      (("bos_token_id", -1), ("eos_token_id", 1024), ("pad_token_id", "2"), ("eos_token_id", [1, 99999]))],
     ("fewer-layers", _config(num_hidden_layers=3), "the weights do not match the config"),
     ("more-layers", _config(num_hidden_layers=5), "the weights do not match the config"),
     ("wider", _config(intermediate_size=1024), "the weights do not match the config"),
@@ -210,6 +213,8 @@ MODEL_CASES = [
     ("header-json", _bytes(lambda raw: raw[:8] + b"[" + raw[9:]), "corrupt safetensors"),
     ("nan", _weights(_poison(float("nan"))), "non-finite value(s) (NaN)"),
     ("inf", _weights(_poison(float("inf"))), "non-finite value(s) (Inf)"),
+    ("huge", _weights(_poison(3e38)), "beyond any trained model's"),
+    ("flipped-exponent", _weights(_poison(2.0 ** 100)), "beyond any trained model's"),
     ("extra-tensor", _weights(lambda s: s.update({"model.layers.9.mlp.up_proj.weight": torch.ones(2, 2)})), "the weights do not match the config"),
     ("dropped-tensor", _weights(lambda s: s.pop("model.layers.1.mlp.down_proj.weight")), "the weights do not match the config"),
     ("reshaped", _weights(lambda s: s.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(256, 512)})), "the weights do not match the config"),
@@ -264,3 +269,11 @@ def test_bad_model_spec(tmp_path, spec, needle):
                  ("compress", spec, "-r", tmp_path / "r.yaml", "-o", tmp_path / "out"),
                  ("eval", spec)):
         assert_clean_failure(run_case(tmp_path, *args), needle)
+
+
+def test_a_model_whose_scores_overflow_is_an_error_not_a_number(tmp_path, model_copy):
+    """Weights within range can still give a mean NLL past exp()'s range (found by the fuzzer, as an
+    OverflowError): `eval` says the scores are not finite, it does not crash or print inf."""
+    _weights(lambda s: s["model.embed_tokens.weight"].mul_(5e4 / s["model.embed_tokens.weight"].abs().max()))(model_copy)
+    assert_clean_failure(run_case(tmp_path, "eval", model_copy, "--n-ctx", "64", "--max-chunks", "1"),
+                         "outputs hold NaN/Inf")
