@@ -12,7 +12,7 @@ from birdbone_core.ledger import Ledger
 from birdbone_core.ledger.delta import tensor_hash
 from birdbone_core.loop.layout import WEIGHT_STEPS, Layout, read_json
 from birdbone_core.model import checks
-from birdbone_core.steps import Run
+from birdbone_core.run import Run
 
 
 def verify_run(root: Path) -> list[str]:

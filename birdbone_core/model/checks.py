@@ -44,6 +44,38 @@ def read_config(path: Path) -> dict:
     return config
 
 
+# config.json fields that must be positive when present (a negative eps gives NaN everywhere; a layer
+# count of -1 or 0 builds a model that silently ignores the checkpoint).
+_POSITIVE_INTS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
+_POSITIVE_FLOATS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
+_EPSILONS = ("rms_norm_eps", "layer_norm_eps")         # a norm's epsilon is tiny; >= 1 flattens every norm
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def check_config_values(config: dict, where: str) -> None:
+    """Refuse out-of-range sizes and constants in a config (and in its text_config, for Gemma 3)."""
+    for cfg, prefix in ((config, ""), (config.get("text_config") or {}, "text_config.")):
+        if not isinstance(cfg, dict):
+            continue
+        for key in _POSITIVE_INTS:
+            v = cfg.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise BirdboneError(f"{where}: {prefix}{key} must be a positive integer, got {v!r}")
+        for key in _POSITIVE_FLOATS:
+            v = cfg.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
+                raise BirdboneError(f"{where}: {prefix}{key} must be a positive number, got {v!r}")
+            if key in _EPSILONS and v is not None and v >= 1:
+                raise BirdboneError(f"{where}: {prefix}{key} must be below 1 (a norm's epsilon), got {v!r}")
+        vocab = cfg.get("vocab_size")
+        for key in _TOKEN_IDS:
+            ids = cfg.get(key)
+            for i in ids if isinstance(ids, list) else [ids]:
+                if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < (vocab or 2 ** 62)):
+                    raise BirdboneError(f"{where}: {prefix}{key} must be a token id below vocab_size {vocab}, got {i!r}")
+
+
 def check_weights(directory: Path, allow_pickle: bool) -> Literal["safetensors", "pickle"]:
     """Validate the weight files of an HF directory; say which format transformers should load."""
     index = directory / SAFETENSORS_INDEX
@@ -207,7 +239,6 @@ def check_tensors(directory: Path, config: dict) -> None:
     tensor, and a checkpoint whose decoder layers are not the ones config.json declares (transformers
     would silently drop extra layers, or fill missing ones with random weights)."""
     from safetensors import safe_open
-    import torch
 
     layers: set[int] = set()
     shapes: dict[str, tuple[int, ...]] = {}

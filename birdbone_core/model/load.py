@@ -162,7 +162,7 @@ def load_model(
             f"{source.path}: model_type {model_type!r} is not supported (supported: {supported_list()})"
         )
     decoder_layers(model)  # fail now, not mid-pipeline, if the module layout is unexpected
-    check_config_values(model.config.to_dict(), f"{source.path} (config)")   # a GGUF's header too
+    checks.check_config_values(model.config.to_dict(), f"{source.path} (config)")   # a GGUF's header too
     check_finite(model.state_dict(), source.path)
     model.eval()
     return LoadedModel(model, tokenizer, source, model_type, SUPPORTED_ARCHITECTURES[model_type])
@@ -312,44 +312,12 @@ def _shape(shape) -> str:
     return "x".join(str(d) for d in shape) if isinstance(shape, (tuple, list, torch.Size)) else str(shape)
 
 
-# config.json fields that must be positive when present (a negative eps gives NaN everywhere; a layer
-# count of -1 or 0 builds a model that silently ignores the checkpoint).
-_POSITIVE_INTS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
-_POSITIVE_FLOATS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
-_EPSILONS = ("rms_norm_eps", "layer_norm_eps")         # a norm's epsilon is tiny; >= 1 flattens every norm
-_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def check_config_values(config: dict, where: str) -> None:
-    """Refuse out-of-range sizes and constants in a config (and in its text_config, for Gemma 3)."""
-    for cfg, prefix in ((config, ""), (config.get("text_config") or {}, "text_config.")):
-        if not isinstance(cfg, dict):
-            continue
-        for key in _POSITIVE_INTS:
-            v = cfg.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-                raise BirdboneError(f"{where}: {prefix}{key} must be a positive integer, got {v!r}")
-        for key in _POSITIVE_FLOATS:
-            v = cfg.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
-                raise BirdboneError(f"{where}: {prefix}{key} must be a positive number, got {v!r}")
-            if key in _EPSILONS and v is not None and v >= 1:
-                raise BirdboneError(f"{where}: {prefix}{key} must be below 1 (a norm's epsilon), got {v!r}")
-        vocab = cfg.get("vocab_size")
-        for key in _TOKEN_IDS:
-            ids = cfg.get(key)
-            for i in ids if isinstance(ids, list) else [ids]:
-                if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < (vocab or 2 ** 62)):
-                    raise BirdboneError(f"{where}: {prefix}{key} must be a token id below vocab_size {vocab}, got {i!r}")
-
-
 def _check_config(config: dict, where: str, trust_remote_code: bool) -> None:
     model_type = config.get("model_type")
     if not model_type:
         raise BirdboneError(f"{where}: no model_type field")
     if model_type in SUPPORTED_ARCHITECTURES:
-        check_config_values(config, where)
+        checks.check_config_values(config, where)
         return
     if config.get("auto_map") and not trust_remote_code:
         raise BirdboneError(
@@ -396,7 +364,6 @@ def _one_line(exc: BaseException) -> str:
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
-    "check_config_values",
     "check_finite",
     "LoadedModel",
     "ModelSource",
