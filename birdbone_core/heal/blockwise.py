@@ -24,7 +24,7 @@ from birdbone_core.heal import distributed
 from birdbone_core.heal.config import Heal, Lora
 from birdbone_core.heal.train import MaskedAdam, keep_masks, only_these_require_grad, trainable_params
 from birdbone_core.model.layers import linear_modules
-from birdbone_core.prune.sequential import _layer_out, capture_layer_inputs, walk_paired_layers
+from birdbone_core.prune.sequential import layer_out, capture_layer_inputs, walk_paired_layers
 
 
 @dataclass
@@ -71,13 +71,13 @@ def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
 
 
 @torch.no_grad()
-def _error(layer, inputs, targets, layer_kwargs, kind: str, reduce: bool = False) -> tuple[float, float]:
+def block_error(layer, inputs, targets, layer_kwargs, kind: str, reduce: bool = False) -> tuple[float, float]:
     """(loss averaged over the cached batches, relative error ||Y - Y_dense|| / ||Y_dense||).
     reduce: the batches are this rank's shards; sum the parts over all ranks (distributed healing)."""
     total = sq = ref = 0.0
     n = 0
     for x, y, kw in zip(inputs, targets, layer_kwargs):
-        out = _layer_out(layer, x, kw)
+        out = layer_out(layer, x, kw)
         total += block_loss(out, y, kind).item() * out.shape[0]
         sq += (out.float() - y.float()).pow(2).sum().item()
         ref += y.float().pow(2).sum().item()
@@ -123,7 +123,7 @@ def heal_block(
         for name, mod in linear_modules(layer).items():
             if name in masks:
                 mod.weight.mul_(masks[name].to(mod.weight.device))
-    loss0, rel0 = _error(layer, inputs, targets, layer_kwargs, loss, reduce)
+    loss0, rel0 = block_error(layer, inputs, targets, layer_kwargs, loss, reduce)
     stats = HealStats(loss_before=loss0, loss_after=loss0, rel_error_before=rel0, rel_error_after=rel0,
                       steps=steps, lr=lr)
     session = None
@@ -151,7 +151,7 @@ def heal_block(
                 if not order:
                     order = torch.randperm(len(inputs), generator=gen).tolist()
                 b = order.pop()
-                out = _layer_out(layer, inputs[b], layer_kwargs[b])
+                out = layer_out(layer, inputs[b], layer_kwargs[b])
                 value = block_loss(out, targets[b], loss) * scales[b]
                 value.backward()
                 stats.curve.append(value.item())
@@ -166,7 +166,7 @@ def heal_block(
     if reduce:
         stats.curve = distributed.all_reduce_sum(stats.curve)
 
-    stats.loss_after, stats.rel_error_after = _error(layer, inputs, targets, layer_kwargs, loss, reduce)
+    stats.loss_after, stats.rel_error_after = block_error(layer, inputs, targets, layer_kwargs, loss, reduce)
     if revert_if_worse and stats.loss_after > stats.loss_before:
         if session is None:
             opt.restore(saved)

@@ -86,7 +86,7 @@ def owl_layer_sparsity(model, blocks: torch.Tensor, target: float, cfg: Owl, *,
     neither scored nor counted. Layers are walked in order on the model's own (dense) activations.
     """
     from birdbone_core.model.layers import decoder_layers, linear_modules
-    from birdbone_core.prune.sequential import _attach_stats, _layer_out, capture_layer_inputs
+    from birdbone_core.prune.sequential import attach_stats, layer_out, capture_layer_inputs
 
     names = {mod: n for n, mod in model.named_modules()}
     hidden, kwargs = capture_layer_inputs(model, blocks, cfg.batch_size)
@@ -94,11 +94,11 @@ def owl_layer_sparsity(model, blocks: torch.Tensor, target: float, cfg: Owl, *,
     for i, layer in enumerate(decoder_layers(model)):
         mods = {n: mod for n, mod in linear_modules(layer).items()
                 if not any(re.search(p, names[mod]) for p in skip)}
-        stats, seen, handles = _attach_stats(mods, full=False)
+        stats, seen, handles = attach_stats(mods, full=False)
         try:
             for b, h in enumerate(hidden):
                 seen.clear()
-                hidden[b] = _layer_out(layer, h, kwargs[i][b])
+                hidden[b] = layer_out(layer, h, kwargs[i][b])
             seen.clear()
         finally:
             for hd in handles:

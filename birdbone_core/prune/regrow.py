@@ -179,25 +179,25 @@ def _block_grads(layer, weights, inputs, targets, layer_kwargs) -> list[torch.Te
     """Gradient of the mean block MSE (over all cached batches) w.r.t. each weight [d_out, d_in]."""
     from birdbone_core.heal.blockwise import block_loss
     from birdbone_core.heal.train import only_these_require_grad
-    from birdbone_core.prune.sequential import _layer_out
+    from birdbone_core.prune.sequential import layer_out
 
     total = sum(x.shape[0] for x in inputs)
     with only_these_require_grad(layer, weights):
         for x, y, kw in zip(inputs, targets, layer_kwargs):
-            (block_loss(_layer_out(layer, x, kw), y, "mse") * (x.shape[0] / total)).backward()
+            (block_loss(layer_out(layer, x, kw), y, "mse") * (x.shape[0] / total)).backward()
         return [p.grad.detach().clone() for p in weights]
 
 
 def _input_gram(layer, modules: dict, inputs, layer_kwargs) -> dict[str, torch.Tensor]:
     """X^T X [d_in, d_in] of each named linear module's inputs, from one pass over the cached batches."""
-    from birdbone_core.prune.sequential import _attach_stats, _layer_out
+    from birdbone_core.prune.sequential import attach_stats, layer_out
 
-    stats, seen, handles = _attach_stats(modules, full=True)
+    stats, seen, handles = attach_stats(modules, full=True)
     try:
         with torch.no_grad():
             for x, kw in zip(inputs, layer_kwargs):
                 seen.clear()
-                _layer_out(layer, x, kw)
+                layer_out(layer, x, kw)
             seen.clear()
     finally:
         for h in handles:
@@ -215,7 +215,7 @@ def regrow_model(model, dense, blocks: torch.Tensor, cfg: Regrow, *, nm: tuple[i
     pattern, if any. Returns a JSON-able report: per module its pruned count and swaps, per layer the
     relative reconstruction error before/after and whether its swaps were reverted.
     """
-    from birdbone_core.heal.blockwise import _error, heal_block
+    from birdbone_core.heal.blockwise import block_error, heal_block
     from birdbone_core.heal.train import keep_masks
     from birdbone_core.model.layers import linear_modules
     from birdbone_core.prune.sequential import capture_layer_inputs, walk_paired_layers
@@ -231,7 +231,7 @@ def regrow_model(model, dense, blocks: torch.Tensor, cfg: Regrow, *, nm: tuple[i
         mods, dmods = linear_modules(layer), linear_modules(dense_layer)
         entry = {"layer": i, "swapped": 0, "reverted": False}
         if masks:
-            _, entry["rel_error_before"] = _error(layer, hidden, dense_hidden, kwargs[i], "mse")
+            _, entry["rel_error_before"] = block_error(layer, hidden, dense_hidden, kwargs[i], "mse")
             if cfg.method == "rigl":
                 grads = _block_grads(layer, [mods[n].weight for n in masks], hidden, dense_hidden, kwargs[i])
                 grads = dict(zip(masks, grads))
@@ -257,7 +257,7 @@ def regrow_model(model, dense, blocks: torch.Tensor, cfg: Regrow, *, nm: tuple[i
             if cfg.steps > 0 and entry["swapped"]:
                 heal_block(layer, hidden, dense_hidden, kwargs[i], keep_masks(layer), cfg.steps, cfg.lr,
                            "weights", revert_if_worse=False, seed=i)
-            _, entry["rel_error_after"] = _error(layer, hidden, dense_hidden, kwargs[i], "mse")
+            _, entry["rel_error_after"] = block_error(layer, hidden, dense_hidden, kwargs[i], "mse")
             if cfg.revert_if_worse and entry["rel_error_after"] > entry["rel_error_before"]:
                 layer.load_state_dict(saved)
                 for name in masks:

@@ -88,7 +88,7 @@ def capture_layer_inputs(model, blocks: torch.Tensor, batch_size: int):
     return store["hidden"], store["kwargs"]
 
 
-def _layer_out(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def layer_out(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -110,11 +110,11 @@ def walk_paired_layers(model, dense, hidden: list, kwargs: list, dense_hidden: l
         for i, (layer, dense_layer) in enumerate(zip(layers, dense_layers)):
             with torch.no_grad():
                 for b, h in enumerate(dense_hidden):
-                    dense_hidden[b] = _layer_out(dense_layer, h, dense_kwargs[i][b])
+                    dense_hidden[b] = layer_out(dense_layer, h, dense_kwargs[i][b])
             yield i, layer, dense_layer
             with torch.no_grad():
                 for b, h in enumerate(hidden):
-                    hidden[b] = _layer_out(layer, h, kwargs[i][b])
+                    hidden[b] = layer_out(layer, h, kwargs[i][b])
             advance()
 
 
@@ -140,7 +140,7 @@ class PruneReport:
         return zeros / max(total, 1)
 
 
-def _attach_stats(modules: dict[str, nn.Linear], full: bool):
+def attach_stats(modules: dict[str, nn.Linear], full: bool):
     """Hooks that accumulate input stats; modules fed the very same tensor (q/k/v, gate/up) share one."""
     stats: dict[str, InputStats] = {}
     seen: list[tuple[torch.Tensor, InputStats]] = []  # inputs of the current forward; cleared per batch
@@ -199,12 +199,12 @@ def prune_sequential(model, blocks: torch.Tensor, cfg: Prune, description: str =
                 s = cfg.sparsity_for(full_names[mod])
                 if s is not None and s > 0:
                     targets[name] = (mod, s)
-            stats, seen, handles = _attach_stats({n: m for n, (m, _) in targets.items()}, cfg.method == "sparsegpt")
+            stats, seen, handles = attach_stats({n: m for n, (m, _) in targets.items()}, cfg.method == "sparsegpt")
             dense_out = []
             try:
                 for b, h in enumerate(hidden):
                     seen.clear()
-                    dense_out.append(_layer_out(layer, h, layer_kwargs[i][b]))
+                    dense_out.append(layer_out(layer, h, layer_kwargs[i][b]))
                 seen.clear()
             finally:
                 for hd in handles:
@@ -222,7 +222,7 @@ def prune_sequential(model, blocks: torch.Tensor, cfg: Prune, description: str =
 
             num = den = 0.0
             for b, h in enumerate(hidden):
-                out = _layer_out(layer, h, layer_kwargs[i][b])
+                out = layer_out(layer, h, layer_kwargs[i][b])
                 num += (out - dense_out[b]).float().pow(2).sum().item()
                 den += dense_out[b].float().pow(2).sum().item()
                 hidden[b] = out

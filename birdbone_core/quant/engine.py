@@ -24,7 +24,7 @@ from birdbone_core.errors import BirdboneError
 from birdbone_core.export.arch import arch_for, model_dims, permute_for_rope, plan_tensors
 from birdbone_core.progress import progress_bar
 from birdbone_core.quant import budget as budget_mod
-from birdbone_core.quant.codecs import _encode_torch, decode
+from birdbone_core.quant.codecs import encode_torch, decode
 from birdbone_core.quant.config import Quantize
 from birdbone_core.quant.formats import can_apply, get_format
 from birdbone_core.quant.gptq import GPTQSettings, gptq_quantize_many
@@ -315,7 +315,7 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
                     if rows * cols >= ALTERNATE_SHARE * budgeted:  # the measured choice will try both
                         alternates.setdefault(p.gguf_name, {})[t] = (other[0], other[1] * cfg.stress_for(p.gguf_name))
                 else:
-                    pk, _ = _encode_torch(t, W, imp)
+                    pk, _ = encode_torch(t, W, imp)
                     packed = pk.numpy()
                     err = _sens(decode(t, packed, (rows, cols)) - W, H, F, emb_rows)
                 err *= cfg.stress_for(p.gguf_name)

@@ -27,7 +27,7 @@ import torch
 
 from birdbone_core.errors import BirdboneError
 from birdbone_core.quant import grid
-from birdbone_core.quant.codecs import _encode_torch, decode
+from birdbone_core.quant.codecs import encode_torch, decode
 from birdbone_core.quant.formats import get_format
 
 # Weights per row chunk of one GPTQ pass (rows are independent; chunking bounds the working set).
@@ -96,7 +96,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 def _blocks(name: str, W: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
     """The codec's packed blocks of W [rows, cols] -> uint8 [rows * nb, type_size]."""
     fmt = get_format(name)
-    packed, _ = _encode_torch(name, W, importance)
+    packed, _ = encode_torch(name, W, importance)
     return packed.reshape(-1, fmt.type_size)
 
 

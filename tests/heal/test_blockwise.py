@@ -10,7 +10,7 @@ from birdbone_core.heal import Heal, heal
 from birdbone_core.heal.blockwise import block_loss, heal_block, heal_blockwise
 from birdbone_core.heal.train import keep_masks
 from birdbone_core.model.layers import decoder_layers, linear_modules
-from birdbone_core.prune.sequential import _layer_out, capture_layer_inputs
+from birdbone_core.prune.sequential import layer_out, capture_layer_inputs
 
 
 def _masks_of(model):
@@ -24,8 +24,8 @@ def _block_case(model, calib, index=1, dtype=torch.float32, seed=0):
     layers = decoder_layers(model)
     with torch.no_grad():
         for i in range(index):
-            hidden = [_layer_out(layers[i], h, kwargs[i][b]) for b, h in enumerate(hidden)]
-        targets = [_layer_out(layers[index], h, kwargs[index][b]) for b, h in enumerate(hidden)]
+            hidden = [layer_out(layers[i], h, kwargs[i][b]) for b, h in enumerate(hidden)]
+        targets = [layer_out(layers[index], h, kwargs[index][b]) for b, h in enumerate(hidden)]
     gen = torch.Generator().manual_seed(seed)
     masks = {n: torch.rand(m.weight.shape, generator=gen) > 0.5 for n, m in linear_modules(layers[index]).items()}
     return layers[index], hidden, targets, kwargs[index], masks

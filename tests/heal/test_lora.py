@@ -13,7 +13,7 @@ from birdbone_core.heal.blockwise import heal_block
 from birdbone_core.heal.config import Lora
 from birdbone_core.heal.lora import LoraSession, select_targets
 from birdbone_core.model.layers import decoder_layers, linear_modules
-from birdbone_core.prune.sequential import _layer_out, capture_layer_inputs
+from birdbone_core.prune.sequential import layer_out, capture_layer_inputs
 
 
 def _block_case(model, calib, index=1, seed=0):
@@ -23,8 +23,8 @@ def _block_case(model, calib, index=1, seed=0):
     layers = decoder_layers(model)
     with torch.no_grad():
         for i in range(index):
-            hidden = [_layer_out(layers[i], h, kwargs[i][b]) for b, h in enumerate(hidden)]
-        targets = [_layer_out(layers[index], h, kwargs[index][b]) for b, h in enumerate(hidden)]
+            hidden = [layer_out(layers[i], h, kwargs[i][b]) for b, h in enumerate(hidden)]
+        targets = [layer_out(layers[index], h, kwargs[index][b]) for b, h in enumerate(hidden)]
     gen = torch.Generator().manual_seed(seed)
     layer = layers[index]
     masks = {n: torch.rand(m.weight.shape, generator=gen) > 0.5 for n, m in linear_modules(layer).items()}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from birdbone_core.data.text import calibration_blocks, read_text
-from birdbone_core.quant.codecs import _encode_torch, decode
+from birdbone_core.quant.codecs import encode_torch, decode
 from birdbone_core.quant.engine import _sens, collect_sensitivity
 
 
@@ -28,7 +28,7 @@ def _measured_kl(model, blocks, base) -> float:
 
 
 def _q4_0_noise(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    packed, _ = _encode_torch("Q4_0", W, torch.diag(H).clamp_min(0))
+    packed, _ = encode_torch("Q4_0", W, torch.diag(H).clamp_min(0))
     return decode("Q4_0", packed.numpy(), tuple(W.shape)) - W
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from birdbone_core.quant import grid
-from birdbone_core.quant.codecs import _encode_torch, decode
+from birdbone_core.quant.codecs import encode_torch, decode
 from birdbone_core.quant.formats import get_format
 
 NAMES = list(grid.TOP)
@@ -13,7 +13,7 @@ NAMES = list(grid.TOP)
 def test_levels_roundtrip_and_affine(name):
     fmt = get_format(name)
     W = torch.randn(6, 512) * torch.linspace(0.1, 3, 512)
-    b = _encode_torch(name, W)[0].reshape(-1, fmt.type_size)
+    b = encode_torch(name, W)[0].reshape(-1, fmt.type_size)
     q = grid.levels(name, b)
     assert q.min() >= 0 and q.max() <= grid.TOP[name]
     assert torch.equal(grid.with_levels(name, b, q), b)
@@ -26,7 +26,7 @@ def test_levels_roundtrip_and_affine(name):
 def test_with_levels_changes_only_levels(name):
     """New random levels: the head bytes (scales, mins) stay, and the decoded values follow the grid."""
     fmt = get_format(name)
-    b = _encode_torch(name, torch.randn(4, 256))[0].reshape(-1, fmt.type_size)
+    b = encode_torch(name, torch.randn(4, 256))[0].reshape(-1, fmt.type_size)
     q = torch.randint(0, grid.TOP[name] + 1, (b.shape[0], fmt.block_size)).float()
     b2 = grid.with_levels(name, b, q)
     assert torch.equal(grid.levels(name, b2), q)

@@ -101,7 +101,7 @@ def _as_importance(importance, cols: int, device, fmt_name: str) -> torch.Tensor
     return q.clamp_min(mean * IMPORTANCE_FLOOR)
 
 
-def _encode_torch(name, W, importance=None) -> tuple[torch.Tensor, tuple[int, ...]]:
+def encode_torch(name, W, importance=None) -> tuple[torch.Tensor, tuple[int, ...]]:
     codec = get_codec(name)
     shape = tuple(torch.as_tensor(W).shape)
     X = _as_matrix(W, codec.block_size, codec.name)
@@ -120,7 +120,7 @@ def _encode_torch(name, W, importance=None) -> tuple[torch.Tensor, tuple[int, ..
 
 def encode(name, W, importance=None) -> np.ndarray:
     """Quantize W ([..., cols], float) to `name` blocks: uint8 [..., cols // block_size * type_size]."""
-    out, shape = _encode_torch(name, W, importance)
+    out, shape = encode_torch(name, W, importance)
     return out.cpu().numpy().reshape(*shape[:-1], out.shape[-1])
 
 
@@ -158,7 +158,7 @@ def quantize_dequantize(name, W, importance=None) -> torch.Tensor:
         t = torch.as_tensor(W).detach().to(torch.float32)
         dt = _PLAIN[fmt.name]
         return t.clone() if dt is None else t.to(dt).to(torch.float32)
-    packed, shape = _encode_torch(fmt.name, W, importance)
+    packed, shape = encode_torch(fmt.name, W, importance)
     return decode(fmt.name, packed, shape)
 
 
