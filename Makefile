@@ -70,8 +70,10 @@ demo-cli: $(VENV)/.demo
 
 include airflow.mk
 
-# Two runs: the package in .venv, then the DAGs in Airflow's own venv (they call .venv's birdbone).
+# The linter (ruff: pyflakes, syntax, import order; pyproject.toml), then two runs: the package in .venv,
+# then the DAGs in Airflow's own venv (they call .venv's birdbone).
 test: $(VENV)/.test sysdeps $(VENV_AIRFLOW)/.stamp $(UI_TEST_DIR)/node_modules/.stamp
+	$(BIN)/ruff check .
 	BIRDBONE_PROGRESS=0 $(BIN)/python -m pytest -q -ra --ignore=tests/dags
 	BIRDBONE_PROGRESS=0 OMP_NUM_THREADS=1 $(AIRFLOW_PY) -m pytest -q -ra tests/dags
 

@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from birdbone_core.errors import BirdboneError
 from birdbone_core.eval.canaries import Canary
 from birdbone_core.heal.config import Heal
-from birdbone_core.quant.config import Quantize
 from birdbone_core.prune.owl import Allocation
 from birdbone_core.prune.regrow import Regrow
+from birdbone_core.quant.config import Quantize
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from clitools import assert_clean_failure, cli, run_cli, tree
 from gguf import GGUFReader
 from safetensors.torch import load_file
-
-from clitools import assert_clean_failure, cli, run_cli, tree
-
 
 FAST = """
 name: fast-{method}

@@ -4,9 +4,8 @@ written: a damaged, edited or swapped file is refused by the command that would 
 import shutil
 
 import pytest
-from tiny_recipes import tiny_recipe, waves
-
 from clitools import assert_clean_failure, cli, tree
+from tiny_recipes import tiny_recipe, waves
 
 WAVES = tiny_recipe("verify", {"method": "magnitude", "sparsity": 0.4},
                     waves=waves(0.2, {"method": "blockwise", "steps": 1}, threshold=10.0, patience=1))

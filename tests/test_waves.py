@@ -1,7 +1,6 @@
 """Pruning in waves on the fixture: healing after each wave, the stop-loss, and the ledger."""
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

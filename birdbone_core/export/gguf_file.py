@@ -21,10 +21,10 @@ import torch
 import birdbone_core
 from birdbone_core.atomic import staged_file
 from birdbone_core.errors import BirdboneError
-from birdbone_core.model.checks import F16_MAX
-from birdbone_core.progress import progress_bar
 from birdbone_core.export.arch import TensorPlan, arch_for, model_dims, plan_tensors, write_arch_metadata
 from birdbone_core.export.vocab import write_vocab
+from birdbone_core.model.checks import F16_MAX
+from birdbone_core.progress import progress_bar
 from birdbone_core.quant.formats import can_apply, get_format
 
 # out_type -> (format of 2-D weights, general.file_type, fallback format for rows that don't fit the blocks)

@@ -23,9 +23,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from birdbone_core.eval.perplexity import head_logits
-
 from birdbone_core.errors import BirdboneError
+from birdbone_core.eval.perplexity import head_logits
 from birdbone_core.heal import distributed
 from birdbone_core.heal.config import Heal
 from birdbone_core.heal.train import MaskedAdam, keep_masks, only_these_require_grad, trainable_params

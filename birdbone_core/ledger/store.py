@@ -26,8 +26,16 @@ from torch import Tensor
 from birdbone_core import atomic
 from birdbone_core.errors import BirdboneError
 from birdbone_core.ledger import codec
-from birdbone_core.ledger.delta import (DeltaMismatch, TensorDelta, apply_forward, change_norm, compose,
-                                        compute_delta, dtype_name, tensor_hash)
+from birdbone_core.ledger.delta import (
+    DeltaMismatch,
+    TensorDelta,
+    apply_forward,
+    change_norm,
+    compose,
+    compute_delta,
+    dtype_name,
+    tensor_hash,
+)
 from birdbone_core.ledger.entries import TensorDiff, TensorRecord, WaveDiff, WaveEntry, change_digest
 
 FORMAT = "birdbone-ledger/1"

@@ -24,12 +24,11 @@ from birdbone_core.errors import BirdboneError
 from birdbone_core.export.arch import arch_for, model_dims, permute_for_rope, plan_tensors
 from birdbone_core.progress import progress_bar
 from birdbone_core.quant import budget as budget_mod
-from birdbone_core.quant.codecs import encode_torch, decode
+from birdbone_core.quant.codecs import decode, encode_torch
 from birdbone_core.quant.config import Quantize
 from birdbone_core.quant.formats import can_apply, get_format
 from birdbone_core.quant.gptq import GPTQSettings, gptq_quantize_many
 from birdbone_core.quant.importance import Imatrix
-
 
 # A tensor holding at least this share of the budgeted weights keeps both of its encodings per type
 # (GPTQ's and plain rounding's): the estimate ranks them, quant.trials measures them.
@@ -56,7 +55,6 @@ def collect_sensitivity(model: torch.nn.Module, blocks: torch.Tensor, batch_size
     scale = float(getattr(emb, "scalar_embed_scale", 1.0) or 1.0)  # Gemma scales lookups by sqrt(d)
     emb_ids: list[torch.Tensor] = []
     emb_g2: list[torch.Tensor] = []
-    cur: dict[str, torch.Tensor] = {}
     shared: list[tuple[torch.Tensor, str]] = []
 
     def fwd(name):

@@ -27,7 +27,7 @@ import torch
 
 from birdbone_core.errors import BirdboneError
 from birdbone_core.quant import grid
-from birdbone_core.quant.codecs import encode_torch, decode
+from birdbone_core.quant.codecs import decode, encode_torch
 from birdbone_core.quant.formats import get_format
 
 # Weights per row chunk of one GPTQ pass (rows are independent; chunking bounds the working set).

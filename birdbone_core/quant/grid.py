@@ -23,9 +23,9 @@ from typing import Callable
 import torch
 
 from birdbone_core.quant.codecs import decode as _decode
+from birdbone_core.quant.codecs._bits import pack_bits, pack_crumbs, unpack_bits, unpack_crumbs
 from birdbone_core.quant.codecs.nonlinear import KVALUES as _IQ4_NL_VALUES
 from birdbone_core.quant.codecs.nonlinear import nearest_index as _iq4_nl_nearest
-from birdbone_core.quant.codecs._bits import pack_bits, pack_crumbs, unpack_bits, unpack_crumbs
 from birdbone_core.quant.formats import get_format
 
 TOP = {"Q8_0": 255, "Q4_0": 15, "Q4_1": 15, "Q5_0": 31, "Q5_1": 31,

@@ -26,8 +26,18 @@ from pathlib import Path
 import yaml
 
 from birdbone_core.errors import BirdboneError
-from birdbone_core.report.data import (LAYER_RE, WAVE_METRICS, LedgerWave, Rollback, RunData, WaveRow,
-                                       heal_curves, num, split_decision, verdict_name)
+from birdbone_core.report.data import (
+    LAYER_RE,
+    WAVE_METRICS,
+    LedgerWave,
+    Rollback,
+    RunData,
+    WaveRow,
+    heal_curves,
+    num,
+    split_decision,
+    verdict_name,
+)
 
 
 def _read_json(path: Path):

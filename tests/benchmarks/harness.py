@@ -35,8 +35,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 import heavylock  # noqa: E402
-from harness_gguf import (BB_GGUF_JOB, BBQ_CACHE, bb_gguf_path, birdbone_gguf_side, llamacpp_side,  # noqa: E402
-                          quantize_side)
+from harness_gguf import BB_GGUF_JOB, BBQ_CACHE, bb_gguf_path, birdbone_gguf_side, llamacpp_side, quantize_side  # noqa: E402
 from heavylock import heavy  # noqa: E402
 
 FIXTURE = REPO / "tests/fixtures/tiny-llama"

@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference as ref  # noqa: E402
 from run_reference import REPO, machine, make_base  # noqa: E402
 
-
 # the Gemma points that reference.VARIANTS lacks
 EXTRA_VARIANTS = {"Q3_K_M-emb_q4_0": ("Q3_K_M", ("--token-embedding-type", "q4_0")),
                   "Q2_K-emb_q4_0": ("Q2_K", ("--token-embedding-type", "q4_0"))}

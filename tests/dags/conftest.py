@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from airflow_testlib import BIRDBONE, REPO, airflow_bin
 
 if importlib.util.find_spec("airflow") is None:

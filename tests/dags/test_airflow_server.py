@@ -23,7 +23,6 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-
 from airflow_server import PASSWORD, AirflowServer
 from airflow_testlib import BIRDBONE, FIXTURE, REPO, birdbone, model_tensors, needs_cli
 from tiny_recipes import TOO_AGGRESSIVE, tiny_recipe, waves

@@ -4,7 +4,6 @@ test_airflow_server.py."""
 from __future__ import annotations
 
 import pytest
-
 from airflow_testlib import FIXTURE, birdbone, needs_cli
 from tiny_recipes import TOO_AGGRESSIVE
 

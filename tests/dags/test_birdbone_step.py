@@ -10,7 +10,6 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-
 from airflow_testlib import needs_cli
 
 SECRET_VALUE = "s3cr3t-value-never-in-a-pod-spec"

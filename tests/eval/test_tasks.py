@@ -9,8 +9,15 @@ import torch
 
 from birdbone_core.data import build_tasks
 from birdbone_core.errors import BirdboneError
-from birdbone_core.eval.tasks import (OFFLINE_TASKS, TASK_DIR, TorchLM, compare, load_tasks, offline_task_config,
-                                      run_tasks)
+from birdbone_core.eval.tasks import (
+    OFFLINE_TASKS,
+    TASK_DIR,
+    TorchLM,
+    compare,
+    load_tasks,
+    offline_task_config,
+    run_tasks,
+)
 
 CORPUS = Path("/work/shared/data/python-docs-3.11.txt.gz")
 

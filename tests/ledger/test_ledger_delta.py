@@ -7,8 +7,15 @@ import torch
 
 from birdbone_core.errors import BirdboneError
 from birdbone_core.ledger import codec
-from birdbone_core.ledger.delta import (DeltaMismatch, apply_backward, apply_forward, bits, compose,
-                                        compute_delta, tensor_hash)
+from birdbone_core.ledger.delta import (
+    DeltaMismatch,
+    apply_backward,
+    apply_forward,
+    bits,
+    compose,
+    compute_delta,
+    tensor_hash,
+)
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -158,9 +165,13 @@ def test_codec_rejects_damage():
 def test_compose_chain_cancel_and_inconsistency():
     g = torch.Generator().manual_seed(1)
     s0 = torch.randn(500, generator=g)
-    s1 = s0.clone(); s1[:100] = 0
-    s2 = s1.clone(); s2[50:150] += 1
-    s3 = s2.clone(); s3[140:200] = 0; s3[:10] = s0[:10]                # partly restores
+    s1 = s0.clone()
+    s1[:100] = 0
+    s2 = s1.clone()
+    s2[50:150] += 1
+    s3 = s2.clone()
+    s3[140:200] = 0
+    s3[:10] = s0[:10]                                                  # partly restores
     ds = [compute_delta(a, b) for a, b in ((s0, s1), (s1, s2), (s2, s3))]
     net = compose(ds)
     ref = compute_delta(s0, s3)

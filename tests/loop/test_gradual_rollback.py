@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from birdbone_core.errors import BirdboneError
 from birdbone_core.eval.perplexity import evaluate
@@ -16,7 +16,6 @@ from birdbone_core.loop.context import Context
 from birdbone_core.loop.driver import run_all, run_step, status
 from birdbone_core.recipe import dump_recipe, load_recipe, parse_recipe
 from birdbone_core.steps import Run, init_run
-
 
 # ---- the kernel ---------------------------------------------------------------------------------------
 

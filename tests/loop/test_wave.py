@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from birdbone_core.errors import BirdboneError
 from birdbone_core.ledger import Ledger

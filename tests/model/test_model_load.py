@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-from tinymodels import ARCHS, build_model
 from safetensors.torch import load_file
+from tinymodels import ARCHS, build_model
 
 from birdbone_core.errors import BirdboneError
 from birdbone_core.model.load import SUPPORTED_ARCHITECTURES, ModelSource, load_model, preflight, resolve_source

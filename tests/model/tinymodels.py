@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 VOCAB = 320
 SENTENCES = [

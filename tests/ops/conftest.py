@@ -7,7 +7,6 @@ import time
 import urllib.request
 
 import pytest
-
 from tiny_recipes import tiny_recipe, waves
 
 

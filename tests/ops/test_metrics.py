@@ -203,7 +203,8 @@ def test_a_real_run_pushes_its_steps_verdicts_and_healing(tiny_wave_run, pushgat
     """The fixture run's own steps (birdbone compress -> the step functions -> push_step) filled the gateway
     with what the run directory records."""
     series = [s for s in _gateway_series(pushgateway) if s[1].get("run_id") == "tiny-waves"]
-    by = lambda name: {(lab["step"], lab["wave"]): (lab, v) for n, lab, v in series if n == name}
+    def by(name):
+        return {(lab["step"], lab["wave"]): (lab, v) for n, lab, v in series if n == name}
     assert {lab["model"] for _, lab, _ in series} == {"tiny-llama"}
     assert {lab["dag_run"] for _, lab, _ in series} == {"local"}
     waves = sorted(int(p.name) for p in (tiny_wave_run / "waves").iterdir() if (p / "decision.json").is_file())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from birdbone_core.data.text import calibration_blocks, read_text
-from birdbone_core.quant.codecs import encode_torch, decode
+from birdbone_core.quant.codecs import decode, encode_torch
 from birdbone_core.quant.engine import _sens, collect_sensitivity
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from birdbone_core.quant import grid
-from birdbone_core.quant.codecs import encode_torch, decode
+from birdbone_core.quant.codecs import decode, encode_torch
 from birdbone_core.quant.formats import get_format
 
 NAMES = list(grid.TOP)

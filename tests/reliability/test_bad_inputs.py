@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from clitools import assert_clean_failure, cli, tree
 from safetensors.torch import load_file, save_file
 from tiny_recipes import tiny_recipe
-
-from clitools import assert_clean_failure, cli, tree
 
 FAST = tiny_recipe("reliability", {"method": "magnitude", "sparsity": 0.3})
 HANG_SECONDS = 120

@@ -5,9 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_bad_inputs import FAST, run_case
-
 from clitools import assert_clean_failure, cli
+from test_bad_inputs import FAST, run_case
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,12 @@ import torch
 
 from birdbone_core.quant.codecs._base import Codec, importance_weights, split_fields
 from birdbone_core.quant.codecs._bits import (
-    f16_bytes, f16_round, f16_value, nearest_int, pack_crumbs, unpack_crumbs,
+    f16_bytes,
+    f16_round,
+    f16_value,
+    nearest_int,
+    pack_crumbs,
+    unpack_crumbs,
 )
 from birdbone_core.quant.codecs._refine import refine_affine
 from birdbone_core.quant.codecs._search import make_qkx_quants, make_qp_quants

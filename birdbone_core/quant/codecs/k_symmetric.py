@@ -23,7 +23,13 @@ import torch
 
 from birdbone_core.quant.codecs._base import Codec, importance_weights, split_fields
 from birdbone_core.quant.codecs._bits import (
-    f16_bytes, f16_round, f16_value, nearest_int, pack_crumbs, signed_absmax, unpack_crumbs,
+    f16_bytes,
+    f16_round,
+    f16_value,
+    nearest_int,
+    pack_crumbs,
+    signed_absmax,
+    unpack_crumbs,
 )
 from birdbone_core.quant.codecs._refine import refine_symmetric
 from birdbone_core.quant.codecs._search import GROUP_MAX_EPS, make_q3_quants, make_qx_quants

@@ -18,7 +18,15 @@ import torch
 
 from birdbone_core.quant.codecs._base import Codec, importance_weights, split_fields
 from birdbone_core.quant.codecs._bits import (
-    f16_bytes, f16_round, f16_value, nearest_int, pack_bits, pack_crumbs, round_away, signed_absmax, unpack_bits,
+    f16_bytes,
+    f16_round,
+    f16_value,
+    nearest_int,
+    pack_bits,
+    pack_crumbs,
+    round_away,
+    signed_absmax,
+    unpack_bits,
     unpack_crumbs,
 )
 from birdbone_core.quant.codecs._search import make_qkx_quants, make_qx_quants

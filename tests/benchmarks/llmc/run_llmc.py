@@ -82,10 +82,9 @@ def main() -> None:
         torch.set_num_threads(a.threads)
 
     from datasets import Dataset
+    from llmcompressor import oneshot
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llmcompressor import oneshot
 
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, local_files_only=True)
