@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that change the run directory they are given (or, verify, need it still): they hold its lock
-# (steps.Run.locked), so two processes never work on one run at once; the second waits. (`compress` locks
+# (birdbone_core.run.Run.locked), so two processes never work on one run at once; the second waits. (`compress` locks
 # once its run exists.)
 CHANGES_RUN = frozenset({"baseline", "prune", "export", "evaluate", "prepare", "wave", "rollback", "finish",
                          "run", "resume", "publish", "report", "verify"})
@@ -295,7 +295,7 @@ CHANGES_RUN = frozenset({"baseline", "prune", "export", "evaluate", "prepare", "
 
 def _dispatch(args) -> int:
     if args.cmd in CHANGES_RUN and getattr(args, "run", None):
-        from birdbone_core.steps import Run
+        from birdbone_core.run import Run
 
         run = Run(Path(args.run))
         if run.manifest_path.is_file():                 # else the command says what is wrong with it

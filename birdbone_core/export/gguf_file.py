@@ -65,12 +65,14 @@ def _choose_format(plan: TensorPlan, out_type: str, fallbacks: dict[str, str]) -
 def check_storable(name: str, a: np.ndarray, fmt: str) -> None:
     """Refuse a tensor that would reach the file as NaN/Inf: non-finite values, or (for F16 and the block
     formats) magnitudes beyond what f16 values and f16 block scales can hold."""
-    finite = np.isfinite(a)
-    if not finite.all():
-        raise BirdboneError(f"tensor {name} holds {int(a.size - finite.sum())} NaN/Inf value(s); not writing a "
-                            f"GGUF that llama.cpp would compute garbage with")
-    if fmt not in ("F32", "BF16") and a.size:
-        peak = float(np.abs(a).max())
+    if not a.size:
+        return
+    lo, hi = float(a.min()), float(a.max())            # NaN propagates; no array-sized temporary
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise BirdboneError(f"tensor {name} holds {int(a.size - np.isfinite(a).sum())} NaN/Inf value(s); not "
+                            f"writing a GGUF that llama.cpp would compute garbage with")
+    if fmt not in ("F32", "BF16"):
+        peak = max(-lo, hi)
         if peak > F16_MAX:
             raise BirdboneError(f"tensor {name} holds values up to {peak:.3g}, beyond the f16 range ({F16_MAX:g}) "
                                 f"that {fmt} stores; export it as f32 or fix the weights")

@@ -128,11 +128,19 @@ class Ledger:
             self._check_recorded(wave, index)
             rec = index["waves"][wave - 1]
             path, expect, sha = self.wave_dir(wave) / "entry.json", rec["digest"], rec.get("entry_sha256")
-        if sha is not None and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise BirdboneError(f"{path}: missing from the ledger") from None
+        if sha is not None and hashlib.sha256(raw).hexdigest() != sha:
             raise BirdboneError(f"{path}: its bytes differ from the sha256 ledger/index.json recorded for wave "
                                 f"{wave} (damaged ledger)")
         try:
-            e = WaveEntry.from_json(self._read_json(path))
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BirdboneError(f"{path}: corrupt ledger file ({getattr(exc, 'msg', exc)})") from None
+        try:
+            e = WaveEntry.from_json(data)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BirdboneError(f"{path}: not a ledger entry ({type(exc).__name__}: {exc}) (damaged ledger)") from None
         if e.wave != wave or e.digest != expect:

@@ -7,6 +7,7 @@ work), so each check here reads only headers and sizes and raises a BirdboneErro
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -266,11 +267,12 @@ def check_values(name: str, t, where: str) -> None:
 
     if not t.is_floating_point() or t.numel() == 0:
         return
-    if not torch.isfinite(t).all():
+    lo, hi = (float(x) for x in torch.aminmax(t))     # one pass, no tensor-sized temporary; NaN propagates
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = int((~torch.isfinite(t)).sum())
         kinds = "/".join(k for k, f in (("NaN", torch.isnan), ("Inf", torch.isinf)) if f(t).any())
         raise BirdboneError(f"{where}: weights {name} holds {bad} non-finite value(s) ({kinds})")
-    peak = float(t.abs().max())
+    peak = max(-lo, hi)
     if peak > F16_MAX:
         raise BirdboneError(f"{where}: weights {name} hold values up to {peak:.3g}, beyond any trained model's "
                             f"(and f16's {F16_MAX:g}); the checkpoint is damaged")
@@ -280,17 +282,27 @@ def _span(xs: list[int]) -> str:
     return f"{xs[0]}" if len(xs) == 1 else f"{xs[0]}..{xs[-1]}"
 
 
-def _check_shapes(directory: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Shapes the config implies (a skeleton model on the meta device, no memory) against the checkpoint's,
-    for every tensor name both have."""
+def meta_model(config: dict, text_only: bool = False):
+    """The model a config.json describes, built on the meta device (module names and shapes, no memory, no
+    weights); text_only: the text model of Gemma 3's multimodal config. None when transformers cannot build
+    it from the config alone (the load that follows reports why, with context)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         cfg = AutoConfig.for_model(**config)
+        if text_only and cfg.model_type == "gemma3":
+            cfg = cfg.get_text_config()
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(cfg)
-    except Exception:              # a config transformers cannot build: the load reports it, with context
+            return AutoModelForCausalLM.from_config(cfg)
+    except Exception:
+        return None
+
+
+def _check_shapes(directory: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Shapes the config implies (meta_model) against the checkpoint's, for every tensor name both have."""
+    skeleton = meta_model(config)
+    if skeleton is None:
         return
     expected = {n: tuple(t.shape) for n, t in skeleton.state_dict().items()}
     for name, shape in expected.items():
@@ -299,7 +311,7 @@ def _check_shapes(directory: Path, config: dict, shapes: dict[str, tuple[int, ..
                                 f"config.json implies {_dims(shape)}; the weights do not match the config")
     if len(expected.keys() & shapes.keys()) < len(expected) // 2:
         return                     # the checkpoint names its tensors otherwise (e.g. a multimodal wrapper)
-    if getattr(cfg, "tie_word_embeddings", False):
+    if getattr(skeleton.config, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
     ignored = [re.compile(p) for p in getattr(skeleton, "_keys_to_ignore_on_load_unexpected", None) or ()]
     missing = sorted(expected.keys() - shapes.keys())

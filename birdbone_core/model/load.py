@@ -117,17 +117,7 @@ def skeleton(source: ModelSource):
     too much (a GGUF: transformers parses its whole tokenizer for the config; see gguf_context_length)."""
     if source.kind != "hf_dir":
         return None
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        cfg = AutoConfig.for_model(**checks.read_config(Path(source.path) / "config.json"))
-        cfg = cfg.get_text_config() if cfg.model_type == "gemma3" else cfg
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(cfg)
-    except BirdboneError:
-        raise
-    except Exception:          # the load that follows reports it, with context
-        return None
+    return checks.meta_model(checks.read_config(Path(source.path) / "config.json"), text_only=True)
 
 
 def load_model(
