@@ -3,9 +3,11 @@
 
     birdbone_executor   "local" (subprocess on the worker) | "kubernetes" (one pod per step)
     birdbone_cli        the birdbone executable for local runs (default "birdbone" on PATH)
-    birdbone_runs_root  where run directories live; in Kubernetes mode a shared volume mounted at the same
-                        path in step pods and on the Airflow workers (the stop-loss branch reads decisions)
-    birdbone_k8s        JSON object, merged over K8S_DEFAULTS below (image, GPUs, node selector, ...)
+    birdbone_runs_root  where run directories live: in Kubernetes mode the shared volume (runs_pvc) is
+                        mounted at this path in every step pod; Airflow workers never read it (the
+                        stop-loss decision reaches the branch as an XCom)
+    birdbone_gpu_device the --device GPU steps pass (default: "cuda" in Kubernetes mode, else "auto")
+    birdbone_k8s        JSON object, merged over K8S_DEFAULTS below (images, GPUs, node selector, ...)
 
 Secrets are never settings: pods get S3 credentials from the Kubernetes secret named in `s3_secret`
 through env `valueFrom.secretKeyRef`, so no value passes through Airflow.
@@ -20,14 +22,16 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 K8S_DEFAULTS: dict = {
-    "image": "birdbone-core:0.1.0-cuda",
+    "image": "birdbone-core:0.1.0-cuda",            # GPU steps (prepare, prune, heal, regrow, evaluate, export)
+    "cpu_image": "birdbone-core:0.1.0-cpu",         # CPU steps (init, decide, rollback, finish, GGUF eval, ...)
     "image_pull_policy": "IfNotPresent",
     "namespace": "birdbone",
     "kubernetes_conn_id": "kubernetes_default",     # an Airflow Connection (in-cluster or kubeconfig)
     "service_account": "birdbone-runner",
     "gpus": 1,                                       # nvidia.com/gpu limit of GPU steps
-    "cpu": "8",
-    "memory": "64Gi",
+    "heal_gpus": 1,                                  # GPUs of the heal pod; > 1: torchrun, one rank per GPU
+    "gpu_resources": {"cpu": "8", "memory": "64Gi"},    # requests = limits, per GPU step pod
+    "cpu_resources": {"cpu": "2", "memory": "8Gi"},     # per CPU step pod
     "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     "model_cache_pvc": "birdbone-model-cache",       # mounted at model_cache_path (BIRDBONE_CACHE, HF_HOME)
@@ -36,7 +40,7 @@ K8S_DEFAULTS: dict = {
     "s3_secret": "birdbone-s3",                      # keys below become env vars of the same name
     "s3_secret_keys": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"],
     "ops_configmap": "birdbone-ops",                 # envFrom: Pushgateway, DVC remote, S3 endpoint (k8s/)
-    "env": {"OMP_NUM_THREADS": "8", "HF_HUB_OFFLINE": "1"},   # plain, non-secret env
+    "env": {"HF_HUB_OFFLINE": "1"},     # plain, non-secret env (OMP_NUM_THREADS follows the pod's cpu)
     "startup_timeout_seconds": 600,
 }
 
@@ -67,6 +71,12 @@ def runs_root() -> Path:
     return Path(str(variable("birdbone_runs_root", os.environ.get("BIRDBONE_RUNS_ROOT", "runs")))).absolute()
 
 
+def gpu_device() -> str:
+    """The --device of GPU steps: Variable birdbone_gpu_device, else cuda on Kubernetes, auto locally."""
+    default = "cuda" if executor() == "kubernetes" else "auto"
+    return str(variable("birdbone_gpu_device", default) or default).strip()
+
+
 def k8s() -> dict:
     raw = variable("birdbone_k8s", None)
     override = json.loads(raw) if isinstance(raw, str) else (raw or {})
@@ -76,3 +86,29 @@ def k8s() -> dict:
     if unknown:
         raise ValueError(f"Variable birdbone_k8s: unknown keys {sorted(unknown)} (known: {sorted(K8S_DEFAULTS)})")
     return {**K8S_DEFAULTS, **override}
+
+
+def set_variable(name: str, value, json_: bool = False) -> None:
+    """Write an Airflow Variable (from a task: through the Task SDK's execution API)."""
+    from airflow.sdk import Variable
+
+    Variable.set(name, value, serialize_json=json_)
+
+
+def nightly() -> dict:
+    """birdbone_nightly's settings (Variables):
+
+    birdbone_nightly_bucket        S3 bucket of new checkpoints (required; no default)
+    birdbone_nightly_prefix        key prefix: checkpoints are <prefix>/<name>/... (default "checkpoints")
+    birdbone_nightly_recipe        recipe path the compress runs get (default: birdbone's built-in recipe)
+    birdbone_nightly_max_attempts  compress runs per checkpoint before it is alerted (default 3)
+    birdbone_aws_conn_id           Airflow connection of that S3 (type aws; MinIO/moto: extra endpoint_url)
+    """
+    attempts = int(variable("birdbone_nightly_max_attempts", 3) or 3)
+    if attempts < 1:
+        raise ValueError("Variable birdbone_nightly_max_attempts must be >= 1")
+    return {"bucket": str(variable("birdbone_nightly_bucket", "") or "").strip(),
+            "prefix": str(variable("birdbone_nightly_prefix", "checkpoints") or "").strip().strip("/"),
+            "recipe": str(variable("birdbone_nightly_recipe", "") or ""),
+            "max_attempts": attempts,
+            "aws_conn_id": str(variable("birdbone_aws_conn_id", "aws_default") or "aws_default")}

@@ -3,34 +3,41 @@ The DAG runs end to end (a killed step retried, the rollback branch, the web UI)
 test_airflow_server.py."""
 from __future__ import annotations
 
-import pytest
 from airflow_testlib import FIXTURE, birdbone, needs_cli
 from tiny_recipes import TOO_AGGRESSIVE
 
 pytestmark = needs_cli
 
 
-def test_targets_param_overrides_the_recipe(dagbag, runs_root, tmp_path):
-    """`targets` writes a merged recipe copy under the runs root; init gets it, and birdbone validates it."""
+def test_targets_param_reaches_init_as_one_json_argument(dagbag, runs_root, tmp_path):
+    """`targets` renders into `init --targets=JSON` (no recipe copy on the worker); birdbone applies and
+    validates it, and a path through a non-mapping is a user error (exit 2)."""
+    import json
+    from types import SimpleNamespace
+
     import yaml
 
     dag = dagbag.dags["birdbone_compress"]
     recipe = tmp_path / "base.yaml"
     recipe.write_text(TOO_AGGRESSIVE)
-    params = {"model": str(FIXTURE), "recipe": str(recipe), "run_id": "targets",
-              "targets": {"prune.sparsity": 0.4, "export.type": "q8_0", "waves.stop_loss.patience": 2}}
-    merged = dag.get_task("resolve_recipe").python_callable(params=params, run_id="manual__x")
-    assert merged == str(runs_root / "_recipes" / "targets.yaml")
-    r = yaml.safe_load(open(merged))
-    assert r["prune"] == {"method": "magnitude", "sparsity": 0.4}
-    assert r["export"]["type"] == "q8_0" and r["waves"]["stop_loss"] == {"threshold": 0.05, "patience": 2}
+    targets = {"prune.sparsity": 0.4, "export.type": "q8_0", "waves.stop_loss.patience": 2}
+    params = {**{k: v.value for k, v in dag.params.items()}, "model": str(FIXTURE), "recipe": str(recipe),
+              "run_id": "targets", "targets": targets}
+    op = dag.get_task("init").prepare_for_execution()
+    ti = SimpleNamespace(dag_id=dag.dag_id, task_id="init", run_id="manual__x", try_number=1, map_index=-1)
+    op.render_template_fields({"params": params, "run_id": "manual__x", "dag": dag, "ti": ti})
+    argv = op.local_argv()[1:]
+    flag = next(a for a in argv if a.startswith("--targets="))
+    assert json.loads(flag.split("=", 1)[1]) == targets
     run = tmp_path / "run"
-    birdbone("init", str(run), "--model", str(FIXTURE), "-r", merged)
+    birdbone("init", str(run), *argv[2:])
     saved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert saved["prune"]["sparsity"] == 0.4 and saved["export"]["type"] == "q8_0"
-    bad = dict(params, targets={"prune.sparsity.deeper": 1})
-    with pytest.raises(Exception, match="non-mapping"):
-        dag.get_task("resolve_recipe").python_callable(params=bad, run_id="manual__x")
+    assert saved["waves"]["stop_loss"]["patience"] == 2 and saved["waves"]["stop_loss"]["threshold"] == 0.05
+    bad = birdbone("init", str(tmp_path / "bad"), "--model", str(FIXTURE), "-r", str(recipe),
+                   '--targets={"prune.sparsity.deeper": 1}', check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "not a mapping" in bad.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_graph_shape(dagbag):
@@ -41,9 +48,12 @@ def test_graph_shape(dagbag):
     assert dag.get_task("prepare").downstream_task_ids == {"wave_01.prune"}
     for k in range(1, 11):
         g = f"wave_{k:02d}"
-        for a, b in zip(("prune", "heal", "regrow", "evaluate", "decide", "publish"),
-                        ("heal", "regrow", "evaluate", "decide", "publish", "stop_loss")):
-            assert f"{g}.{b}" in dag.get_task(f"{g}.{a}").downstream_task_ids
+        for a, b in zip(("prune", "heal", "regrow", "evaluate"), ("heal", "regrow", "evaluate", "decide")):
+            assert dag.get_task(f"{g}.{a}").downstream_task_ids == {f"{g}.{b}"}
+        # publish hangs off decide, beside the branch: a publish failure never blocks the next wave
+        assert dag.get_task(f"{g}.decide").downstream_task_ids == {f"{g}.stop_loss", f"{g}.publish"}
+        assert dag.get_task(f"{g}.publish").downstream_task_ids == set()
+        assert dag.get_task(f"{g}.publish").retries >= 5
         nxt = {f"wave_{k + 1:02d}.prune"} if k < 10 else set()
         assert dag.get_task(f"{g}.stop_loss").downstream_task_ids == {f"{g}.to_rollback", f"{g}.to_finish"} | nxt
         assert dag.get_task(f"{g}.to_rollback").downstream_task_ids == {"rollback"}
@@ -53,3 +63,27 @@ def test_graph_shape(dagbag):
         assert dag.get_task(t).trigger_rule == "none_failed_min_one_success"
     assert dag.get_task("evaluate").downstream_task_ids == {"report"}
     assert dag.get_task("report").downstream_task_ids == {"publish"}
+
+
+def test_step_kinds_pools_and_timeouts(dagbag):
+    """GPU steps take the h100 pool and a long timeout; CPU steps a short one; decide returns its
+    decision as an XCom; the heal step is the distributed one; every task reports to the Pushgateway."""
+    from operators import signals
+    from operators.birdbone_step import GPU_POOL, STEP_KINDS
+
+    dag = dagbag.dags["birdbone_compress"]
+    gpu = {"prepare", "export"} | {f"wave_{k:02d}.{s}" for k in range(1, 11)
+                                   for s in ("prune", "heal", "regrow", "evaluate")}
+    steps = {t.task_id: t for t in dag.tasks if type(t).__name__ == "BirdboneStepOperator"}
+    assert gpu < set(steps)
+    for tid, t in steps.items():
+        kind = "gpu" if tid in gpu else "cpu"
+        assert t.step_kind == kind, tid
+        assert t.execution_timeout == STEP_KINDS[kind].execution_timeout, tid
+        assert (t.pool == GPU_POOL) == (kind == "gpu"), tid
+        assert t.do_xcom_push == tid.endswith(".decide"), tid
+        assert t.distributed == tid.endswith(".heal"), tid
+    assert steps["evaluate"].step_kind == "cpu"           # the final evaluation scores the GGUF
+    for t in dag.tasks:
+        assert t.on_failure_callback and signals.on_failure in list(t.on_failure_callback), t.task_id
+    assert dag.on_failure_callback and dag.on_success_callback
