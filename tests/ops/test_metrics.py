@@ -3,9 +3,13 @@ read back over the HTTP API; every PromQL query of the Grafana dashboard returns
 import json
 import math
 import re
+import sys
+import time
 import urllib.parse
 import urllib.request
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -16,6 +20,10 @@ from birdbone_core.ops import metrics as M
 pytest.importorskip("prometheus_client")
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:        # the repository's operators/ package (its signals need no Airflow)
+    sys.path.insert(0, str(ROOT))
+from operators import signals  # noqa: E402
+
 DASHBOARD = ROOT / "grafana" / "dashboards" / "birdbone.json"
 PROM_CONFIG = ROOT / "prometheus" / "prometheus.yml"
 DAG_RUN = "manual__2026-11-30T01:00:00+00:00"
@@ -117,10 +125,34 @@ def _dashboard_exprs() -> list[tuple[str, str]]:
     return out
 
 
+def _task_ctx(dag_run: str, task_id: str, try_number: int = 1, started_ago_s: float = 5.0,
+              timeout_s: float | None = 3600.0) -> dict:
+    start = datetime.now(timezone.utc) - timedelta(seconds=started_ago_s)
+    task = SimpleNamespace(execution_timeout=timedelta(seconds=timeout_s) if timeout_s else None)
+    ti = SimpleNamespace(task_id=task_id, dag_id="birdbone_compress", run_id=dag_run, try_number=try_number,
+                         start_date=start, task=task)
+    return {"ti": ti, "task": task, "run_id": dag_run, "dag": SimpleNamespace(dag_id="birdbone_compress")}
+
+
+def _push_task_signals(dag_run: str) -> None:
+    """What the Airflow callbacks push during a run: a finished step, a failed one, a retried one, a step
+    running for 40 min of a 1 h timeout (stuck), a finished DAG run, an alert."""
+    signals.on_success(_task_ctx(dag_run, "prepare"))
+    signals.on_failure(_task_ctx(dag_run, "wave_01.heal", try_number=3))
+    signals.on_retry(_task_ctx(dag_run, "wave_01.prune", try_number=2))
+    signals.on_execute(_task_ctx(dag_run, "wave_01.evaluate", started_ago_s=2400))
+    signals.on_execute(_task_ctx(dag_run, "wave_01.regrow", started_ago_s=60))
+    signals._push(signals.RUN_JOB, {"dag_id": "birdbone_compress"},
+                  {"birdbone_dag_run_success": ("", {}, 0.0),
+                   "birdbone_dag_run_finished_timestamp_seconds": ("", {}, time.time())})
+    assert signals.alert(_task_ctx(dag_run, "check"), "checkpoint m1 failed 2 attempts", alert="nightly", key="m1")
+
+
 def test_dashboard_covers_the_required_views():
     dash = json.loads(DASHBOARD.read_text())
     titles = " | ".join(p["title"].lower() for p in dash["panels"])
-    for word in ("healing curve", "perplexity", "size / quality", "decision", "duration"):
+    for word in ("healing curve", "perplexity", "size / quality", "decision", "duration", "failed tasks",
+                 "retries", "running steps", "stuck steps", "alerts"):
         assert word in titles, word
     exprs = " ".join(e for _, e in _dashboard_exprs())
     for metric in ("birdbone_perplexity", "birdbone_kld", "birdbone_sparsity", "birdbone_bits_per_weight",
@@ -151,6 +183,7 @@ def test_pushgateway_to_prometheus_and_every_dashboard_query(pushgateway, start_
     for step, wave, metrics, seconds in PUSHES:
         assert M.push_step(run_dir, step, wave, metrics, seconds), step
 
+    _push_task_signals(DAG_RUN)
     sel = f'run_id="{run_id}"'
     n_groups = len(PUSHES)
     dur = _wait_query(prom, f"birdbone_step_duration_seconds{{{sel}}}", n=n_groups)
@@ -225,3 +258,59 @@ def test_a_real_run_pushes_its_steps_verdicts_and_healing(tiny_wave_run, pushgat
         heal = json.loads((tiny_wave_run / "waves" / str(k) / "heal.json").read_text())["report"]
         assert by("birdbone_heal_loss")[("heal", str(k))][1] == pytest.approx(heal["loss_after"])
     assert ("prepare", "none") in durations
+
+
+def test_ops_panels_show_failures_retries_running_and_stuck(pushgateway, start_prometheus, monkeypatch):
+    """The Airflow callbacks' gauges through the real gateway and Prometheus: the operations panels list
+    exactly the failed, retried, running and stuck tasks."""
+    cfg = yaml.safe_load(PROM_CONFIG.read_text())
+    job = next(j for j in cfg["scrape_configs"] if j["job_name"] == "pushgateway")
+    job["static_configs"] = [{"targets": [pushgateway]}]
+    cfg["global"]["scrape_interval"] = cfg["global"]["evaluation_interval"] = "1s"
+    cfg["scrape_configs"] = [job]
+    prom = start_prometheus(yaml.safe_dump(cfg))
+    monkeypatch.setenv(signals.ENV_GATEWAY, pushgateway)
+    dag_run = "scheduled__ops-panels"
+    _push_task_signals(dag_run)
+    _wait_query(prom, f'birdbone_task_state{{dag_run="{dag_run}"}}', n=5 * len(signals.STATES))
+    panels = {}
+    for title, expr in _dashboard_exprs():
+        panels.setdefault(title, []).append(expr.replace("$dag_run", re.escape(dag_run).replace("\\", "\\\\")))
+
+    def tasks(title: str) -> set[str]:
+        return {r["metric"].get("task_id") for e in panels[title] for r in _query(prom, e)}
+    assert tasks("Failed tasks") == {"wave_01.heal"}
+    assert tasks("Retries") == {"wave_01.heal", "wave_01.prune"}
+    stuck = next(t for t in panels if t.startswith("Stuck steps"))
+    assert tasks(stuck) == {"wave_01.evaluate"}                      # 40 of 60 min; regrow: 1 min
+    running = [r for e in panels["Running steps"] for r in _query(prom, e)]
+    assert [float(r["value"][1]) for r in running] == [2.0]
+    alerts = [r["metric"] for e in panels["Alerts"] for r in _query(prom, e)]
+    assert any(a["alert"] == "nightly" and a["key"] == "m1" for a in alerts)
+
+
+def test_finished_run_cleans_its_gateway_groups(pushgateway, run_dir, monkeypatch):
+    """on_dag_run_end deletes the run's step and task groups, keeps its failed tasks' groups (until they
+    are FAILED_RETENTION_S old) and every other run's groups, and records the run's outcome."""
+    monkeypatch.setenv(signals.ENV_GATEWAY, pushgateway)
+    monkeypatch.setenv(M.ENV_GATEWAY, f"http://{pushgateway}")
+    monkeypatch.setenv(M.ENV_RUN_ID, "cleanup-run")
+    for dag_run in ("manual__ends", "manual__other"):
+        monkeypatch.setenv(M.ENV_DAG_RUN, dag_run)
+        assert M.push_step(run_dir, "prune", 1, {"sparsity": 0.5}, 1.0)
+        signals.on_success(_task_ctx(dag_run, "wave_01.prune"))
+        signals.on_failure(_task_ctx(dag_run, "wave_01.heal"))
+
+    def groups_of(dag_run: str) -> list[dict]:
+        return [g for g in signals.groups(f"http://{pushgateway}") if g["labels"].get("dag_run") == dag_run]
+    assert len(groups_of("manual__ends")) == 3
+    ctx = {**_task_ctx("manual__ends", "x"), "dag_run": SimpleNamespace(run_id="manual__ends", state="failed")}
+    signals.on_dag_run_end(ctx)
+    left = groups_of("manual__ends")
+    assert [(g["labels"]["task_id"], g["state"]) for g in left] == [("wave_01.heal", "failed")]
+    assert len(groups_of("manual__other")) == 3
+    outcome = [v for n, lab, v in _gateway_series(pushgateway) if n == "birdbone_dag_run_success"]
+    assert outcome == [0.0]
+    later = time.time() + signals.FAILED_RETENTION_S + 60           # a week on: old failures go too
+    signals.delete_run_groups("manual__later", now=later)
+    assert groups_of("manual__ends") == [] and len(groups_of("manual__other")) == 2
