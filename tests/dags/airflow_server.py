@@ -60,6 +60,9 @@ class AirflowServer:
     def start(self, timeout: float = 180) -> "AirflowServer":
         subprocess.run(self._airflow("db", "migrate"), env=self.env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # GPU steps queue on the h100 pool (one slot per GPU), as in a deployment
+        subprocess.run(self._airflow("pools", "set", "h100", "2", "H100 GPUs"), env=self.env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cmds = {"api-server": ["api-server", "--host", "127.0.0.1", "--port", str(self.port)],
                 "scheduler": ["scheduler", "--skip-serve-logs"],
                 "dag-processor": ["dag-processor"],
