@@ -41,6 +41,7 @@ USER_ERROR = 2         # the CLI's exit status for bad input: retrying cannot he
 GPU_POOL = "h100"      # create it with one slot per GPU: airflow pools set h100 <GPUs> "H100 GPUs"
 RESULT_ENV = "BIRDBONE_RESULT_JSON"          # birdbone_core.loop.cli.ENV_RESULT_JSON
 XCOM_RETURN = "/airflow/xcom/return.json"    # what KubernetesPodOperator's XCom sidecar reads
+IMAGE_UID = 10001      # the user of images/Dockerfile.cpu and .cuda
 
 
 @dataclass(frozen=True)
@@ -196,12 +197,16 @@ class BirdboneStepOperator(KubernetesPodOperator):
         ]
         self.volume_mounts = [k8s.V1VolumeMount(name="model-cache", mount_path=c["model_cache_path"]),
                               k8s.V1VolumeMount(name="runs", mount_path=runs)]
-        if self.distributed and gpus_needed(self.gpu, self.distributed) > 1:
-            # N ranks in one pod: torchrun starts them, NCCL moves tensors through /dev/shm (64 MiB by default)
-            self.cmds = ["torchrun", "--standalone", f"--nproc_per_node={gpus_needed(self.gpu, self.distributed)}",
-                         "-m", "birdbone_core.cli"]
+        if self.gpu:   # torch (and NCCL between ranks) share tensors through /dev/shm: 64 MiB by default
             self.volumes.append(k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory")))
             self.volume_mounts.append(k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
+        if self.distributed and gpus_needed(self.gpu, self.distributed) > 1:   # N ranks in one pod
+            self.cmds = ["torchrun", "--standalone", f"--nproc_per_node={gpus_needed(self.gpu, self.distributed)}",
+                         "-m", "birdbone_core.cli"]
+        # the images' user; fsGroup makes the volumes (model cache, runs) writable by it
+        self.security_context = {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID,
+                                 "fsGroup": IMAGE_UID}
+        self.container_security_context = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
         plain = {"OMP_NUM_THREADS": cpu_threads(res["cpu"]), **c["env"], "BIRDBONE_CACHE": c["model_cache_path"],
                  "HF_HOME": f"{c['model_cache_path']}/hf"}
         if self.result:

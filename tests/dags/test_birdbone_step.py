@@ -90,6 +90,10 @@ def test_pod_spec_matches_local_command(dagbag, k8s_settings, runs_root, task_id
         assert limits == {"cpu": "2", "memory": "8Gi"} and not spec.get("nodeSelector")
         assert env_plain["OMP_NUM_THREADS"] == "2"
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert spec["securityContext"] == {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                       "fsGroup": 10001}       # the images' user can write the volumes
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert ("dshm" in {v["name"] for v in spec["volumes"]}) == gpu
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert mounts["runs"] == str(runs_root)       # the run directory has the same path in the pod
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
