@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from birdbone_core import __version__
-from birdbone_core.cliargs import positive_int
+from birdbone_core.cliargs import add_runtime_flags, positive_int, runtime_of
 from birdbone_core.errors import BirdboneError
 
 # Subcommands that live beside their feature: each module defines add_commands(subparsers) and keeps its
@@ -73,7 +73,7 @@ def print_metrics_table(metrics: dict) -> None:
 def _cmd_compress(a) -> int:
     from birdbone_core.steps import Run, compress
 
-    metrics = compress(Path(a.out), a.model, a.recipe, _load_options(a))
+    metrics = compress(Path(a.out), a.model, a.recipe, _load_options(a), runtime_of(a))
     print_metrics_table(metrics)
     run = Run(Path(a.out))
     print(f"GGUF:    {metrics['compressed']['path']}")
@@ -87,7 +87,13 @@ def _cmd_compress(a) -> int:
 def _cmd_init(a) -> int:
     from birdbone_core.steps import init_run
 
-    run = init_run(Path(a.run), a.model, a.recipe, _load_options(a))
+    targets = None
+    if a.targets:
+        try:
+            targets = json.loads(a.targets)
+        except json.JSONDecodeError as e:
+            raise BirdboneError(f"--targets: not valid JSON ({e.msg})") from None
+    run = init_run(Path(a.run), a.model, a.recipe, _load_options(a), targets=targets)
     print(f"run directory ready: {run.root}")
     return 0
 
@@ -95,7 +101,7 @@ def _cmd_init(a) -> int:
 def _cmd_step(a) -> int:
     from birdbone_core import steps
 
-    run = steps.Run(Path(a.run))
+    run = steps.Run(Path(a.run), runtime_of(a))
     run.manifest()  # validates the directory
     if a.cmd == "baseline":   # alias of `prepare` (which scores the dense model first)
         from birdbone_core.loop.context import Context
@@ -171,18 +177,20 @@ def _cmd_revert(a) -> int:
 def _cmd_eval(a) -> int:
     from birdbone_core.data.text import evaluation_chunks, read_text
     from birdbone_core.eval.perplexity import check_n_ctx, evaluate
+    from birdbone_core.runtime import place
     from birdbone_core.steps import load_with_options
 
-    spec = a.model
-    if (Path(spec) / "run.json").is_file():
+    spec, placement = a.model, place(runtime_of(a))
+    own = (Path(spec) / "run.json").is_file()         # a run's pruned weights keep their stored dtype
+    if own:
         spec = str(Path(spec) / "pruned")
-    lm = load_with_options(spec, _load_options(a))
+    lm = load_with_options(spec, _load_options(a), placement, keep_dtype=own)
     check_n_ctx(lm.model, a.n_ctx)
     text, desc = read_text(a.text, "eval")
     chunks = evaluation_chunks(lm.tokenizer, text, a.n_ctx, a.max_chunks)
     ref_hidden = None
     if a.reference:
-        ref = load_with_options(a.reference, _load_options(a))
+        ref = load_with_options(a.reference, _load_options(a), placement)
         if ref.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
             raise BirdboneError(f"{a.reference}: reference model has a different vocabulary; KL needs the same one")
         _, ref_hidden = evaluate(ref.model, chunks, description="scoring reference")
@@ -232,12 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-r", "--recipe", help="YAML recipe (default: 50%% unstructured SparseGPT, Q8_0)")
     c.add_argument("-o", "--out", required=True, help="run directory to write")
     _add_load_flags(c)
+    add_runtime_flags(c)
     c.set_defaults(fn=_cmd_compress)
 
     i = sub.add_parser("init", help="create a run directory")
     i.add_argument("run")
     i.add_argument("--model", help="HF dir, .gguf file or hub id (default: built-in Gemma 3 270M)")
     i.add_argument("-r", "--recipe")
+    i.add_argument("--targets", metavar="JSON",
+                   help='recipe overrides by dotted path, e.g. \'{"prune.sparsity": 0.4, "export.type": "f16"}\'')
     _add_load_flags(i)
     i.set_defaults(fn=_cmd_init)
 
@@ -247,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ("evaluate", "score the compressed model against the baseline")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("run")
+        add_runtime_flags(s)
         s.set_defaults(fn=_cmd_step)
 
     vf = sub.add_parser("verify", help="check every file of a run against the hashes recorded when written")
@@ -275,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-chunks", type=positive_int, default=8)
     e.add_argument("--json", action="store_true", help="print JSON")
     _add_load_flags(e)
+    add_runtime_flags(e)
     e.set_defaults(fn=_cmd_eval)
 
     import importlib
@@ -294,6 +307,10 @@ CHANGES_RUN = frozenset({"baseline", "prune", "export", "evaluate", "prepare", "
 
 
 def _dispatch(args) -> int:
+    if getattr(args, "device", None) is not None:    # --device cuda without CUDA: one error line, nothing done
+        from birdbone_core.runtime import resolve_device
+
+        resolve_device(args.device)
     if args.cmd in CHANGES_RUN and getattr(args, "run", None):
         from birdbone_core.run import Run
 

@@ -5,11 +5,13 @@
     evaluation:  {n_ctx: 512, max_chunks: 8}
     prune:       {method: sparsegpt, sparsity: 0.5, pattern: unstructured}
     export:      {type: q8_0}
+    runtime:     {device: auto, dtype: auto}     # optional; see birdbone_core.runtime
 
 Every error names the file, the field path and the problem, on one line.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import re
@@ -25,6 +27,7 @@ from birdbone_core.heal.config import Heal
 from birdbone_core.prune.owl import Allocation
 from birdbone_core.prune.regrow import Regrow
 from birdbone_core.quant.config import Quantize
+from birdbone_core.runtime import Runtime
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -212,6 +215,8 @@ class Recipe(_Strict):
     export: Export = Export()
     waves: Waves | None = Field(None, description="absent: one-shot pruning; present: pruning in waves")
     quantize: Quantize | None = Field(None, description="mixed-type GGUF under a bit budget (export)")
+    runtime: Runtime = Field(Runtime(), description="device and weight dtype of every step (birdbone_core.runtime); "
+                                                    "a step's --device / --dtype wins over it")
 
     @model_validator(mode="after")
     def _wave_count(self) -> "Recipe":
@@ -227,6 +232,15 @@ class Recipe(_Strict):
         if c is not None and e is not None and Path(c).resolve() == Path(e).resolve():
             raise ValueError("calibration.text and evaluation.text are the same file: evaluation must be held out")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_runtime(self, handler):
+        # `runtime:` is left out at its default so that a recipe without it keeps the hash (sha256) and
+        # YAML it had before it existed: existing run directories stay valid
+        d = handler(self)
+        if self.runtime == Runtime():
+            d.pop("runtime", None)
+        return d
 
     def sha256(self) -> str:
         """Hash of the canonical JSON form: two recipes with the same meaning hash the same."""
@@ -281,19 +295,44 @@ def read_yaml(text: str):
     return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
-def load_recipe(path: str | Path | None) -> Recipe:
-    """Read a YAML recipe; None gives the default recipe (50% unstructured SparseGPT, Q8_0)."""
+def apply_targets(data: dict, targets: dict) -> dict:
+    """A copy of recipe mapping `data` with {"prune.sparsity": 0.4, "export.type": "f16"} applied
+    (each dotted path creates the mappings it goes through; validation happens after)."""
+    out = copy.deepcopy(data)
+    for dotted, value in targets.items():
+        node = out
+        *parents, leaf = str(dotted).split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise BirdboneError(f"targets: {dotted!r} goes through {part!r}, which is not a mapping")
+        node[leaf] = value
+    return out
+
+
+def load_recipe(path: str | Path | None, targets: dict | None = None) -> Recipe:
+    """Read a YAML recipe, with `targets` (dotted path -> value) applied; None gives the default recipe
+    (50% unstructured SparseGPT, Q8_0)."""
+    if targets is not None and not isinstance(targets, dict):
+        raise BirdboneError(f"targets: expected a mapping of dotted paths to values, got {type(targets).__name__}")
+    source = "recipe" if path is None else str(path)
     if path is None:
-        return Recipe()
-    p = Path(path)
-    if not p.is_file():
-        raise BirdboneError(f"{p}: recipe file not found")
-    try:
-        data = read_yaml(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BirdboneError(f"{p}: not valid YAML ({first})") from None
-    return parse_recipe(data, str(p))
+        data = {}
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise BirdboneError(f"{p}: recipe file not found")
+        try:
+            data = read_yaml(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BirdboneError(f"{p}: not valid YAML ({first})") from None
+    if targets:
+        if data is not None and not isinstance(data, dict):
+            return parse_recipe(data, source)     # says what is wrong with the file itself
+        data = apply_targets(data or {}, targets)
+        source += " with --targets"
+    return parse_recipe(data, source) if (path is not None or targets) else Recipe()
 
 
 def dump_recipe(recipe: Recipe) -> str:

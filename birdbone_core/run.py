@@ -27,11 +27,18 @@ from safetensors.torch import load_file
 from birdbone_core import atomic
 from birdbone_core.errors import BirdboneError
 from birdbone_core.recipe import Recipe, load_recipe
+from birdbone_core.runtime import Placement, Runtime, place
 
 
 @dataclass
 class Run:
     root: Path
+    runtime: Runtime | None = None   # this process's --device / --dtype (None: the recipe's `runtime:` alone)
+
+    def placement(self) -> Placement:
+        """Where this process's steps compute: the command line's runtime > the recipe's > auto (a device
+        that does not exist here is a BirdboneError before any work)."""
+        return place(self.runtime, self.recipe().runtime)
 
     @property
     def manifest_path(self) -> Path:

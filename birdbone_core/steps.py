@@ -26,6 +26,7 @@ from birdbone_core.progress import console
 from birdbone_core.prune.sequential import check_pattern, count_zeros, prune_sequential
 from birdbone_core.recipe import Recipe, dump_recipe, load_recipe
 from birdbone_core.run import Run
+from birdbone_core.runtime import Placement, Runtime, describe, place
 
 
 def _versions() -> dict[str, str]:
@@ -37,12 +38,13 @@ def _versions() -> dict[str, str]:
 
 
 def init_run(root: Path, model_spec: str | None, recipe_file: str | None,
-             load_options: dict | None = None) -> Run:
+             load_options: dict | None = None, targets: dict | None = None) -> Run:
     """Create RUN/run.json and RUN/recipe.yaml. Re-running with the same model and recipe is a no-op;
-    a different one is refused, so a run directory always describes one experiment."""
+    a different one is refused, so a run directory always describes one experiment. `targets` overrides
+    recipe fields by dotted path (recipe.apply_targets) before validation."""
     from birdbone_core.model.default import default_model_path
 
-    recipe = load_recipe(recipe_file)
+    recipe = load_recipe(recipe_file, targets)
     for field, path in (("calibration.text", recipe.calibration.text), ("evaluation.text", recipe.evaluation.text),
                         ("quantize.imatrix", recipe.quantize.imatrix if recipe.quantize else None)):
         if path is not None and not Path(path).is_file():           # before any work, not at the step that reads it
@@ -88,18 +90,24 @@ def init_run(root: Path, model_spec: str | None, recipe_file: str | None,
 _LOAD_OPTIONS = ("allow_pickle", "trust_remote_code", "online")
 
 
-def load_with_options(spec: str, options: dict | None = None) -> LoadedModel:
+def load_with_options(spec: str, options: dict | None = None, placement: Placement | None = None,
+                      keep_dtype: bool = False) -> LoadedModel:
+    """load_model with a run's load options; placement: device and dtype (None: float32 on the CPU);
+    keep_dtype: `spec` is a run's own weights (RUN/base, RUN/pruned), which keep their stored dtype."""
     o = options or {}
     return load_model(spec, allow_pickle=o.get("allow_pickle", False),
-                      trust_remote_code=o.get("trust_remote_code", False), offline=not o.get("online", False))
+                      trust_remote_code=o.get("trust_remote_code", False), offline=not o.get("online", False),
+                      placement=placement, keep_dtype=keep_dtype)
 
 
-def _load(spec: str, what: str, options: dict | None = None) -> LoadedModel:
+def _load(spec: str, what: str, options: dict | None = None, placement: Placement | None = None,
+          keep_dtype: bool = False) -> LoadedModel:
     console().print(f"loading {what}: {spec}")
     t0 = time.perf_counter()
-    lm = load_with_options(spec, options)
+    lm = load_with_options(spec, options, placement, keep_dtype)
+    rt = describe(lm.model)
     console().print(f"loaded {lm.model_type} ({sum(p.numel() for p in lm.model.parameters()) / 1e6:.1f}M params) "
-                    f"in {time.perf_counter() - t0:.0f}s")
+                    f"on {rt['device']} in {rt['dtype']} in {time.perf_counter() - t0:.0f}s")
     return lm
 
 
@@ -113,7 +121,7 @@ def _file_size(path: Path) -> int:
 def step_baseline(run: Run, lm: LoadedModel | None = None) -> EvalResult:
     """Tokenize the evaluation text and score the dense model; keep its hidden states for KL later."""
     recipe = run.recipe()
-    lm = lm or _load(run.model_spec(), "base model", run.load_options())
+    lm = lm or _load(run.model_spec(), "base model", run.load_options(), run.placement())
     ev = recipe.evaluation
     check_n_ctx(lm.model, ev.n_ctx)
     check_pattern(lm.model, recipe.prune)          # the first step that has the model: refuse before any work
@@ -127,7 +135,8 @@ def step_baseline(run: Run, lm: LoadedModel | None = None) -> EvalResult:
         save_file({"chunks": chunks.contiguous(), "hidden": hidden.contiguous()}, str(tmp / run.reference_path.name))
         atomic.write_json(tmp / "eval.json", {"text": text_desc, **result.as_dict()})
     run.mark_done("baseline", {"ppl": result.ppl, "n_scored": result.n_scored, "text": text_desc,
-                               "reference_sha256": atomic.sha256_file(run.reference_path)})
+                               "reference_sha256": atomic.sha256_file(run.reference_path),
+                               "runtime": describe(lm.model)})
     return result
 
 
@@ -145,7 +154,7 @@ def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
         from birdbone_core.loop.driver import prune_in_waves
 
         return prune_in_waves(run, lm)
-    lm = lm or _load(run.model_spec(), "base model", run.load_options())
+    lm = lm or _load(run.model_spec(), "base model", run.load_options(), run.placement())
     cal = recipe.calibration
     text, text_desc = read_text(cal.text, "calib")
     blocks = calibration_blocks(lm.tokenizer, text, cal.n_samples, cal.seq_len, cal.seed)
@@ -157,7 +166,8 @@ def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
     _check_finite(lm)
     info = {"method": report.method, "pattern": report.pattern, "sparsity": report.overall_sparsity(),
             "seconds": report.seconds, "calibration": {"text": text_desc, "n_samples": cal.n_samples,
-                                                       "seq_len": cal.seq_len, "seed": cal.seed}}
+                                                       "seq_len": cal.seq_len, "seed": cal.seed},
+            "runtime": describe(lm.model)}
     # wave 1 of the ledger: the sparse change base -> pruned (a retried step records nothing new)
     ledger.record_wave(1, before, state_of(lm.model), metrics={"linear_sparsity": info["sparsity"]},
                        decision=f"one-shot {report.method} {report.pattern}")
@@ -179,7 +189,7 @@ def step_export(run: Run, lm: LoadedModel | None = None):
     run.require("prune", "export")
     t0 = time.perf_counter()
     recipe = run.recipe()
-    lm = lm or _load(str(run.pruned_dir), "pruned model")
+    lm = lm or _load(str(run.pruned_dir), "pruned model", placement=run.placement(), keep_dtype=True)
     m = run.manifest()
     source_gguf = Path(m["model"]["path"]) if m["model"]["kind"] == "gguf" else None
     meta = {"birdbone.recipe_sha256": m["recipe_sha256"], "birdbone.prune.method": recipe.prune.method,
@@ -196,7 +206,7 @@ def step_export(run: Run, lm: LoadedModel | None = None):
                              source_gguf=source_gguf, extra_metadata=meta)
         info = {}
     run.mark_done("export", {"path": str(result.path), "bytes": result.n_bytes,
-                             "bits_per_weight": result.bits_per_weight, **info})
+                             "bits_per_weight": result.bits_per_weight, **info, "runtime": describe(lm.model)})
     _push(run, "export", {"bits_per_weight": result.bits_per_weight, "size_bytes": result.n_bytes},
           time.perf_counter() - t0)
     return result
@@ -231,7 +241,7 @@ def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
     run.require("prune", "evaluate")
     t0 = time.perf_counter()
     recipe = run.recipe()
-    lm = lm or _load(str(run.pruned_dir), "pruned model")
+    lm = lm or _load(str(run.pruned_dir), "pruned model", placement=run.placement(), keep_dtype=True)
     ref = run.reference()
     base_eval = json.loads((run.baseline_dir / "eval.json").read_text())
     result, _ = evaluate(lm.model, ref["chunks"], reference_hidden=ref["hidden"], description="scoring pruned model")
@@ -259,7 +269,7 @@ def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
     if accuracy is not None:
         metrics["accuracy"] = accuracy
     atomic.write_json(run.metrics_path, metrics)
-    run.mark_done("evaluate", {"ppl": result.ppl, "kld": result.kld})
+    run.mark_done("evaluate", {"ppl": result.ppl, "kld": result.kld, "runtime": describe(lm.model)})
     _push(run, "evaluate", {"perplexity": result.ppl, "kld": result.kld, "top1": result.top1,
                             "sparsity": zeros / max(total, 1)}, time.perf_counter() - t0)
     return metrics
@@ -277,7 +287,7 @@ def _final_accuracy(run: Run, recipe: Recipe, lm: LoadedModel) -> dict | None:
     prep = run.root / "prepare" / "prepare.json"
     base = json.loads(prep.read_text()).get("accuracy") if prep.is_file() else None
     if base is None:
-        base_lm = load_with_options(run.model_spec(), run.load_options())
+        base_lm = load_with_options(run.model_spec(), run.load_options(), run.placement())
         base = accuracy_for(base_lm.model, base_lm.tokenizer, ev, online)
         del base_lm
     final = accuracy_for(lm.model, lm.tokenizer, ev, online)
@@ -294,18 +304,24 @@ def revert(run: Run, wave: int, out_dir: Path) -> Path:
     if not 0 <= wave <= ledger.last_wave:
         raise BirdboneError(f"{run.root}: no wave {wave}; the ledger holds waves 0..{ledger.last_wave}")
     atomic.check_output_dir(out_dir, "reverted model", not_within=run.root)
-    lm = _load(run.model_spec(), "base model", run.load_options())
+    # on the CPU, in the dtype the ledger recorded the base in (a run pruned on CUDA holds bf16 weights)
+    floats = {r.dtype for r in ledger.entry(0).tensors.values()} & {"float32", "bfloat16", "float16"}
+    cpu = Placement(torch.device("cpu"), floats.pop() if len(floats) == 1 else "float32")
+    lm = _load(run.model_spec(), "base model", run.load_options(), cpu)
     state = ledger.state_at(wave, state_of(lm.model))
     lm.model.load_state_dict(state, strict=True)
     save_hf(lm.model, lm.tokenizer, out_dir, mark=True)
     return out_dir
 
 
-def compress(root: Path, model_spec: str | None, recipe_file: str | None, load_options: dict | None = None) -> dict:
-    """All steps in one process on one loaded model (the model is pruned in place after the baseline)."""
-    run = init_run(root, model_spec, recipe_file, load_options)
+def compress(root: Path, model_spec: str | None, recipe_file: str | None, load_options: dict | None = None,
+             runtime: Runtime | None = None) -> dict:
+    """All steps in one process on one loaded model (the model is pruned in place after the baseline).
+    runtime: the command line's --device / --dtype (over the recipe's `runtime:`)."""
+    placement = place(runtime, load_recipe(recipe_file).runtime)   # a missing device: refused before any work
+    run = Run(init_run(root, model_spec, recipe_file, load_options).root, runtime)
     with run.locked("compress"):
-        lm = _load(run.model_spec(), "base model", run.load_options())
+        lm = _load(run.model_spec(), "base model", run.load_options(), placement)
         step_baseline(run, lm)
         step_prune(run, lm)
         step_export(run, lm)

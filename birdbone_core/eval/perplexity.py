@@ -52,24 +52,28 @@ def check_context(n_ctx: int, limit: int | None) -> None:
 def scored_hidden_states(model, chunks: torch.Tensor, description: str = "evaluating") -> torch.Tensor:
     """Final (normed) hidden states at the scored positions.
 
-    chunks: [n_chunks, n_ctx] -> [n_chunks, n_ctx - 1 - n_ctx/2, d_model] float32.
+    chunks: [n_chunks, n_ctx] -> [n_chunks, n_ctx - 1 - n_ctx/2, d_model] float32, on the CPU (what the
+    baseline saves; score_hidden moves slices back to the model's device).
     """
     n_chunks, n_ctx = chunks.shape
     check_n_ctx(model, n_ctx)
     first = _first(n_ctx)
     base = model.get_decoder()
+    device = model.get_input_embeddings().weight.device
     out = []
     with progress_bar(description, total=n_chunks) as advance:
         for c in range(n_chunks):
-            h = base(input_ids=chunks[c : c + 1], use_cache=False).last_hidden_state  # [1, n_ctx, d]
-            out.append(h[0, first : n_ctx - 1].float())
+            h = base(input_ids=chunks[c : c + 1].to(device), use_cache=False).last_hidden_state  # [1, n_ctx, d]
+            out.append(h[0, first : n_ctx - 1].float().cpu())
             advance()
     return torch.stack(out)
 
 
 def head_logits(model, h: torch.Tensor) -> torch.Tensor:
-    """LM head (+ final soft-capping where the architecture has it). h: [t, d] -> [t, vocab]."""
-    logits = model.get_output_embeddings()(h.to(model.dtype)).float()
+    """LM head (+ final soft-capping where the architecture has it). h: [t, d] (any device) -> [t, vocab]
+    float32 on the head's device."""
+    head = model.get_output_embeddings()
+    logits = head(h.to(device=head.weight.device, dtype=model.dtype)).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -87,7 +91,8 @@ def score_hidden(
     """Score scored-position hidden states [n_chunks, t, d] against the chunks' next tokens.
 
     With reference_hidden (same shape, from the uncompressed model), also KL and top-1 agreement;
-    both sides go through this model's LM head, which compression leaves untouched.
+    both sides go through this model's LM head, which compression leaves untouched. Log-probs and KL are
+    computed in float64 on the head's device.
     """
     n_chunks, n_ctx = chunks.shape
     first = _first(n_ctx)
@@ -100,7 +105,7 @@ def score_hidden(
     agree = 0
     for s in range(0, h.shape[0], head_chunk):
         logp = torch.log_softmax(head_logits(model, h[s : s + head_chunk]), dim=-1).double()
-        nll_sum += -logp.gather(1, y[s : s + head_chunk, None]).sum().item()
+        nll_sum += -logp.gather(1, y[s : s + head_chunk, None].to(logp.device)).sum().item()
         if ref is not None:
             ref_logp = torch.log_softmax(head_logits(model, ref[s : s + head_chunk]), dim=-1).double()
             kld_sum += (ref_logp.exp() * (ref_logp - logp)).sum().item()

@@ -135,7 +135,7 @@ class _ScoringLM:
 
 
 class TorchLM(_ScoringLM):
-    """A birdbone LoadedModel (transformers causal LM on CPU) as an lm-eval LM."""
+    """A birdbone LoadedModel (transformers causal LM, on any device) as an lm-eval LM."""
 
     def __init__(self, loaded=None, batch: int = 8, *, model=None, tokenizer=None):
         """loaded: a LoadedModel; or pass model= and tokenizer= (e.g. a run's working model)."""
@@ -154,8 +154,10 @@ class TorchLM(_ScoringLM):
         width = max(len(s) for s in seqs)
         # right padding: with causal attention no real token attends to a pad, so no mask is needed
         ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])        # [b, width]
-        h = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state  # [b, width, d]
-        return [torch.log_softmax(head_logits(self.model, h[b, p]), dim=-1) for b, p in enumerate(positions)]
+        emb = self.model.get_input_embeddings().weight
+        h = self.model.get_decoder()(input_ids=ids.to(emb.device), use_cache=False).last_hidden_state  # [b, width, d]
+        # float32 log-probs [len(p), vocab] back on the CPU, where the callers' target ids are
+        return [torch.log_softmax(head_logits(self.model, h[b, p]), dim=-1).cpu() for b, p in enumerate(positions)]
 
     def eos_ids(self) -> set[int]:
         e = self.model.generation_config.eos_token_id if self.model.generation_config else None

@@ -12,18 +12,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from birdbone_core.cliargs import positive_int
+from birdbone_core.cliargs import add_runtime_flags, positive_int
 
 
-def _adapter(spec: str, a):
-    """A scoring adapter for a model spec: .gguf -> llama.cpp, anything else -> torch."""
+def _adapter(spec: str, a, placement, own: bool = False):
+    """A scoring adapter for a model spec: .gguf -> llama.cpp, anything else -> torch, on `placement`
+    (own: a run's pruned weights, which keep their stored dtype)."""
     from birdbone_core.eval.tasks import LlamaCppLM, TorchLM
     from birdbone_core.model.load import load_model
 
     if spec.lower().endswith(".gguf") and Path(spec).is_file() and a.engine != "torch":
         return LlamaCppLM(spec, n_ctx=a.n_ctx)
     return TorchLM(load_model(spec, allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code,
-                              offline=not a.online))
+                              offline=not a.online, placement=placement, keep_dtype=own))
 
 
 def _close(adapter) -> None:
@@ -32,7 +33,7 @@ def _close(adapter) -> None:
 
 
 def _plan(a):
-    """(target spec, base spec or None, Evaluation settings, output file or None)."""
+    """(target spec, base spec or None, Evaluation settings, output file or None, the recipe's runtime)."""
     from birdbone_core.errors import BirdboneError
     from birdbone_core.recipe import load_recipe
     from birdbone_core.steps import Run
@@ -52,9 +53,9 @@ def _plan(a):
                 raise BirdboneError(f"{root}: no pruned model in {target}; `birdbone tasks` needs step finish first")
         base = a.base or run.model_spec()
         out = out or root / "tasks.json"
-        return str(target), base, recipe.evaluation, out
+        return str(target), base, recipe.evaluation, out, recipe.runtime
     recipe = load_recipe(a.recipe)
-    return a.target, a.base, recipe.evaluation, out
+    return a.target, a.base, recipe.evaluation, out, recipe.runtime
 
 
 def _is_task_result(path: Path) -> bool:
@@ -68,9 +69,13 @@ def _is_task_result(path: Path) -> bool:
 
 def _cmd_tasks(a) -> int:
     from birdbone_core import atomic
+    from birdbone_core.cliargs import runtime_of
     from birdbone_core.eval.tasks import OFFLINE_TASKS, accuracy_report, compare, load_tasks
+    from birdbone_core.runtime import place
 
-    target, base, ev, out = _plan(a)
+    target, base, ev, out, runtime = _plan(a)
+    placement = place(runtime_of(a), runtime)          # a missing device: refused before any model loads
+    own = (Path(a.target) / "run.json").is_file() and not a.gguf
     if out is not None:
         atomic.check_output_file(out, "task results", _is_task_result)
     tasks = [t for t in a.tasks.split(",") if t] if a.tasks else (list(ev.tasks) or list(OFFLINE_TASKS))
@@ -80,7 +85,7 @@ def _cmd_tasks(a) -> int:
     for role, spec in (("base", base), ("model", target)):
         if spec is None:
             continue
-        adapter = _adapter(spec, a)
+        adapter = _adapter(spec, a, placement, own=own and role == "model")
         try:
             result[f"{role}_report"] = accuracy_report(adapter, ev, a.online)
         finally:
@@ -143,4 +148,5 @@ def add_commands(subparsers) -> None:
     g.add_argument("--allow-pickle", action="store_true")
     g.add_argument("--trust-remote-code", action="store_true")
     g.add_argument("--online", action="store_true", help="allow downloading models and task datasets")
+    add_runtime_flags(p)
     p.set_defaults(fn=_cmd_tasks)

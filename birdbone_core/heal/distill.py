@@ -30,6 +30,7 @@ from birdbone_core.heal.config import Heal
 from birdbone_core.heal.train import MaskedAdam, keep_masks, only_these_require_grad, trainable_params
 from birdbone_core.model.layers import decoder_layers, final_norm, linear_modules
 from birdbone_core.progress import progress_bar
+from birdbone_core.runtime import model_device
 
 
 @dataclass
@@ -60,7 +61,8 @@ _head = head_logits  # one LM-head definition for evaluation and distillation
 
 
 def _final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
-    return model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    """[b, s, d] final hidden states; the token ids [b, s] (cached on the host) move to the model's device."""
+    return model.get_decoder()(input_ids=input_ids.to(model_device(model)), use_cache=False).last_hidden_state
 
 
 @torch.no_grad()
@@ -197,7 +199,6 @@ def heal_distill(model, teacher, blocks: torch.Tensor, cfg: Heal, *, steps: int 
         report.seconds = time.perf_counter() - t0
         return report
 
-    opt = MaskedAdam([(p, k) for _, p, k in params], lr, steps, cfg.weight_decay, cfg.schedule)
     gen = torch.Generator().manual_seed(0 if cfg.seed is None else cfg.seed)
     n = blocks.shape[0]
     bs = min(cfg.batch_size, n)
@@ -207,6 +208,11 @@ def heal_distill(model, teacher, blocks: torch.Tensor, cfg: Heal, *, steps: int 
     try:
         with only_these_require_grad(model, [p for _, p, _ in params]), \
                 progress_bar(description, total=steps) as advance:
+            # under torchrun: every decoder layer an FSDP unit, the decoder the root unit (forward runs
+            # through get_decoder()); the LM head and embeddings are frozen and stay out of FSDP
+            engine = distributed.Sharded(model, [(p, k) for _, p, k in params],
+                                         [*decoder_layers(model), model.get_decoder()])
+            opt = MaskedAdam(engine.items, lr, steps, cfg.weight_decay, cfg.schedule)
             for _ in range(steps):
                 if len(order) < bs:
                     order += torch.randperm(n, generator=gen).tolist()
@@ -214,13 +220,12 @@ def heal_distill(model, teacher, blocks: torch.Tensor, cfg: Heal, *, steps: int 
                 del order[:bs]
                 n_global = rows.numel() * blocks.shape[1]     # positions of the global minibatch
                 rows = distributed.shard(rows)                # this rank's part (all of it alone)
-                ids = blocks[rows]
-                h = _final_hidden(model, ids)
-                total = _kl_backward(model, h, cache, rows, head_chunk, 1.0 / n_global, True)
-                distributed.all_reduce_grads([p for _, p, _ in params])
+                h = _final_hidden(engine.module, blocks[rows])
+                total = _kl_backward(engine.module, h, cache, rows, head_chunk, 1.0 / n_global, True)
                 report.curve.append(distributed.all_reduce_sum([total])[0] / n_global)
                 opt.step()
                 advance()
+            engine.write_back()
     except BaseException:
         if session is not None:
             session.abort()

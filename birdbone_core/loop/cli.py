@@ -9,19 +9,28 @@
 
 A step that already completed prints "already done" and exits 0; a step whose inputs are missing exits 2
 with `error: ... needs step X first`.
+
+With env BIRDBONE_RESULT_JSON=PATH a step also writes its record there as JSON (a wave step that had
+already completed writes the record it wrote then). Orchestrators read results from it instead of from
+the run directory: Airflow's Kubernetes pods set it to /airflow/xcom/return.json, so `wave K decide`'s
+decision reaches the stop-loss branch as an XCom.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from birdbone_core.cliargs import add_runtime_flags, runtime_of
 from birdbone_core.loop.layout import WAVE_STEPS
+
+ENV_RESULT_JSON = "BIRDBONE_RESULT_JSON"
 
 
 def _run(a):
     from birdbone_core.steps import Run
 
-    run = Run(Path(a.run))
+    run = Run(Path(a.run), runtime_of(a))
     run.manifest()  # validates the directory
     return run
 
@@ -52,9 +61,27 @@ def _cmd_one(a) -> int:
     from birdbone_core.loop.driver import run_step
 
     sid = f"wave {a.k} {a.step}" if a.cmd == "wave" else a.cmd
-    rec = run_step(Context(_run(a)), sid)
+    ctx = Context(_run(a))
+    rec = run_step(ctx, sid)
     print(_describe(sid, rec))
+    write_result(ctx, a, sid, rec)
     return 0
+
+
+def write_result(ctx, a, sid: str, rec) -> None:
+    """The step's record to $BIRDBONE_RESULT_JSON (nothing when unset). A wave step that was already done
+    returns no record: its marker file holds the one it wrote, so a retried `decide` reports the same
+    decision."""
+    target = os.environ.get(ENV_RESULT_JSON)
+    if not target:
+        return
+    from birdbone_core import atomic
+
+    if rec is None and a.cmd == "wave" and ctx.lay.marker(a.k, a.step).is_file():
+        rec = json.loads(ctx.lay.marker(a.k, a.step).read_text())
+    out = rec if isinstance(rec, dict) else {"step": sid, "already_done": rec is None}
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(Path(target), out)
 
 
 def _cmd_run(a) -> int:
@@ -94,20 +121,24 @@ def _cmd_status(a) -> int:
 def add_commands(sub) -> None:
     p = sub.add_parser("prepare", help="dense scores, base copy, calibration cache, ledger wave 0")
     p.add_argument("run")
+    add_runtime_flags(p)
     p.set_defaults(fn=_cmd_one)
     w = sub.add_parser("wave", help="one step of pruning wave K")
     w.add_argument("run")
     w.add_argument("k", type=int, metavar="K")
     w.add_argument("step", choices=WAVE_STEPS)
+    add_runtime_flags(w)
     w.set_defaults(fn=_cmd_one)
     for name, help_ in (("rollback", "restore the last accepted state (recorded as a ledger wave)"),
                         ("finish", "write the final weights to RUN/pruned/")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("run")
+        add_runtime_flags(s)
         s.set_defaults(fn=_cmd_one)
     for name in ("run", "resume"):
         r = sub.add_parser(name, help="every remaining step in order, in this process (after a crash: resume)")
         r.add_argument("run")
+        add_runtime_flags(r)
         r.set_defaults(fn=_cmd_run)
     st = sub.add_parser("status", help="where the run stands: done steps, the next one, the accepted wave")
     st.add_argument("run")

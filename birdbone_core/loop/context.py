@@ -18,8 +18,9 @@ from birdbone_core import atomic
 from birdbone_core.errors import BirdboneError
 from birdbone_core.ledger import Ledger, state_of
 from birdbone_core.loop.layout import WEIGHT_STEPS, Layout, read_json
-from birdbone_core.model.load import LoadedModel
+from birdbone_core.model.load import LoadedModel, ModelSource, stored_dtype
 from birdbone_core.progress import console
+from birdbone_core.runtime import Placement
 from birdbone_core.steps import Run, load_with_options
 
 
@@ -35,6 +36,14 @@ class Context:
         self._recipe = None
         self._reference = None
         self._calibration = None
+        self._placement: Placement | None = None
+
+    @property
+    def placement(self) -> Placement:
+        """Where this process's steps compute (run.placement: the command line > the recipe > auto)."""
+        if self._placement is None:
+            self._placement = self.run.placement()
+        return self._placement
 
     # ---- recipe and data ----------------------------------------------------------------------------
     @property
@@ -90,16 +99,23 @@ class Context:
     def load_source(self) -> LoadedModel:
         if self.source is None:
             console().print(f"loading base model: {self.run.model_spec()}")
-            self.source = load_with_options(self.run.model_spec(), self.run.load_options())
+            self.source = load_with_options(self.run.model_spec(), self.run.load_options(), self.placement)
         return self.source
 
     def base(self) -> LoadedModel:
-        """The base model from RUN/base/ (never modified: it is also the dense teacher)."""
+        """The base model from RUN/base/ (never modified: it is also the dense teacher), on this process's
+        device, in the dtype prepare wrote it in: the ledger's hashes are of those exact tensors."""
         if self._base is None:
             if not (self.lay.base_dir / "config.json").is_file():
                 raise BirdboneError(f"{self.run.root}: no base copy (RUN/base/); needs step 'prepare' first")
+            stored = stored_dtype(ModelSource("hf_dir", str(self.lay.base_dir)))
+            wanted = self.placement.dtype_for(stored, keep=True)
+            if stored is not None and wanted != stored:
+                raise BirdboneError(f"{self.run.root}: the run's weights are {str(stored)[6:]} (written by "
+                                    f"prepare); dtype {str(wanted)[6:]} would not match the ledger: leave "
+                                    f"--dtype / runtime.dtype at auto for the steps after prepare")
             t0 = time.perf_counter()
-            self._base = load_with_options(str(self.lay.base_dir))
+            self._base = load_with_options(str(self.lay.base_dir), None, self.placement, keep_dtype=True)
             console().print(f"loaded base copy in {time.perf_counter() - t0:.0f}s")
         return self._base
 

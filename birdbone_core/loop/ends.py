@@ -37,6 +37,7 @@ from birdbone_core.loop.layout import read_json, write_json
 from birdbone_core.loop.wave import num, push_metrics, targets
 from birdbone_core.model.save import save_hf
 from birdbone_core.progress import console
+from birdbone_core.runtime import describe
 from birdbone_core.steps import step_baseline
 
 
@@ -91,7 +92,7 @@ def prepare(ctx: Context) -> dict | None:
     rec = {"n_waves": ctx.n_waves, "targets": targets(recipe), "base_ppl": ctx.base_ppl(),
            "calibration": {"text": text_desc, "n_samples": cal.n_samples, "seq_len": cal.seq_len, "seed": cal.seed},
            "healing_data": {"n_samples": heal_cal.n_samples, "seq_len": heal_cal.seq_len, "seed": heal_cal.seed},
-           "seconds": time.perf_counter() - t0}
+           "runtime": describe(ctx.base().model), "seconds": time.perf_counter() - t0}
     if base_acc is not None:
         rec["accuracy"] = base_acc
     rec["calibration_sha256"] = atomic.sha256_file(lay.calibration_path)
@@ -284,7 +285,7 @@ def finish(ctx: Context):
     info = {k: rep[k] for k in ("mode", "method", "pattern", "sparsity", "seconds", "accepted_wave", "calibration")}
     run.mark_done("prune", info)      # what `export` and `evaluate` check for
     run.mark_done("finish", {"ledger_wave": rep["ledger_wave"], "accepted_wave": rep["accepted_wave"],
-                             "sparsity": rep["sparsity"]})
+                             "sparsity": rep["sparsity"], "runtime": describe(model)})
     push_metrics(ctx, "finish", None, {"sparsity": rep["sparsity"], "accepted_wave": rep["accepted_wave"]},
                  time.perf_counter() - t0)
     return model

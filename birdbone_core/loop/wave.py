@@ -24,6 +24,7 @@ from birdbone_core.loop.layout import WAVE_STEPS, WEIGHT_STEPS, read_json, write
 from birdbone_core.model.layers import decoder_layers, linear_modules
 from birdbone_core.progress import console
 from birdbone_core.prune.sequential import count_zeros, prune_sequential
+from birdbone_core.runtime import describe
 
 
 def num(x) -> float | None:
@@ -99,7 +100,7 @@ def wave_prune(ctx: Context, k: int) -> dict | None:
                            description=f"wave {k}/{ctx.n_waves}: {recipe.prune.method} to {target:.0%}")
     zeros, total = count_zeros(model)
     rec = {"wave": k, "target": target, "sparsity": zeros / max(total, 1), "prune_seconds": rep.seconds,
-           "layer_rel_error": [num(e) for e in rep.layer_rel_error]}
+           "layer_rel_error": [num(e) for e in rep.layer_rel_error], "runtime": describe(model)}
     if heal_active(recipe) or regrow_cfg(recipe) is not None:   # the loss healing has to win back
         chunks, ref_hidden = ctx.reference()
         res = evaluate(model, chunks, reference_hidden=ref_hidden, description=f"wave {k} pruned")[0]
@@ -132,7 +133,7 @@ def wave_heal(ctx: Context, k: int) -> dict | None:
         return rec
     from birdbone_core.heal import distributed, heal, schedule
 
-    distributed.init_distributed()   # under torchrun: data-parallel healing, rank 0 writes the outputs
+    distributed.init_distributed()   # under torchrun: FSDP2 healing (NCCL on CUDA, gloo on CPU); rank 0 writes
     cfg = recipe.waves.heal
     start = ctx.wave_start(k)
     model = ctx.load_into_working(ctx.state_after(k, "prune", start))
@@ -147,8 +148,8 @@ def wave_heal(ctx: Context, k: int) -> dict | None:
     else:
         rep = heal(model, ctx.base().model, blocks, cfg, k, ctx.n_waves, description=desc)
     rec = {"wave": k, "method": cfg.method, "steps": steps, "lr": lr, "report": _heal_summary(rep),
-           "processes": distributed.world_size()}
-    if not distributed.is_main():     # every rank holds the same weights; one writes them
+           "processes": distributed.world_size(), "runtime": describe(model)}
+    if not distributed.is_main():     # every rank holds the same gathered full weights; one writes them
         return rec
     rec["overlay"] = save_overlay(ctx.lay.overlay(k, "heal"), start, model)
     rec.update(weights="heal.safetensors", seconds=time.perf_counter() - t0)
@@ -177,7 +178,8 @@ def wave_regrow(ctx: Context, k: int) -> dict | None:
     if count_zeros(model)[0] != zeros_before:   # regrowth moves density, never changes it
         raise BirdboneError(f"wave {k} regrow changed the number of zeros ({zeros_before} -> "
                             f"{count_zeros(model)[0]}); nothing was saved")
-    rec = {"wave": k, "method": cfg.method, "fraction": cfg.fraction, "swapped": rep["swapped"], "report": rep}
+    rec = {"wave": k, "method": cfg.method, "fraction": cfg.fraction, "swapped": rep["swapped"], "report": rep,
+           "runtime": describe(model)}
     rec["overlay"] = save_overlay(ctx.lay.overlay(k, "regrow"), start, model)
     rec.update(weights="regrow.safetensors", seconds=time.perf_counter() - t0)
     write_json(ctx.lay.marker(k, "regrow"), rec)
@@ -202,7 +204,8 @@ def wave_evaluate(ctx: Context, k: int) -> dict | None:
     t0 = time.perf_counter()
     model = ctx.load_into_working(ctx.state_after(k, "evaluate"))
     zeros, total = count_zeros(model)
-    rec = {"wave": k, "sparsity": zeros / max(total, 1), "layer_sparsity": layer_sparsity(model)}
+    rec = {"wave": k, "sparsity": zeros / max(total, 1), "layer_sparsity": layer_sparsity(model),
+           "runtime": describe(model)}
     bad = finite_or_first_bad(model)
     if bad is not None:
         rec.update(finite=False, nonfinite=bad, ppl=None, kld=None, top1=None)

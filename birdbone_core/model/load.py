@@ -1,4 +1,5 @@
-"""Models in: resolve a user's model spec, validate the files cheaply, then load a float CPU causal LM.
+"""Models in: resolve a user's model spec, validate the files cheaply, then load a float causal LM (on the
+CPU in float32 unless a runtime placement says otherwise: birdbone_core.runtime).
 
 Every problem a user can cause (missing/corrupt files, pickle weights, unsupported architecture, hub
 access while offline) becomes a one-line BirdboneError naming the file and the problem, raised before
@@ -22,6 +23,7 @@ from birdbone_core.errors import BirdboneError
 from birdbone_core.model import checks
 from birdbone_core.model.layers import decoder_layers
 from birdbone_core.model.save import strip_gguf_traces
+from birdbone_core.runtime import Placement
 
 # HF model_type -> llama.cpp GGUF architecture. llama.cpp has no separate mistral graph: it serves
 # mistral checkpoints as "llama". "gemma3" is the multimodal wrapper; only its text model is used.
@@ -53,7 +55,7 @@ class ModelSource:
 
 @dataclass
 class LoadedModel:
-    model: PreTrainedModel  # float (requested dtype), eval(), CPU, the *text* causal LM
+    model: PreTrainedModel  # float (requested dtype), eval(), on the requested device, the *text* causal LM
     tokenizer: PreTrainedTokenizerBase
     source: ModelSource
     model_type: str  # normalised HF model_type, e.g. "llama", "gemma3_text"
@@ -65,7 +67,12 @@ def supported_list() -> str:
 
 
 def resolve_source(spec: str, *, offline: bool = True) -> ModelSource:
-    """Decide what `spec` names: a local HF directory, a local .gguf file, or a hub id."""
+    """Decide what `spec` names: a local HF directory, a local .gguf file, an s3:// checkpoint folder
+    (downloaded into the model cache: birdbone_core.model.remote), or a hub id."""
+    if spec.startswith("s3://"):
+        from birdbone_core.model.remote import fetch_s3
+
+        spec = str(fetch_s3(spec))
     path = Path(spec).expanduser()
     if path.is_dir():
         # A directory with only a GGUF in it (no config.json) is taken as that GGUF file.
@@ -120,6 +127,18 @@ def skeleton(source: ModelSource):
     return checks.meta_model(checks.read_config(Path(source.path) / "config.json"), text_only=True)
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def stored_dtype(source: ModelSource) -> torch.dtype | None:
+    """The float dtype a Hugging Face directory's config.json says its weights are stored in (None: not
+    said, or not a directory: a GGUF is dequantized, a hub id not read yet)."""
+    if source.kind != "hf_dir":
+        return None
+    config = checks.read_config(Path(source.path) / "config.json")
+    return _DTYPES.get(config.get("dtype") or config.get("torch_dtype"))
+
+
 def load_model(
     spec: str | None,
     *,
@@ -127,14 +146,20 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     offline: bool = True,
+    placement: Placement | None = None,
+    keep_dtype: bool = False,
 ) -> LoadedModel:
-    """Load the causal LM named by `spec` (None: the built-in default model) as a float CPU model."""
+    """Load the causal LM named by `spec` (None: the built-in default model) as a float model: on the CPU
+    in `dtype`, or with `placement`, on its device in its dtype for this checkpoint (keep_dtype: the
+    checkpoint is a run's own weights, whose stored dtype `auto` keeps; birdbone_core.runtime)."""
     if spec is None:
         from birdbone_core.model.default import default_model_path
 
         source = ModelSource("gguf", str(default_model_path()))
     else:
         source = resolve_source(spec, offline=offline)
+    if placement is not None:
+        dtype = placement.dtype_for(stored_dtype(source), keep=keep_dtype)
 
     try:
         with _quiet_transformers_progress():
@@ -155,6 +180,8 @@ def load_model(
     checks.check_config_values(model.config.to_dict(), f"{source.path} (config)")   # a GGUF's header too
     check_finite(model.state_dict(), source.path)
     model.eval()
+    if placement is not None and placement.device.type != "cpu":   # loaded and checked on the host first
+        model.to(placement.device)
     return LoadedModel(model, tokenizer, source, model_type, SUPPORTED_ARCHITECTURES[model_type])
 
 
@@ -359,4 +386,5 @@ __all__ = [
     "ModelSource",
     "load_model",
     "resolve_source",
+    "stored_dtype",
 ]

@@ -71,7 +71,7 @@ def regrow_mask(
     ks = W.abs() if keep_score is None else keep_score
     if ks.shape != W.shape:
         raise ValueError(f"keep_score {tuple(ks.shape)} must match W {tuple(W.shape)}")
-    inf = torch.tensor(float("inf"))
+    inf = torch.tensor(float("inf"), device=W.device)
     g = torch.where(~keep & ~torch.isnan(grow_score), grow_score.double(), -inf)   # revival candidates
     k = torch.where(keep & ~torch.isnan(ks), ks.double(), inf)                      # drop candidates
     new = keep.clone()
@@ -144,7 +144,7 @@ def dsnot_mask(
     frozen_in = ~keep & (Wd == 0)                             # a zero dense value cannot be revived
     fresh = torch.zeros_like(keep)                            # revived in this call: never dropped
     gone = torch.zeros_like(keep)                             # dropped in this call: never revived
-    rows = torch.arange(d_out)
+    rows = torch.arange(d_out, device=W.device)
     done = 0
     while done < n:
         gain = torch.where(~keep & ~frozen_in & ~gone, 2 * Wd * C - Wd.pow(2) * diag, float("-inf"))

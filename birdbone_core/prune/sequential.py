@@ -20,20 +20,21 @@ from birdbone_core.model.layers import decoder_layers, linear_modules
 from birdbone_core.progress import progress_bar
 from birdbone_core.prune import kernel_for
 from birdbone_core.recipe import Prune
+from birdbone_core.runtime import model_device
 
 
 class InputStats:
     """Running statistics of one linear module's inputs X [n_tokens, d_in].
 
     full=True keeps XtX [d_in, d_in] (SparseGPT's Hessian H = 2 XtX / n); otherwise only its
-    diagonal (Wanda's ||X_j||^2).
+    diagonal (Wanda's ||X_j||^2). Accumulated on `device` (the inputs' own), whatever the weights' dtype.
     """
 
-    def __init__(self, d_in: int, full: bool):
+    def __init__(self, d_in: int, full: bool, device: torch.device | str = "cpu"):
         self.full = full
         # float32 XtX: float64 doubles the dominant cost (d_in^2 per token) for no measurable gain
-        self.xtx = torch.zeros(d_in, d_in, dtype=torch.float32) if full else None
-        self.sq = torch.zeros(d_in, dtype=torch.float64)
+        self.xtx = torch.zeros(d_in, d_in, dtype=torch.float32, device=device) if full else None
+        self.sq = torch.zeros(d_in, dtype=torch.float64, device=device)
         self.n_tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -70,9 +71,11 @@ class _Catcher(nn.Module):
 def capture_layer_inputs(model, blocks: torch.Tensor, batch_size: int):
     """Run the model with catchers in place of its layers.
 
-    blocks: [n_samples, seq_len] token ids. Returns (hidden, kwargs): hidden is a list of layer-0 inputs
-    per batch ([b, seq_len, d_model] each); kwargs[layer][batch] is what that layer is called with.
+    blocks: [n_samples, seq_len] token ids (any device: each batch moves to the model's). Returns (hidden,
+    kwargs): hidden is a list of layer-0 inputs per batch ([b, seq_len, d_model] each, on the model's
+    device); kwargs[layer][batch] is what that layer is called with.
     """
+    device = model_device(model)
     layers = decoder_layers(model)
     originals = list(layers)
     store = {"hidden": [], "kwargs": [[] for _ in originals]}
@@ -81,7 +84,7 @@ def capture_layer_inputs(model, blocks: torch.Tensor, batch_size: int):
             layers[i] = _Catcher(i, store)
         base = model.get_decoder()
         for batch in blocks.split(batch_size):
-            base(input_ids=batch, use_cache=False)
+            base(input_ids=batch.to(device), use_cache=False)
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
@@ -152,7 +155,7 @@ def attach_stats(modules: dict[str, nn.Linear], full: bool):
                 if ref is x:
                     stats.setdefault(name, acc)
                     return
-            acc = stats.setdefault(name, InputStats(x.shape[-1], full))
+            acc = stats.setdefault(name, InputStats(x.shape[-1], full, x.device))
             acc.add(x)
             seen.append((x, acc))
         return hook

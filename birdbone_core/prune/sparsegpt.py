@@ -12,7 +12,7 @@ import torch
 def _inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp I)^-1; damping grows until H is positive definite."""
     d_col = H.shape[0]
-    eye = torch.eye(d_col, dtype=H.dtype)
+    eye = torch.eye(d_col, dtype=H.dtype, device=H.device)
     damp = percdamp * torch.mean(torch.diag(H))
     for _ in range(6):
         L, info = torch.linalg.cholesky_ex(H + damp * eye)
@@ -33,7 +33,8 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (pruned W with error compensation, keep mask). Works in float32, returns W's dtype."""
+    """Returns (pruned W with error compensation, keep mask). Works in float32 on W's device (H is moved
+    there), returns W's dtype."""
     d_row, d_col = W.shape
     if H.shape != (d_col, d_col):
         raise ValueError(f"H shape {tuple(H.shape)} does not match W input width {d_col}")
@@ -41,7 +42,7 @@ def sparsegpt_prune(
         raise ValueError(f"blocksize {blocksize} must be a multiple of M={nm[1]}")
     out_dtype = W.dtype
     W = W.clone().float()
-    H = H.clone().float()
+    H = H.to(device=W.device, dtype=torch.float32, copy=True)
 
     # inputs that never fired carry no information: zero their weights, make H invertible there
     dead = torch.diag(H) == 0
@@ -49,7 +50,7 @@ def sparsegpt_prune(
     W[:, dead] = 0
 
     Hinv = _inverse_hessian_cholesky(H, percdamp)
-    pruned = torch.zeros(d_row, d_col, dtype=torch.bool)
+    pruned = torch.zeros(d_row, d_col, dtype=torch.bool, device=W.device)
 
     for i1 in range(0, d_col, blocksize):
         i2 = min(i1 + blocksize, d_col)

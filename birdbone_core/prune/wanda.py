@@ -16,6 +16,8 @@ def wanda_prune(
     Returns (pruned W, keep mask). Comparison groups are output rows (per-output, as in the paper)."""
     if act_norm.shape != (W.shape[1],):
         raise ValueError(f"act_norm shape {tuple(act_norm.shape)} does not match W input width {W.shape[1]}")
-    scores = W.abs() * act_norm.to(W.dtype).unsqueeze(0)
+    # scores on W's device, at least in float32 (bf16 weights on CUDA: their products would round into ties)
+    Ws = W.float() if W.dtype in (torch.bfloat16, torch.float16) else W
+    scores = Ws.abs() * act_norm.to(device=W.device, dtype=Ws.dtype).unsqueeze(0)
     keep = nm_mask(scores, *nm) if nm else unstructured_mask(scores, sparsity, per_row=True)
     return W * keep, keep

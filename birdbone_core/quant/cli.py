@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from birdbone_core.cliargs import positive_int
+from birdbone_core.cliargs import add_runtime_flags, positive_int, runtime_of
 
 
 def _split_types(s: str) -> list[str]:
@@ -49,8 +49,10 @@ def _cmd_quantize(a) -> int:
     from birdbone_core.model.load import load_model
     from birdbone_core.quant.config import Quantize
     from birdbone_core.quant.pipeline import quantize_and_export
+    from birdbone_core.runtime import place
 
     spec, recipe, run_dir = _model_and_recipe(a.model, a.recipe)
+    placement = place(runtime_of(a), recipe.runtime)   # a missing device: refused before any work
     base = recipe.quantize.model_dump() if recipe.quantize is not None else {}
     if a.bpw is not None or a.bytes is not None:
         base["target_bpw"], base["target_bytes"] = a.bpw, a.bytes
@@ -81,7 +83,7 @@ def _cmd_quantize(a) -> int:
     if out is None:
         raise BirdboneError("quantize: give -o OUT.gguf")
     check_output_file(out, "quantized GGUF", written_by_birdbone)
-    lm = load_model(spec)
+    lm = load_model(spec, placement=placement, keep_dtype=run_dir is not None)   # a run's pruned: stored dtype
     src = Path(spec) if spec.endswith(".gguf") else None
     result, q = quantize_and_export(lm.model, lm.tokenizer, cfg, out, calibration=recipe.calibration,
                                     source_gguf=src, report_path=Path(a.report) if a.report else None)
@@ -107,9 +109,11 @@ def _cmd_imatrix(a) -> int:
     from birdbone_core.model.gguf_header import written_by_birdbone
     from birdbone_core.model.load import load_model
     from birdbone_core.quant.importance import Imatrix, collect_hessians, write_imatrix
+    from birdbone_core.runtime import place
 
+    placement = place(runtime_of(a))
     check_output_file(Path(a.out), "imatrix file", written_by_birdbone)
-    lm = load_model(a.model)
+    lm = load_model(a.model, placement=placement)
     text, desc = read_text(a.text, "calib")
     blocks = calibration_blocks(lm.tokenizer, text, a.n_samples, a.seq_len, 0)
     stats = collect_hessians(lm.model, blocks)
@@ -125,7 +129,7 @@ def _cmd_imatrix(a) -> int:
         v = s.importance
         if v.shape[0] < p.shape[-1]:  # zero-padded FFN columns
             v = torch.nn.functional.pad(v, (0, p.shape[-1] - v.shape[0]))
-        im.values[p.gguf_name] = v.numpy()
+        im.values[p.gguf_name] = v.cpu().numpy()
         im.counts[p.gguf_name] = float(s.n_tokens)
     write_imatrix(a.out, im)
     print(f"wrote {a.out}: {len(im.values)} tensors from {blocks.numel()} tokens of {desc}")
@@ -149,6 +153,7 @@ def add_commands(sub) -> None:
     q.add_argument("--measure-blocks", type=int, metavar="N",
                    help="score the big tensors' type choices by measured KL on N calibration blocks (0: off)")
     q.add_argument("--report", help="write a JSON report (types, per-type sensitivity)")
+    add_runtime_flags(q)
     q.set_defaults(fn=_cmd_quantize)
 
     m = sub.add_parser("imatrix", help="write a llama.cpp imatrix (GGUF format) from calibration text")
@@ -157,5 +162,6 @@ def add_commands(sub) -> None:
     m.add_argument("--text", help="calibration text (.txt/.jsonl[.gz]); default: built-in slice")
     m.add_argument("--n-samples", type=positive_int, default=32)
     m.add_argument("--seq-len", type=positive_int, default=256)
+    add_runtime_flags(m)
     m.set_defaults(fn=_cmd_imatrix)
 

@@ -29,6 +29,7 @@ from birdbone_core.quant.config import Quantize
 from birdbone_core.quant.formats import can_apply, get_format
 from birdbone_core.quant.gptq import GPTQSettings, gptq_quantize_many
 from birdbone_core.quant.importance import Imatrix
+from birdbone_core.runtime import model_device
 
 # A tensor holding at least this share of the budgeted weights keeps both of its encodings per type
 # (GPTQ's and plain rounding's): the estimate ranks them, quant.trials measures them.
@@ -47,7 +48,9 @@ class Sensitivity:
 
 
 def collect_sensitivity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 1) -> Sensitivity:
-    """Hessians and output Fisher diagonals of every nn.Linear, from calibration blocks [n, seq_len]."""
+    """Hessians and output Fisher diagonals of every nn.Linear, from calibration blocks [n, seq_len].
+    Accumulated in float64 on the model's device; the returned statistics are float32 CPU tensors (the
+    candidates are measured on the host)."""
     xtx: dict[str, torch.Tensor] = {}
     g2: dict[str, torch.Tensor] = {}
     mods = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -68,7 +71,8 @@ def collect_sensitivity(model: torch.nn.Module, blocks: torch.Tensor, batch_size
                 key = name
             if key == name:
                 x2 = x.reshape(-1, x.shape[-1]).double()
-                acc = xtx.setdefault(name, torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64))
+                acc = xtx.setdefault(name, torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64,
+                                                       device=x2.device))
                 acc.addmm_(x2.T, x2)
             else:
                 xtx.setdefault(name, xtx[key])
@@ -94,11 +98,13 @@ def collect_sensitivity(model: torch.nn.Module, blocks: torch.Tensor, batch_size
     handles = [m.register_forward_hook(fwd(n)) for n, m in mods.items()]
     handles.append(emb.register_forward_hook(lambda m, i, o: (o.requires_grad_(True), emb_hook(m, i, o))[0]))
     n_tok = 0
+    device = emb.weight.device
     try:
         batches = list(blocks.split(batch_size))
         with torch.enable_grad(), progress_bar("calibration (activations, gradients)", total=len(batches)) as adv:
             for b in batches:
                 shared.clear()
+                b = b.to(device)
                 logits = model(input_ids=b, use_cache=False).logits[:, :-1].float()
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
                                                          reduction="sum")
@@ -114,15 +120,15 @@ def collect_sensitivity(model: torch.nn.Module, blocks: torch.Tensor, batch_size
     n_pred = max(1, blocks.shape[0] * (blocks.shape[1] - 1))
     sens = Sensitivity(n_tokens=n_tok)
     for name, acc in xtx.items():
-        sens.hessian[name] = (acc / n_tok).float()
+        sens.hessian[name] = (acc / n_tok).float().cpu()
     for name, acc in g2.items():
-        sens.fisher[name] = (acc / n_pred).float()
+        sens.fisher[name] = (acc / n_pred).float().cpu()
     if emb_ids:
         ids = torch.cat(emb_ids)
-        sens.embed_ids, inverse = torch.unique(ids, return_inverse=True)
-        acc = torch.zeros(len(sens.embed_ids), emb.weight.shape[1], dtype=torch.float64)
+        embed_ids, inverse = torch.unique(ids, return_inverse=True)
+        acc = torch.zeros(len(embed_ids), emb.weight.shape[1], dtype=torch.float64, device=ids.device)
         acc.index_add_(0, inverse, torch.cat(emb_g2))
-        sens.embed_g2 = (acc / n_pred).float()
+        sens.embed_ids, sens.embed_g2 = embed_ids.cpu(), (acc / n_pred).float().cpu()
     return sens
 
 
@@ -262,6 +268,7 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
     alternates: dict[str, dict[str, tuple[np.ndarray, float]]] = {}
     budgeted = sum(int(np.prod(p.shape)) for p, _ in todo)
     won: dict[str, dict[str, bool]] = {}
+    device = model_device(model)
     with progress_bar("quantizing tensors", total=sum(len(t) for _, t in todo)) as advance:
         for p, types in todo:
             W = torch.from_numpy(p.load())
@@ -290,8 +297,9 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
             src_type = source.get(p.gguf_name, (None,))[0]
             gptq = {}
             if H is not None and cfg.gptq.applies_to(p.gguf_name):  # every format in one column pass
-                gptq = gptq_quantize_many(W, H, [t for t in types if t != src_type], settings,
-                                          importance=imp if imp is not None else torch.ones(cols))
+                # the column loop on the model's device (float32; results come back as host bytes)
+                gptq = gptq_quantize_many(W.to(device), H.to(device), [t for t in types if t != src_type], settings,
+                                          importance=(imp if imp is not None else torch.ones(cols)).to(device))
             for t in types:
                 fmt = get_format(t)
                 if src_type == t:   # the source's own blocks: exact, zero error

@@ -17,6 +17,10 @@ from importance-weighted statistics (importance: per input column, default diag(
   input order, so grids must exist before any column is visited.
 The levels are then written into those blocks (`grid.with_levels`), and W_hat is the decoder's output of
 the returned bytes, so `gguf.quants.dequantize(packed)` gives exactly W_hat.
+
+Devices: the column loop (float32) and the inverse Cholesky (float64) run on W's device; the codecs
+(block fitting, packing) always run on the host, so the bytes a block format is built from are the
+same on every device. Results are host numpy bytes and CPU tensors.
 """
 from __future__ import annotations
 
@@ -82,7 +86,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     H = H.double()
     mean = float(torch.diag(H).mean())
     lam = damp * mean if mean > 0 else 1e-6
-    eye = torch.eye(n, dtype=H.dtype)
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
     for _ in range(8):
         L, info = torch.linalg.cholesky_ex(H + lam * eye)
         if info == 0:
@@ -94,9 +98,9 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _blocks(name: str, W: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
-    """The codec's packed blocks of W [rows, cols] -> uint8 [rows * nb, type_size]."""
+    """The codec's packed blocks of W [rows, cols] -> uint8 [rows * nb, type_size], on the host."""
     fmt = get_format(name)
-    packed, _ = encode_torch(name, W, importance)
+    packed, _ = encode_torch(name, W.cpu(), None if importance is None else importance.cpu())
     return packed.reshape(-1, fmt.type_size)
 
 
@@ -115,7 +119,8 @@ def gptq_quantize_many(W: torch.Tensor, H: torch.Tensor, qtypes, settings: GPTQS
     for name in names:
         if name not in grid.TOP:
             raise BirdboneError(f"GPTQ: {name} is not a block format (use one of {', '.join(grid.TOP)})")
-    W0 = torch.as_tensor(W).detach().to(torch.float32)
+    W0 = torch.as_tensor(W).detach().to(torch.float32)           # [out, in], on W's device: the column loop's
+    device = W0.device
     if W0.ndim != 2:
         raise BirdboneError(f"GPTQ: expected a matrix [out, in], got shape {tuple(W0.shape)}")
     rows, cols = W0.shape
@@ -123,12 +128,14 @@ def gptq_quantize_many(W: torch.Tensor, H: torch.Tensor, qtypes, settings: GPTQS
         bs = get_format(name).block_size
         if cols % bs:
             raise BirdboneError(f"GPTQ: rows of {cols} weights are not whole {name} blocks of {bs}")
-    H0 = torch.as_tensor(H).detach().to(torch.float32)
+    H0 = torch.as_tensor(H).detach().to(device=device, dtype=torch.float32)
     if H0.shape != (cols, cols) or not bool(torch.isfinite(H0).all()):
         raise BirdboneError(f"GPTQ: Hessian must be a finite [{cols}, {cols}] matrix, got {tuple(H0.shape)}")
-    imp = torch.diag(H0).clamp_min(0) if importance is None else torch.as_tensor(importance).float().reshape(-1)
+    imp = (torch.diag(H0).clamp_min(0) if importance is None
+           else torch.as_tensor(importance).to(device=device, dtype=torch.float32).reshape(-1))
     static = settings.static_scales or settings.act_order
-    perm = torch.argsort(torch.diag(H0), descending=True, stable=True) if settings.act_order else torch.arange(cols)
+    perm = (torch.argsort(torch.diag(H0), descending=True, stable=True) if settings.act_order
+            else torch.arange(cols, device=device))
     U = _inverse_cholesky(H0[perm][:, perm], settings.damp).to(torch.float32)
     # dynamic grids are fitted per format as GPTQ goes; a table format (IQ4_NL) has its own nearest-level rule
     affine = [n for n in names if n not in grid.TABLE]
@@ -146,7 +153,7 @@ def gptq_quantize_many(W: torch.Tensor, H: torch.Tensor, qtypes, settings: GPTQS
             for n, (p, pp) in done.items():
                 packed[n][r0:r1], plain[n][r0:r1] = p.view(r1 - r0, -1), pp.view(r1 - r0, -1)
         for n in group:
-            out[n] = GPTQResult(packed[n].numpy(), n, plain[n].numpy(), W0, H0)
+            out[n] = GPTQResult(packed[n].numpy(), n, plain[n].numpy(), W0.cpu(), H0.cpu())
     return out
 
 
@@ -154,9 +161,10 @@ def _gptq_rows(names: list[str], W0: torch.Tensor, U: torch.Tensor, perm: torch.
                static: bool, block_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """GPTQ of rows W0 [rows, cols] in each format of `names` (one format unless static), given U (upper
     Cholesky of the permuted inverse Hessian). Returns {format: (GPTQ's packed blocks, the plain codec
-    rounding's packed blocks)}, each [rows * nb, type_size]. The formats' copies of W are stacked as
-    [len(names) * rows, cols] and go through one column loop."""
+    rounding's packed blocks)}, each [rows * nb, type_size] on the host. The formats' copies of W are
+    stacked as [len(names) * rows, cols] and go through one column loop, on W0's device."""
     rows, cols = W0.shape
+    device = W0.device
     k = len(names)
     if not static and k != 1:
         raise BirdboneError("GPTQ: formats share a column pass only with static grids")
@@ -168,22 +176,22 @@ def _gptq_rows(names: list[str], W0: torch.Tensor, U: torch.Tensor, perm: torch.
     widest = max(f.block_size for f in fmts)
     B = max(bs, -(-block_size // widest) * widest)  # lazy-batch columns: whole blocks of every format
     # plain codec rounding: the baseline, and the static grid
-    plains = [_blocks(n, W0, imp) for n in names]
+    plains = [_blocks(n, W0, imp) for n in names]                              # host bytes
     heads = [p.view(rows, cols // f.block_size, -1).clone() for p, f in zip(plains, fmts)]
-    step = torch.empty(k * rows, cols)
-    off = torch.empty(k * rows, cols)
+    step = torch.empty(k * rows, cols, device=device)
+    off = torch.empty(k * rows, cols, device=device)
     if static:
         for j, (n, p) in enumerate(zip(names, plains)):
-            s, o = grid.affine(n, p)
-            step[j * rows:(j + 1) * rows] = s.view(rows, cols)
-            off[j * rows:(j + 1) * rows] = o.view(rows, cols)
-    top = torch.tensor([float(grid.TOP[n]) for n in names]).repeat_interleave(rows)  # [k * rows]
+            s, o = grid.affine(n, p)                                            # host [rows * nb, bs]
+            step[j * rows:(j + 1) * rows] = s.view(rows, cols).to(device)
+            off[j * rows:(j + 1) * rows] = o.view(rows, cols).to(device)
+    top = torch.tensor([float(grid.TOP[n]) for n in names], device=device).repeat_interleave(rows)  # [k * rows]
 
     # transposed ([cols, k * rows]): a column is one contiguous row, so the per-column work reads and
     # writes contiguous memory
     Wt = W0[:, perm].T.repeat(1, k).contiguous()
     step_t, off_t = step[:, perm].T.contiguous(), off[:, perm].T.contiguous()
-    Qt = torch.zeros(cols, k * rows)
+    Qt = torch.zeros(cols, k * rows, device=device)
     with torch.inference_mode():
         for i1 in range(0, cols, B):
             i2 = min(i1 + B, cols)
@@ -194,10 +202,10 @@ def _gptq_rows(names: list[str], W0: torch.Tensor, U: torch.Tensor, perm: torch.
                 c = i1 + i
                 if not static and c % bs == 0:
                     # fit this format block's grid on the weights as GPTQ has updated them
-                    blk = _blocks(names[0], W1[i:i + bs].T, imp[c:c + bs])
+                    blk = _blocks(names[0], W1[i:i + bs].T, imp[c:c + bs])      # host [rows, type_size]
                     heads[0][:, c // bs] = blk
                     s, o = grid.affine(names[0], blk)
-                    step_t[c:c + bs], off_t[c:c + bs] = s.T, o.T
+                    step_t[c:c + bs], off_t[c:c + bs] = s.T.to(device), o.T.to(device)
                 w = W1[i]
                 if table is None:
                     q = grid.nearest_levels(w, step_t[c], off_t[c], top)
@@ -217,6 +225,6 @@ def _gptq_rows(names: list[str], W0: torch.Tensor, U: torch.Tensor, perm: torch.
     out = {}
     for j, (n, f) in enumerate(zip(names, fmts)):
         nb = cols // f.block_size
-        q = Qo[j * rows:(j + 1) * rows].reshape(rows * nb, f.block_size)
+        q = Qo[j * rows:(j + 1) * rows].reshape(rows * nb, f.block_size).cpu()
         out[n] = (grid.with_levels(n, heads[j].reshape(rows * nb, -1), q), plains[j])
     return out

@@ -152,7 +152,7 @@ def affine(name, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     format really computes: levels 0 and TOP, or for a table the level whose value is 1."""
     fmt = get_format(name)
     n, bs = packed.shape[0], fmt.block_size
-    zero = torch.zeros(n, bs)
+    zero = torch.zeros(n, bs, device=packed.device)
     if fmt.name in TABLE:
         one = int((TABLE[fmt.name] == 1).nonzero()[0])
         step = _decode(fmt.name, with_levels(fmt.name, packed, zero + one), (n, bs))
@@ -165,7 +165,7 @@ def affine(name, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def level_values(name, q: torch.Tensor) -> torch.Tensor:
     """The grid value (before step and offset) of levels q: q itself, or TABLE[name][q]."""
     table = TABLE.get(get_format(name).name)
-    return q if table is None else table[q.long()]
+    return q if table is None else table.to(q.device)[q.long()]
 
 
 def nearest_table_levels(x: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, name: str) -> torch.Tensor:

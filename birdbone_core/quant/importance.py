@@ -184,7 +184,8 @@ def collect_hessians(model: torch.nn.Module, blocks: torch.Tensor, batch_size: i
         x2 = x.reshape(-1, x.shape[-1]).double()
         acc = stats.get(name)
         if acc is None:
-            acc = stats[name] = Stats(torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64), 0)
+            acc = stats[name] = Stats(torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64,
+                                                  device=x2.device), 0)   # float64 on the inputs' device
         acc.xtx.addmm_(x2.T, x2)
         acc.n_tokens += x2.shape[0]
         seen.append((x, acc))
@@ -194,11 +195,12 @@ def collect_hessians(model: torch.nn.Module, blocks: torch.Tensor, batch_size: i
                for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
     try:
         decoder = model.get_decoder()
+        device = model.get_input_embeddings().weight.device
         batches = list(blocks.split(batch_size))
         with progress_bar(description, total=len(batches)) as advance:
             for b in batches:
                 seen.clear()
-                out = decoder(input_ids=b, use_cache=False)
+                out = decoder(input_ids=b.to(device), use_cache=False)
                 add("lm_head", out.last_hidden_state)
                 advance()
     finally:

@@ -20,6 +20,7 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
     from birdbone_core.quant.engine import budget_bytes, check_budget, choose, collect_sensitivity, measure_candidates
     from birdbone_core.quant.importance import read_imatrix
     from birdbone_core.quant.trials import choose_measured
+    from birdbone_core.runtime import describe
 
     check_budget(model, cfg)  # before the calibration pass
     imatrix = read_imatrix(cfg.imatrix) if cfg.imatrix else None
@@ -56,5 +57,6 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
             "gguf": str(result.path), "file_bytes": result.n_bytes, "tensor_bytes": q.n_bytes,
             "budget_bytes": q.budget_bytes, "bits_per_weight": q.bits_per_weight, "seconds": round(q.seconds, 1),
             "types": q.types, "kept_source_blocks": q.kept_source, "sensitivity": q.errors, "gptq_beat_rounding": q.gptq_won,
-            "trials": [dict(vars(t)) for t in trials], "settings": cfg.model_dump(mode="json")})
+            "trials": [dict(vars(t)) for t in trials], "settings": cfg.model_dump(mode="json"),
+            "runtime": describe(model)})
     return result, q

@@ -26,6 +26,7 @@ from birdbone_core.progress import progress_bar
 from birdbone_core.quant.codecs import decode
 from birdbone_core.quant.engine import ALTERNATE_SHARE, Candidates, QuantResult, choose
 from birdbone_core.quant.formats import get_format
+from birdbone_core.runtime import model_device
 
 BIG_SHARE = ALTERNATE_SHARE  # a tensor with at least this share of the budgeted weights gets its types tried
 MAX_BIG = 2  # at most this many big tensors (their types multiply the number of trials)
@@ -145,16 +146,19 @@ class _WeightSwap:
 
 
 def _log_probs(model, blocks: torch.Tensor) -> list[torch.Tensor]:
+    device = model_device(model)
     with torch.no_grad():
-        return [model(input_ids=b[None], use_cache=False).logits[0, :-1].float().log_softmax(-1) for b in blocks]
+        return [model(input_ids=b[None].to(device), use_cache=False).logits[0, :-1].float().log_softmax(-1)
+                for b in blocks]
 
 
 def measured_kl(model, blocks: torch.Tensor, base: list[torch.Tensor]) -> float:
     """Mean KL(base || model) per predicted token; base: log-probs per block [seq_len - 1, vocab] (float16 ok)."""
     total, n = 0.0, 0
+    device = model_device(model)
     with torch.no_grad():
         for b, lp in zip(blocks, base):
-            lq = model(input_ids=b[None], use_cache=False).logits[0, :-1].float().log_softmax(-1)
+            lq = model(input_ids=b[None].to(device), use_cache=False).logits[0, :-1].float().log_softmax(-1)
             lp = lp.float()
             total += float((lp.exp() * (lp - lq)).sum(dtype=torch.float64))
             n += lp.shape[0]

@@ -39,13 +39,13 @@ def _key(v: torch.Tensor) -> torch.Tensor:
 
 def nearest_index(v: torch.Tensor) -> torch.Tensor:
     """Index of the nearest KVALUES entry to each v (a tie goes to the larger value, as ggml's
-    best_index_int8)."""
-    return torch.take(_LUT, _key(v))
+    best_index_int8). The table moves to v's device (GPTQ's column loop may run on CUDA)."""
+    return torch.take(_LUT.to(v.device), _key(v))
 
 
 def nearest_value(v: torch.Tensor) -> torch.Tensor:
     """KVALUES[nearest_index(v)] in one lookup."""
-    return torch.take(_VALUE_LUT, _key(v))
+    return torch.take(_VALUE_LUT.to(v.device), _key(v))
 
 
 class IQ4_NL(Codec):
