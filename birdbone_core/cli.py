@@ -71,7 +71,8 @@ def print_metrics_table(metrics: dict) -> None:
 
 
 def _cmd_compress(a) -> int:
-    from birdbone_core.steps import Run, compress
+    from birdbone_core.compress import compress
+    from birdbone_core.run import Run
 
     metrics = compress(Path(a.out), a.model, a.recipe, _load_options(a), runtime_of(a))
     print_metrics_table(metrics)
@@ -111,7 +112,9 @@ def _cmd_step(a) -> int:
         b = run.manifest()["steps"]["baseline"]
         print(f"baseline perplexity {b['ppl']:.3f} on {b['n_scored']} tokens")
     elif a.cmd == "prune":
-        steps.step_prune(run)
+        from birdbone_core.compress import prune
+
+        prune(run)
         info = run.manifest()["steps"]["prune"]
         print(f"pruned to {info['sparsity']:.1%} zeros in {info['seconds']:.0f}s -> {run.pruned_dir}")
     elif a.cmd == "export":

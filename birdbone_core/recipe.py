@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -24,14 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from birdbone_core.errors import BirdboneError
 from birdbone_core.eval.canaries import Canary
 from birdbone_core.heal.config import Heal
-from birdbone_core.prune.owl import Allocation
+from birdbone_core.prune.config import Prune
 from birdbone_core.prune.regrow import Regrow
 from birdbone_core.quant.config import Quantize
 from birdbone_core.runtime import Runtime
 
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
-_NM = re.compile(r"^(\d+):(\d+)$")
 
 
 class _Strict(BaseModel):
@@ -96,68 +93,6 @@ class Evaluation(TextSource):
         if dup:
             raise ValueError(f"canary name(s) used twice: {', '.join(dup)}")
         return v
-
-
-class SparseGPTSettings(_Strict):
-    blocksize: int = Field(128, ge=1)
-    percdamp: float = Field(0.01, gt=0, le=1)
-
-
-class Prune(_Strict):
-    method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
-    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of weights set to zero")
-    pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (N zeros in every M inputs), e.g. 2:4")
-    # regex over module names relative to the model ("model.layers.3.mlp.down_proj") -> sparsity
-    layer_sparsity: dict[str, float] = Field(default_factory=dict)
-    skip: list[str] = Field(default_factory=list, description="regexes of linear modules left dense")
-    sparsegpt: SparseGPTSettings = SparseGPTSettings()
-    batch_size: int = Field(8, ge=1, description="calibration samples per forward batch")
-    allocation: Allocation = Field(
-        "uniform", description="'uniform', or 'owl' / {method: owl, m, lam}: outlier-weighted per-layer "
-                               "sparsity (birdbone_core.prune.owl)")
-
-    @field_validator("pattern")
-    @classmethod
-    def _pattern(cls, v: str) -> str:
-        if v == "unstructured":
-            return v
-        m = _NM.match(v)
-        if not m or not (0 < int(m.group(1)) < int(m.group(2))):
-            raise ValueError(f"{v!r} is neither 'unstructured' nor 'N:M' with 0 < N < M (e.g. '2:4')")
-        return v
-
-    @field_validator("layer_sparsity")
-    @classmethod
-    def _layer_sparsity(cls, v: dict[str, float]) -> dict[str, float]:
-        for pat, s in v.items():
-            _compile(pat)
-            if not 0.0 <= s < 1.0:
-                raise ValueError(f"sparsity for {pat!r} must be in [0, 1), got {s}")
-        return v
-
-    @field_validator("skip")
-    @classmethod
-    def _skip(cls, v: list[str]) -> list[str]:
-        for pat in v:
-            _compile(pat)
-        return v
-
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        """(N zeros, M group) for N:M patterns, else None."""
-        if self.pattern == "unstructured":
-            return None
-        n, m = self.pattern.split(":")
-        return int(n), int(m)
-
-    def sparsity_for(self, module_name: str) -> float | None:
-        """Target sparsity of one linear module (None = skip it). First matching override wins."""
-        if any(re.search(p, module_name) for p in self.skip):
-            return None
-        for pat, s in self.layer_sparsity.items():
-            if re.search(pat, module_name):
-                return s
-        return self.sparsity
 
 
 class Export(_Strict):
@@ -245,13 +180,6 @@ class Recipe(_Strict):
     def sha256(self) -> str:
         """Hash of the canonical JSON form: two recipes with the same meaning hash the same."""
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
-
-
-def _compile(pattern: str) -> re.Pattern:
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise ValueError(f"invalid regex {pattern!r}: {e}") from None
 
 
 def _format_error(source: str, err: ValidationError) -> str:

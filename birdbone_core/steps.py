@@ -26,7 +26,7 @@ from birdbone_core.progress import console
 from birdbone_core.prune.sequential import check_pattern, count_zeros, prune_sequential
 from birdbone_core.recipe import Recipe, dump_recipe, load_recipe
 from birdbone_core.run import Run
-from birdbone_core.runtime import Placement, Runtime, describe, place
+from birdbone_core.runtime import Placement, describe
 
 
 def _versions() -> dict[str, str]:
@@ -111,6 +111,11 @@ def _load(spec: str, what: str, options: dict | None = None, placement: Placemen
     return lm
 
 
+def load_model_for(run: Run, placement: Placement | None = None) -> LoadedModel:
+    """The run's base model with its recorded load options, on `placement` (the run's when None)."""
+    return _load(run.model_spec(), "base model", run.load_options(), placement or run.placement())
+
+
 def _file_size(path: Path) -> int:
     p = Path(path)
     if p.is_dir():
@@ -147,13 +152,11 @@ def _check_finite(lm: LoadedModel) -> None:
 
 
 def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
-    """Layer-by-layer pruning on the calibration text, one-shot or in waves (recipe `waves:`); writes
-    RUN/pruned/ and records every change in the ledger."""
+    """One-shot layer-by-layer pruning on the calibration text; writes RUN/pruned/ and records the change
+    in the ledger. (A recipe with `waves:` prunes through birdbone_core.loop: birdbone_core.compress.)"""
     recipe = run.recipe()
-    if recipe.waves is not None:   # the adaptive loop's steps (birdbone_core.loop), in this process
-        from birdbone_core.loop.driver import prune_in_waves
-
-        return prune_in_waves(run, lm)
+    if recipe.waves is not None:   # birdbone_core.compress.prune runs those through the loop
+        raise BirdboneError(f"{run.root}: the recipe prunes in waves; its steps are the loop's (birdbone run)")
     lm = lm or _load(run.model_spec(), "base model", run.load_options(), run.placement())
     cal = recipe.calibration
     text, text_desc = read_text(cal.text, "calib")
@@ -312,17 +315,3 @@ def revert(run: Run, wave: int, out_dir: Path) -> Path:
     lm.model.load_state_dict(state, strict=True)
     save_hf(lm.model, lm.tokenizer, out_dir, mark=True)
     return out_dir
-
-
-def compress(root: Path, model_spec: str | None, recipe_file: str | None, load_options: dict | None = None,
-             runtime: Runtime | None = None) -> dict:
-    """All steps in one process on one loaded model (the model is pruned in place after the baseline).
-    runtime: the command line's --device / --dtype (over the recipe's `runtime:`)."""
-    placement = place(runtime, load_recipe(recipe_file).runtime)   # a missing device: refused before any work
-    run = Run(init_run(root, model_spec, recipe_file, load_options).root, runtime)
-    with run.locked("compress"):
-        lm = _load(run.model_spec(), "base model", run.load_options(), placement)
-        step_baseline(run, lm)
-        step_prune(run, lm)
-        step_export(run, lm)
-        return step_evaluate(run, lm)

@@ -4,8 +4,8 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from birdbone_core.compress import compress
 from birdbone_core.ledger import Ledger, tensor_hash
-from birdbone_core.steps import compress
 
 RECIPE = """
 name: waves

@@ -17,29 +17,10 @@ longer hits the target, so c is solved for instead). Recipe:
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-
-class Owl(BaseModel):
-    """OWL settings; `allocation: owl` in a recipe means the defaults."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    method: Literal["owl"] = "owl"
-    m: float = Field(5.0, gt=0, description="a score is an outlier above m times its layer's mean score")
-    lam: float = Field(0.08, ge=0, lt=0.5, description="per-layer sparsity stays within target +/- lam")
-    batch_size: int = Field(8, ge=1, description="calibration samples per forward batch")
-
-
-def _coerce(v):
-    return {"method": "owl"} if v == "owl" else v
-
-
-# `Prune.allocation`: "uniform" (every module at the global sparsity) or an Owl section ("owl" = defaults)
-Allocation = Annotated[Union[Literal["uniform"], Owl], BeforeValidator(_coerce)]
+from birdbone_core.prune.config import Owl
 
 
 def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:

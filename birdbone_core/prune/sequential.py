@@ -19,7 +19,7 @@ from birdbone_core.errors import BirdboneError
 from birdbone_core.model.layers import decoder_layers, linear_modules
 from birdbone_core.progress import progress_bar
 from birdbone_core.prune import kernel_for
-from birdbone_core.recipe import Prune
+from birdbone_core.prune.config import Prune
 from birdbone_core.runtime import model_device
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from birdbone_core.steps import compress
+from birdbone_core.compress import compress
 
 p = argparse.ArgumentParser()
 p.add_argument("model", nargs="?", default="tests/fixtures/tiny-llama")

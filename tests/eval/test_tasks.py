@@ -181,7 +181,7 @@ def test_final_evaluate_reports_accuracy_deltas_with_stderr(tiny_path, tmp_path)
     """A recipe that lists tasks and canaries gets base vs compressed accuracy in RUN/metrics.json."""
     import json
 
-    from birdbone_core.steps import compress
+    from birdbone_core.compress import compress
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(

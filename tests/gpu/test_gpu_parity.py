@@ -31,11 +31,11 @@ from birdbone_core.data.text import calibration_blocks, read_text
 from birdbone_core.heal import Heal, heal
 from birdbone_core.heal.distill import heal_distill, teacher_topk
 from birdbone_core.model.layers import decoder_layers, linear_modules
+from birdbone_core.prune.config import Prune
 from birdbone_core.prune.sequential import prune_sequential
 from birdbone_core.quant import grid
 from birdbone_core.quant.formats import get_format
 from birdbone_core.quant.gptq import GPTQSettings, gptq_quantize
-from birdbone_core.recipe import Prune
 
 DEVICE = os.environ.get("BIRDBONE_GPU_SUITE_DEVICE", "cuda")     # see conftest.py
 ON_CUDA = DEVICE.startswith("cuda")

@@ -18,7 +18,7 @@ WAVES = """waves:
 
 
 def _compress(tmp_path_factory, tiny_path, name, method, sparsity, **waves):
-    from birdbone_core.steps import compress
+    from birdbone_core.compress import compress
 
     tmp = tmp_path_factory.mktemp(f"report-{name}")
     recipe = tmp / "recipe.yaml"
