@@ -37,14 +37,14 @@ $(VENV)/.test: $(VENV)/.core
 	touch $@
 
 # Re-resolve the lock from PyPI within pyproject.toml's ranges, in a throwaway venv with every extra
-# (DeepSpeed without its compiled ops), and rewrite $(LOCK). Review and commit the diff with `make test`.
+# and rewrite $(LOCK). Review and commit the diff with `make test`.
 LOCK_VENV := .venv-lock
 lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install -q --upgrade pip
 	$(LOCK_VENV)/bin/pip install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(LOCK_VENV)/bin/pip install -q ".[$$($(PYTHON) -c 'import tomllib; print(",".join(tomllib.load(open("pyproject.toml","rb"))["project"]["optional-dependencies"]))')]"
+	$(LOCK_VENV)/bin/pip install -q ".[$$($(PYTHON) -c 'import tomllib; print(",".join(tomllib.load(open("pyproject.toml","rb"))["project"]["optional-dependencies"]))')]"
 	$(LOCK_VENV)/bin/python requirements/lock.py
 	rm -rf $(LOCK_VENV)
 

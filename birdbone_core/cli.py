@@ -314,7 +314,9 @@ def _dispatch(args) -> int:
         from birdbone_core.runtime import resolve_device
 
         resolve_device(args.device)
-    if args.cmd in CHANGES_RUN and getattr(args, "run", None):
+    # under torchrun (distributed healing) rank 0 holds the run's lock for every rank: only it writes
+    first_rank = os.environ.get("RANK", "0") == "0"
+    if args.cmd in CHANGES_RUN and getattr(args, "run", None) and first_rank:
         from birdbone_core.run import Run
 
         run = Run(Path(args.run))

@@ -7,8 +7,10 @@
 What trains (`trainable`): surviving weights, norms only, or LoRA / QLoRA adapters merged back into the
 fp32 weights with the mask re-applied (heal.lora). `heal(...)` picks the method from the recipe section
 and applies the wave taper (`schedule`). When a torch.distributed process group with more than one rank
-is up (`heal.distributed.init_distributed()`, e.g. under torchrun), both methods run data-parallel:
-every rank heals its shard of each minibatch and gradients are summed, so all ranks end identical.
+is up (`heal.distributed.init_distributed()`, under torchrun), both methods train on torch FSDP2: each
+rank heals its shard of each minibatch, the trainable weights (with their gradients, Adam state and
+masks) are sharded over the ranks, gradients are summed, and the full healed weights are gathered back
+into the model on every rank (heal.distributed).
 """
 from __future__ import annotations
 

@@ -112,8 +112,9 @@ def heal_block(
     trainable='norms' only norm parameters move; with 'lora'/'qlora' adapters (settings `lora`) are
     trained and merged back with the masks re-applied (birdbone_core.heal.lora). Each step uses one
     cached batch (shuffled, cycled). With a process group up (birdbone_core.heal.distributed) the
-    batches are this rank's shards of the global ones, `scales[b]` = shard rows / global rows, and the
-    gradients and errors are summed over ranks.
+    batches are this rank's shards of the global ones, `scales[b]` = shard rows / global rows; the
+    block trains as an FSDP unit (trainable weights, gradients and Adam state sharded over ranks,
+    gradients summed), its full weights are gathered back into `layer`, and errors are summed.
     """
     reduce = distributed.active()
     scales = scales or [1.0] * len(inputs)
@@ -141,22 +142,23 @@ def heal_block(
     if steps <= 0 or not params:
         return stats
 
-    opt = MaskedAdam([(p, k) for _, p, k in params], lr, steps, weight_decay, schedule)
-    saved = opt.snapshot() if revert_if_worse and session is None else None
+    saved = [p.detach().clone() for _, p, _ in params] if revert_if_worse and session is None else None
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     try:
         with only_these_require_grad(layer, [p for _, p, _ in params]):
+            engine = distributed.Sharded(layer, [(p, k) for _, p, k in params])
+            opt = MaskedAdam(engine.items, lr, steps, weight_decay, schedule)
             for _ in range(steps):
                 if not order:
                     order = torch.randperm(len(inputs), generator=gen).tolist()
                 b = order.pop()
-                out = layer_out(layer, inputs[b], layer_kwargs[b])
-                value = block_loss(out, targets[b], loss) * scales[b]
-                value.backward()
+                out = layer_out(engine.module, inputs[b], layer_kwargs[b])
+                value = block_loss(out, engine.to_device(targets[b]), loss) * scales[b]
+                value.backward()        # under FSDP: gradients reduce-scattered (summed) over ranks
                 stats.curve.append(value.item())
-                distributed.all_reduce_grads([p for _, p, _ in params])
                 opt.step()
+            engine.write_back()
     except BaseException:
         if session is not None:
             session.abort()
@@ -169,7 +171,9 @@ def heal_block(
     stats.loss_after, stats.rel_error_after = block_error(layer, inputs, targets, layer_kwargs, loss, reduce)
     if revert_if_worse and stats.loss_after > stats.loss_before:
         if session is None:
-            opt.restore(saved)
+            with torch.no_grad():
+                for (_, p, _), w in zip(params, saved):
+                    p.copy_(w)
         else:
             with torch.no_grad():
                 for n, m in linear_modules(layer).items():

@@ -3,7 +3,8 @@
 Pruned weights stay exactly zero: their gradients are zeroed before each step (so Adam's moments there
 stay zero) and the keep mask is multiplied in again after it. Parameters stored in bf16/f16 get a float32
 master copy in the optimizer, so lr ~1e-4 updates are not rounded away; the model's tensor receives the
-rounded master after every step.
+rounded master after every step. Under distributed healing the parameters and their masks are DTensors
+sharded alike (heal.distributed.Sharded), and the same element-wise code masks each rank's shard.
 """
 from __future__ import annotations
 
@@ -130,13 +131,3 @@ class MaskedAdam:
                 p.copy_(master)
                 master.grad = None
             p.grad = None
-
-    def snapshot(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p, _, _ in self.items]
-
-    @torch.no_grad()
-    def restore(self, saved: list[torch.Tensor]) -> None:
-        for (p, _, master), s in zip(self.items, saved):
-            p.copy_(s)
-            if master is not p:
-                master.copy_(s)
