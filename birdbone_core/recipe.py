@@ -39,7 +39,7 @@ class TextSource(_Strict):
     """Where text comes from: a .txt/.jsonl(.gz) file, or None for the shipped Python-docs slice."""
 
     text: str | None = Field(None, description="path to .txt, .jsonl (field 'text') or their .gz; None = built-in slice")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the random choice of text windows")
 
 
 # Calibration activations of every sample are held through each layer walk: cap the tokens so a typo
@@ -49,8 +49,8 @@ MAX_WAVES = 200
 
 
 class Calibration(TextSource):
-    n_samples: int = Field(64, ge=1, le=100_000)
-    seq_len: int = Field(512, ge=8, le=131_072)
+    n_samples: int = Field(64, ge=1, le=100_000, description="calibration windows (each seq_len tokens)")
+    seq_len: int = Field(512, ge=8, le=131_072, description="tokens per calibration window")
 
     @model_validator(mode="after")
     def _tokens(self) -> "Calibration":
@@ -70,13 +70,14 @@ class AccuracyGuard(_Strict):
 
 class Evaluation(TextSource):
     # llama-perplexity protocol: chunks of n_ctx tokens, second half of each chunk is scored
-    n_ctx: int = Field(512, ge=16, le=131_072)
+    n_ctx: int = Field(512, ge=16, le=131_072, description="tokens per scored chunk (llama-perplexity -c); "
+                                                        "the second half of each chunk is scored")
     max_chunks: int | None = Field(8, ge=1, description="cap on chunks scored (None = whole text)")
     # task accuracy (lm-eval): offline pydocs_lastword / pydocs_cloze, or lm-eval names (mmlu, arc_easy, ...)
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks scored at evaluate steps")
     task_limit: int | None = Field(None, ge=1, description="documents per task (None = all)")
     canaries: list[Canary] = Field(default_factory=list, description="prompts with expected answers")
-    accuracy_guard: AccuracyGuard = AccuracyGuard()
+    accuracy_guard: AccuracyGuard = Field(AccuracyGuard(), description="stop a run whose task accuracy drops")
 
     @field_validator("tasks")
     @classmethod
@@ -96,7 +97,9 @@ class Evaluation(TextSource):
 
 
 class Export(_Strict):
-    type: Literal["f32", "f16", "bf16", "q8_0"] = "q8_0"
+    """The GGUF written by `export` when the recipe has no `quantize:` section."""
+
+    type: Literal["f32", "f16", "bf16", "q8_0"] = Field("q8_0", description="one tensor type for every 2-D weight")
 
 
 class StopLoss(_Strict):
@@ -131,8 +134,8 @@ class Waves(_Strict):
     """Reach prune.sparsity gradually: prune at most max_per_wave more each wave, heal, check, repeat."""
 
     max_per_wave: float = Field(0.10, gt=0, le=1, description="fraction of weights removed per wave at most")
-    heal: Heal = Heal()
-    stop_loss: StopLoss = StopLoss()
+    heal: Heal = Field(Heal(), description="training after each wave's pruning (birdbone_core.heal)")
+    stop_loss: StopLoss = Field(StopLoss(), description="when a wave is accepted, struck or rolled back")
     regrow: Regrow | None = Field(None, description="after healing, swap pruned and surviving weights "
                                                     "(birdbone_core.prune.regrow); absent: no regrowth")
 
@@ -143,11 +146,13 @@ class Waves(_Strict):
 
 
 class Recipe(_Strict):
-    name: str = "default"
-    calibration: Calibration = Calibration()
-    evaluation: Evaluation = Evaluation()
-    prune: Prune = Prune()
-    export: Export = Export()
+    name: str = Field("default", description="a label for reports and metrics")
+    calibration: Calibration = Field(Calibration(), description="text whose activations guide pruning, "
+                                                                  "healing and quantization")
+    evaluation: Evaluation = Field(Evaluation(), description="held-out text, tasks and canaries that score "
+                                                               "every state")
+    prune: Prune = Field(Prune(), description="what is pruned and how (birdbone_core.prune.config)")
+    export: Export = Field(Export(), description="the GGUF's type without a quantize section")
     waves: Waves | None = Field(None, description="absent: one-shot pruning; present: pruning in waves")
     quantize: Quantize | None = Field(None, description="mixed-type GGUF under a bit budget (export)")
     runtime: Runtime = Field(Runtime(), description="device and weight dtype of every step (birdbone_core.runtime); "

@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class Canary(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(..., min_length=1)
-    prompt: str = Field(..., min_length=1)
+    name: str = Field(..., min_length=1, description="names the canary in reports and errors")
+    prompt: str = Field(..., min_length=1, description="text the model continues")
     expect: str | None = Field(None, min_length=1, description="continuation greedy decoding must produce")
     choices: list[str] | None = Field(None, min_length=2, description="continuations ranked by log-likelihood")
     answer: int = Field(0, ge=0, description="index of the right choice")

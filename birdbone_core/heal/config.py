@@ -33,7 +33,9 @@ class Lora(BaseModel):
 class Heal(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["blockwise", "distill", "none"] = "blockwise"
+    method: Literal["blockwise", "distill", "none"] = Field(
+        "blockwise", description="blockwise: each decoder layer toward the dense layer's outputs; distill: "
+                                 "the whole model toward the dense model's top-k logits; none: no healing")
     steps: int = Field(200, ge=0, le=1_000_000,
                        description="optimizer steps (per layer for blockwise, total for distill)")
     lr: float | None = Field(
@@ -42,7 +44,7 @@ class Heal(BaseModel):
         "weights", description="'weights': surviving linear weights (+ biases), pruning mask enforced; "
                                "'norms': only the norm scales; 'lora': LoRA adapters merged back, mask "
                                "re-applied; 'qlora': the same over an nf4 4-bit base")
-    lora: Lora = Lora()
+    lora: Lora = Field(Lora(), description="adapter settings for trainable lora / qlora")
     batch_size: int = Field(8, ge=1, description="samples per minibatch")
     n_samples: int | None = Field(None, ge=1, le=100_000, description="healing samples; None = calibration's")
     seq_len: int | None = Field(None, ge=8, le=131_072, description="healing sample length; None = calibration's")

@@ -26,7 +26,7 @@ class Owl(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["owl"] = "owl"
+    method: Literal["owl"] = Field("owl", description="outlier-weighted layerwise sparsity (Yin et al. 2023)")
     m: float = Field(5.0, gt=0, description="a score is an outlier above m times its layer's mean score")
     lam: float = Field(0.08, ge=0, lt=0.5, description="per-layer sparsity stays within target +/- lam")
     batch_size: int = Field(8, ge=1, description="calibration samples per forward batch")

@@ -44,11 +44,12 @@ def _type_name(t: str, allowed: tuple[str, ...]) -> str:
 
 
 class GPTQConfig(_Strict):
-    enabled: bool = True
-    act_order: bool = True
-    static_scales: bool = False
-    block_size: int = Field(128, ge=32, le=4096)
-    damp: float = Field(0.01, gt=0, le=1)
+    enabled: bool = Field(True, description="GPTQ error feedback on 2-D weights (false: plain rounding)")
+    act_order: bool = Field(True, description="quantize columns in order of decreasing Hessian diagonal")
+    static_scales: bool = Field(False, description="fit every block's grid on the original W before the "
+                                                   "column loop (act_order forces it)")
+    block_size: int = Field(128, ge=32, le=4096, description="columns per lazy batch update")
+    damp: float = Field(0.01, gt=0, le=1, description="Hessian dampening, as a fraction of its mean diagonal")
     # the tied token embedding is both a lookup table and the LM head: GPTQ (along the head's Hessian)
     # lowers the head's error and raises the lookups'. The estimate ranks the two encodings; for a big
     # tensor such as Gemma's embedding both are kept and quant.trials measures them (on Gemma, GPTQ's
@@ -68,12 +69,13 @@ class Quantize(_Strict):
     target_bpw: float | None = Field(None, gt=1.5, le=32, description="average bits per weight, all tensor data")
     target_bytes: int | None = Field(None, gt=0, description="bytes of tensor data (the file adds its header)")
     types: list[str] = Field(default_factory=lambda: ["Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1",
-                                                      "Q5_K", "Q6_K", "Q8_0", "IQ4_NL"])
+                                                      "Q5_K", "Q6_K", "Q8_0", "IQ4_NL"],
+                             description="candidate block types of 2-D weights")
     overrides: dict[str, str] = Field(default_factory=dict, description="regex over GGUF names -> type")
     stress: dict[str, float] = Field(default_factory=dict, description="regex -> error multiplier (more bits)")
-    importance: bool = True
+    importance: bool = Field(True, description="importance-weighted scale search (our own imatrix)")
     imatrix: str | None = Field(None, description="llama-imatrix file (GGUF or legacy .dat)")
-    gptq: GPTQConfig = GPTQConfig()
+    gptq: GPTQConfig = Field(GPTQConfig(), description="GPTQ settings")
     n_samples: int | None = Field(None, ge=1, description="calibration blocks (default: recipe calibration)")
     measure_blocks: int = Field(4, ge=0, description="blocks (fresh windows of the calibration text) on which "
                                 "the allocations that differ in the big tensors' types are scored by measured KL; "
