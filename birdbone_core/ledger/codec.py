@@ -123,7 +123,25 @@ def pack(deltas: dict[str, TensorDelta]) -> tuple[bytes, dict[str, int]]:
         tensors.update(t)
         sizes[name] = sum(v.numel() * v.element_size() for v in t.values())
     data = save(tensors, metadata={"format": FORMAT, "tensors": json.dumps(metas)})
-    return data, sizes
+    return canonical_header(data), sizes
+
+
+def canonical_header(data: bytes) -> bytes:
+    """safetensors bytes whose header lists its metadata keys sorted. The writer keeps metadata in a hash
+    map whose order changes from process to process, so the same delta would otherwise get different
+    file bytes (and sha256) in two runs. Same keys and values, so the header keeps its length and every
+    tensor its offset."""
+    (hlen,) = struct.unpack("<Q", data[:8])
+    raw = data[8:8 + hlen]
+    header = json.loads(raw)
+    meta = header.get("__metadata__")
+    if not meta:
+        return data
+    header["__metadata__"] = dict(sorted(meta.items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > hlen:     # the writer escaped less than json does: keep its bytes
+        return data
+    return data[:8] + text + b" " * (hlen - len(text)) + data[8 + hlen:]
 
 
 def _header_metadata(data: bytes) -> dict:
