@@ -24,7 +24,7 @@ from birdbone_core.heal import distributed
 from birdbone_core.heal.config import Heal, Lora
 from birdbone_core.heal.train import MaskedAdam, keep_masks, only_these_require_grad, trainable_params
 from birdbone_core.model.layers import linear_modules
-from birdbone_core.prune.sequential import capture_layer_inputs, layer_out, walk_paired_layers
+from birdbone_core.model.walk import capture_layer_inputs, layer_out, walk_paired_layers
 
 
 @dataclass

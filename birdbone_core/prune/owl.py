@@ -67,7 +67,7 @@ def owl_layer_sparsity(model, blocks: torch.Tensor, target: float, cfg: Owl, *,
     neither scored nor counted. Layers are walked in order on the model's own (dense) activations.
     """
     from birdbone_core.model.layers import decoder_layers, linear_modules
-    from birdbone_core.prune.sequential import attach_stats, capture_layer_inputs, layer_out
+    from birdbone_core.model.walk import attach_stats, capture_layer_inputs, layer_out
 
     names = {mod: n for n, mod in model.named_modules()}
     hidden, kwargs = capture_layer_inputs(model, blocks, cfg.batch_size)

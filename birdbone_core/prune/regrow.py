@@ -179,7 +179,7 @@ def _block_grads(layer, weights, inputs, targets, layer_kwargs) -> list[torch.Te
     """Gradient of the mean block MSE (over all cached batches) w.r.t. each weight [d_out, d_in]."""
     from birdbone_core.heal.blockwise import block_loss
     from birdbone_core.heal.train import only_these_require_grad
-    from birdbone_core.prune.sequential import layer_out
+    from birdbone_core.model.walk import layer_out
 
     total = sum(x.shape[0] for x in inputs)
     with only_these_require_grad(layer, weights):
@@ -190,7 +190,7 @@ def _block_grads(layer, weights, inputs, targets, layer_kwargs) -> list[torch.Te
 
 def _input_gram(layer, modules: dict, inputs, layer_kwargs) -> dict[str, torch.Tensor]:
     """X^T X [d_in, d_in] of each named linear module's inputs, from one pass over the cached batches."""
-    from birdbone_core.prune.sequential import attach_stats, layer_out
+    from birdbone_core.model.walk import attach_stats, layer_out
 
     stats, seen, handles = attach_stats(modules, full=True)
     try:
@@ -218,7 +218,7 @@ def regrow_model(model, dense, blocks: torch.Tensor, cfg: Regrow, *, nm: tuple[i
     from birdbone_core.heal.blockwise import block_error, heal_block
     from birdbone_core.heal.train import keep_masks
     from birdbone_core.model.layers import linear_modules
-    from birdbone_core.prune.sequential import capture_layer_inputs, walk_paired_layers
+    from birdbone_core.model.walk import capture_layer_inputs, walk_paired_layers
 
     t0 = time.perf_counter()
     report = {"method": cfg.method, "fraction": cfg.fraction, "swapped": 0, "modules": {}, "layers": []}

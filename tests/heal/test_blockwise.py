@@ -10,7 +10,7 @@ from birdbone_core.heal import Heal, heal
 from birdbone_core.heal.blockwise import block_loss, heal_block, heal_blockwise
 from birdbone_core.heal.train import keep_masks
 from birdbone_core.model.layers import decoder_layers, linear_modules
-from birdbone_core.prune.sequential import capture_layer_inputs, layer_out
+from birdbone_core.model.walk import capture_layer_inputs, layer_out
 
 
 def _masks_of(model):

@@ -13,7 +13,7 @@ from birdbone_core.heal.blockwise import heal_block
 from birdbone_core.heal.config import Lora
 from birdbone_core.heal.lora import LoraSession, select_targets
 from birdbone_core.model.layers import decoder_layers, linear_modules
-from birdbone_core.prune.sequential import capture_layer_inputs, layer_out
+from birdbone_core.model.walk import capture_layer_inputs, layer_out
 
 
 def _block_case(model, calib, index=1, seed=0):

@@ -7,7 +7,8 @@ import torch
 from birdbone_core.data.text import calibration_blocks, evaluation_chunks, read_text
 from birdbone_core.eval.perplexity import evaluate
 from birdbone_core.model.layers import decoder_layers
-from birdbone_core.prune.sequential import capture_layer_inputs, count_zeros, prune_sequential
+from birdbone_core.model.walk import capture_layer_inputs
+from birdbone_core.prune.sequential import count_zeros, prune_sequential
 from birdbone_core.recipe import parse_recipe
 
 
