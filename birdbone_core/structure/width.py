@@ -1,0 +1,359 @@
+"""Width pruning: remove whole FFN neurons and whole GQA head groups, uniformly across layers.
+
+Why uniform. llama.cpp tag b11312 (vendored by llama-cpp-python 0.3.36) *reads* per-layer arrays for
+`feed_forward_length`, `attention.head_count` and `attention.head_count_kv` (src/llama-model.cpp:1395-1404),
+but the llama / qwen2 / qwen3 / gemma3 loaders and graphs use layer 0's values for every layer:
+`LLAMA_LOAD_LOCALS` sets n_head, n_head_kv, n_embd_k_gqa, n_ff from `hparams.n_head()` etc.
+(src/llama-model.h:864-871), whose argument defaults to il = 0 (src/llama-hparams.h:405,407,409); every
+layer's tensors are created with those sizes (src/models/llama.cpp:53-54,70-72; qwen2.cpp:38-39,43-45;
+qwen3.cpp:36-37,43-45; gemma3.cpp:58-59,66-68), so a layer of another width fails to load ("tensor ... has
+wrong shape", src/llama-model-loader.cpp:917); the graph context also takes layer 0's n_head / n_head_kv
+(src/llama-graph.cpp:1470-1471) for every layer's build_qkv (e.g. src/models/llama.cpp:143-144). birdbone's
+exporter writes one FFN width (zero-padding narrower layers to the widest, which saves nothing) and refuses
+per-layer head counts. So every layer here keeps the same number of neurons and of head groups.
+
+qwen2: llama.cpp builds attn_q and attn_output as n_embd x n_embd (src/models/qwen2.cpp:38-39), i.e. it
+requires n_head * head_dim == hidden_size: head pruning is refused for qwen2, FFN pruning is allowed.
+
+Block sizes. A GGUF row is a tensor's input dimension: ffn_down rows hold `intermediate_size` weights and
+attn_output rows `n_head * head_dim`; q/k/v/gate/up rows hold hidden_size (unchanged). Those two widths must
+be multiples of `multiple` (default 32: Q4_0/Q5_0/Q8_0/IQ4_NL blocks; use 256 for K-quants), else export
+falls back to F16 for them and the quantizer cannot give them that type (birdbone_core.quant.formats.can_apply).
+
+Importance (calibration, dense model, one pass). FFN neuron j: ||h_j|| * ||W_down[:, j]||, where h_j =
+act(gate_j x) * up_j x over all calibration tokens; that product is exactly the L2 (Frobenius) norm of the
+neuron's contribution to the MLP output, i.e. the error removing it alone causes. Minitron's mean |h_j|
+ignores the down_proj column's scale; the L2 form measures the output that is actually lost. KV group g (one
+KV head with its query heads): ||A_g W_o[:, g]^T||_F, the norm of the group's share of o_proj's output
+(A_g: the group's heads' attention outputs before o_proj), which again is what removing it loses.
+
+`prune_width` records exactly what it removed (indices in the original numbering, original sizes and the
+removed weight slices): `restore_width` rebuilds the original model bit for bit.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from birdbone_core.errors import BirdboneError
+from birdbone_core.model.layers import decoder_layers, text_backbone
+from birdbone_core.runtime import model_device
+
+# HF model_type -> whether llama.cpp can take pruned attention heads for it (see module doc)
+SUPPORTED: dict[str, bool] = {"llama": True, "mistral": True, "qwen2": False, "qwen3": True, "gemma3_text": True}
+FFN_MODULES = (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1))  # (name, sliced dim: 0 rows, 1 columns)
+ATTN_MODULES = (("q_proj", 0), ("k_proj", 0), ("v_proj", 0), ("o_proj", 1))
+
+
+@dataclass(frozen=True)
+class Dims:
+    n_layer: int
+    n_ff: int
+    n_head: int
+    n_kv: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:  # query heads per KV head
+        return self.n_head // self.n_kv
+
+
+def model_dims(model: nn.Module) -> Dims:
+    """The model's widths, checked to be the same in every layer (uniform widths are the starting point)."""
+    c = model.config
+    if c.model_type not in SUPPORTED:
+        raise BirdboneError(f"width pruning does not support model_type {c.model_type!r}; supported: "
+                            f"{', '.join(SUPPORTED)}")
+    n_head = int(c.num_attention_heads)
+    n_kv = int(getattr(c, "num_key_value_heads", None) or n_head)
+    d = Dims(int(c.num_hidden_layers), int(c.intermediate_size), n_head, n_kv,
+             int(getattr(c, "head_dim", None) or c.hidden_size // n_head))
+    for i, layer in enumerate(decoder_layers(model)):
+        q, gate = layer.self_attn.q_proj.out_features, layer.mlp.gate_proj.out_features
+        if q != d.n_head * d.head_dim or layer.self_attn.k_proj.out_features != d.n_kv * d.head_dim or gate != d.n_ff:
+            raise BirdboneError(f"layer {i}: q_proj/gate_proj have {q}/{gate} rows, the config says "
+                                f"{d.n_head}x{d.head_dim}/{d.n_ff}; width pruning needs uniform layers")
+    return d
+
+
+# ----------------------------------------------------------------------------------------------------
+# planning: pure functions of sizes and scores
+
+
+def _check_ratio(name: str, ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise BirdboneError(f"{name}={ratio}: the share to remove must be in [0, 1)")
+
+
+def ffn_keep_count(n_ff: int, ratio: float, multiple: int = 32) -> int:
+    """Neurons kept per layer: (1 - ratio) * n_ff rounded to the nearest multiple of `multiple`."""
+    _check_ratio("ffn", ratio)
+    if ratio == 0:
+        return n_ff
+    keep = multiple * round((1.0 - ratio) * n_ff / multiple)
+    if keep <= 0:
+        raise BirdboneError(f"ffn={ratio} would remove every one of the {n_ff} FFN neurons (widths are rounded "
+                            f"to multiples of {multiple}); use a smaller ratio")
+    if keep >= n_ff:
+        raise BirdboneError(f"ffn={ratio} removes no FFN neuron: {n_ff} rounded to a multiple of {multiple} "
+                            f"stays {n_ff}; the smallest step is {multiple / n_ff:.3f}")
+    return keep
+
+
+def kv_keep_count(d: Dims, ratio: float, multiple: int = 32) -> int:
+    """KV groups kept per layer: (1 - ratio) * n_kv rounded to a whole group; each group keeps its query
+    heads, so n_head/n_kv is unchanged. attn_output rows (kept heads * head_dim) must fit `multiple`."""
+    _check_ratio("heads", ratio)
+    if ratio == 0:
+        return d.n_kv
+    keep = round((1.0 - ratio) * d.n_kv)
+    if keep <= 0:
+        raise BirdboneError(f"heads={ratio} would remove every one of the {d.n_kv} KV head groups; "
+                            "use a smaller ratio")
+    if keep >= d.n_kv:
+        raise BirdboneError(f"heads={ratio} removes no head: whole KV groups go ({d.n_kv} groups of {d.group} "
+                            f"query heads), the smallest step is {1 / d.n_kv:.3f}")
+    width = keep * d.group * d.head_dim
+    if width % multiple:
+        raise BirdboneError(f"heads={ratio} leaves attn_output rows of {width} ({keep * d.group} heads x "
+                            f"{d.head_dim}), not a multiple of {multiple}")
+    return keep
+
+
+def top_units(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """scores [n_layer, n_units] -> kept indices [n_layer, keep], the `keep` highest per layer, ascending
+    (ties: the lower index wins)."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :keep]
+    return order.sort(dim=1).values
+
+
+def head_rows(kv_keep: torch.Tensor, group: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept KV heads [k] -> (q_proj rows [k * group * head_dim], k/v_proj rows [k * head_dim]), ascending.
+    Query head h uses KV head h // group (transformers' repeat_kv, llama.cpp's GQA broadcast)."""
+    q_heads = (kv_keep[:, None] * group + torch.arange(group)).reshape(-1)
+    q_rows = (q_heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    kv_rows = (kv_keep[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    return q_rows, kv_rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# calibration
+
+
+@torch.no_grad()
+def width_scores(model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 4, ffn: bool = True,
+                 heads: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(FFN neuron scores [n_layer, n_ff], KV group scores [n_layer, n_kv]) from the dense model run on
+    blocks [n_samples, seq_len] (see module doc); float64 on the CPU."""
+    d = model_dims(model)
+    layers = decoder_layers(model)
+    device = model_device(model)
+    ffn_sq = torch.zeros(d.n_layer, d.n_ff, dtype=torch.float64, device=device)  # sum_t h_j(t)^2
+    grp_sq = torch.zeros(d.n_layer, d.n_kv, dtype=torch.float64, device=device)  # sum_t ||y_g(t)||^2
+    gw = d.group * d.head_dim  # o_proj input columns per KV group
+
+    def down_hook(i: int):
+        def hook(mod, args):
+            h = args[0].reshape(-1, d.n_ff)  # [tokens, n_ff] = act(gate(x)) * up(x)
+            ffn_sq[i] += h.double().pow(2).sum(0)
+        return hook
+
+    def o_hook(i: int):
+        def hook(mod, args):
+            a = args[0].reshape(-1, d.n_head * d.head_dim).float()  # [tokens, n_head*head_dim], head-major
+            w = mod.weight.float()  # [hidden, n_head*head_dim]
+            for g in range(d.n_kv):
+                y = a[:, g * gw:(g + 1) * gw] @ w[:, g * gw:(g + 1) * gw].T  # [tokens, hidden]: group g's share
+                grp_sq[i, g] += y.double().pow(2).sum()
+        return hook
+
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
+            if ffn:
+                handles.append(layer.mlp.down_proj.register_forward_pre_hook(down_hook(i)))
+            if heads:
+                handles.append(layer.self_attn.o_proj.register_forward_pre_hook(o_hook(i)))
+        backbone = text_backbone(model)
+        for batch in blocks.split(batch_size):
+            backbone(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    down_norm = torch.stack([layer.mlp.down_proj.weight.detach().double().norm(dim=0) for layer in layers])
+    ffn_scores = (ffn_sq.sqrt() * down_norm).cpu() if ffn else None  # [n_layer, n_ff]
+    return ffn_scores, (grp_sq.sqrt().cpu() if heads else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# applying and reverting
+
+
+@dataclass
+class SliceRecord:
+    """One nn.Linear narrowed along `dim` (0: output rows, 1: input columns)."""
+    module: str  # full module name, e.g. "model.layers.3.mlp.down_proj"
+    dim: int
+    size: int  # original size along dim
+    removed: torch.Tensor  # [n_removed] original indices, ascending
+    weight: torch.Tensor  # the removed slice of the weight (CPU): [n_removed, in] or [out, n_removed]
+    bias: torch.Tensor | None = None  # removed bias entries [n_removed] (dim 0 only)
+
+
+@dataclass
+class WidthRecord:
+    """What a width cut removed, in the original numbering; enough to undo it (`restore_width`)."""
+    original: dict[str, int]  # intermediate_size, num_attention_heads, num_key_value_heads, head_dim
+    pruned: dict[str, int]
+    ffn_removed: list[list[int]] = field(default_factory=list)  # per layer: neuron indices
+    kv_heads_removed: list[list[int]] = field(default_factory=list)  # per layer: KV head indices
+    q_heads_removed: list[list[int]] = field(default_factory=list)  # per layer: query head indices
+    slices: list[SliceRecord] = field(default_factory=list)
+
+
+def slice_linear(module: nn.Linear, dim: int, keep: torch.Tensor, name: str = "") -> SliceRecord:
+    """Keep only indices `keep` (ascending) of `module` along dim, in place; returns what went."""
+    w = module.weight.data  # [out, in]
+    size = w.shape[dim]
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[keep] = False
+    removed = mask.nonzero().flatten()
+    k, r = keep.to(w.device), removed.to(w.device)
+    rec = SliceRecord(name, dim, size, removed, w.index_select(dim, r).cpu())
+    module.weight = nn.Parameter(w.index_select(dim, k), requires_grad=module.weight.requires_grad)
+    if dim == 0:
+        module.out_features = len(keep)
+        if module.bias is not None:
+            rec.bias = module.bias.data[r].cpu()
+            module.bias = nn.Parameter(module.bias.data[k], requires_grad=module.bias.requires_grad)
+    else:
+        module.in_features = len(keep)
+    return rec
+
+
+def _unslice_linear(module: nn.Linear, rec: SliceRecord) -> None:
+    w = module.weight.data
+    kept = torch.ones(rec.size, dtype=torch.bool)
+    kept[rec.removed] = False
+    kept = kept.nonzero().flatten().to(w.device)
+    if w.shape[rec.dim] != len(kept):
+        raise BirdboneError(f"{rec.module}: has {w.shape[rec.dim]} along dim {rec.dim}, the record kept {len(kept)}")
+    shape = list(w.shape)
+    shape[rec.dim] = rec.size
+    full = w.new_empty(shape)
+    full.index_copy_(rec.dim, kept, w)
+    full.index_copy_(rec.dim, rec.removed.to(w.device), rec.weight.to(w))
+    module.weight = nn.Parameter(full, requires_grad=module.weight.requires_grad)
+    if rec.dim == 0:
+        module.out_features = rec.size
+        if module.bias is not None and rec.bias is not None:
+            b = module.bias.data.new_empty(rec.size)
+            b[kept] = module.bias.data
+            b[rec.removed.to(b.device)] = rec.bias.to(b)
+            module.bias = nn.Parameter(b, requires_grad=module.bias.requires_grad)
+    else:
+        module.in_features = rec.size
+
+
+def _set_config(model: nn.Module, widths: dict[str, int]) -> None:
+    for key, value in widths.items():
+        setattr(model.config, key, value)
+    for layer in decoder_layers(model):
+        if hasattr(layer.mlp, "intermediate_size"):
+            layer.mlp.intermediate_size = widths["intermediate_size"]
+
+
+def _widths(d: Dims) -> dict[str, int]:
+    return {"intermediate_size": d.n_ff, "num_attention_heads": d.n_head, "num_key_value_heads": d.n_kv,
+            "head_dim": d.head_dim}
+
+
+@torch.no_grad()
+def apply_width(model: nn.Module, ffn_keep: torch.Tensor | None = None,
+                kv_keep: torch.Tensor | None = None) -> WidthRecord:
+    """Slice every layer in place. ffn_keep [n_layer, k_ff] kept neurons, kv_keep [n_layer, k_kv] kept KV
+    heads (None: that part untouched); each row ascending, the same count in every layer."""
+    d = model_dims(model)
+    names = {m: n for n, m in model.named_modules()}
+    layers = decoder_layers(model)
+    new = Dims(d.n_layer, d.n_ff if ffn_keep is None else ffn_keep.shape[1], d.n_head if kv_keep is None else
+               kv_keep.shape[1] * d.group, d.n_kv if kv_keep is None else kv_keep.shape[1], d.head_dim)
+    if kv_keep is not None and not SUPPORTED[model.config.model_type]:
+        raise BirdboneError(f"{model.config.model_type}: llama.cpp needs num_attention_heads * head_dim == "
+                            "hidden_size for this architecture; its heads cannot be pruned")
+    for keep, n in ((ffn_keep, d.n_ff), (kv_keep, d.n_kv)):
+        if keep is not None and (keep.shape[0] != d.n_layer or keep.shape[1] < 1 or keep.min() < 0
+                                 or keep.max() >= n or (keep.diff(dim=1) <= 0).any()):
+            raise BirdboneError(f"kept indices {tuple(keep.shape)} must be [{d.n_layer}, 1..{n}], ascending, < {n}")
+    rec = WidthRecord(original=_widths(d), pruned=_widths(new))
+    for i, layer in enumerate(layers):
+        if ffn_keep is not None:
+            for attr, dim in FFN_MODULES:
+                mod = getattr(layer.mlp, attr)
+                rec.slices.append(slice_linear(mod, dim, ffn_keep[i].cpu(), names[mod]))
+            rec.ffn_removed.append(rec.slices[-1].removed.tolist())
+        if kv_keep is not None:
+            keep = kv_keep[i].cpu()
+            q_rows, kv_rows = head_rows(keep, d.group, d.head_dim)
+            for attr, dim in ATTN_MODULES:
+                mod = getattr(layer.self_attn, attr)
+                rows = kv_rows if attr in ("k_proj", "v_proj") else q_rows
+                rec.slices.append(slice_linear(mod, dim, rows, names[mod]))
+            kept_q = (keep[:, None] * d.group + torch.arange(d.group)).flatten()
+            rec.kv_heads_removed.append(sorted(set(range(d.n_kv)) - set(keep.tolist())))
+            rec.q_heads_removed.append(sorted(set(range(d.n_head)) - set(kept_q.tolist())))
+    _set_config(model, rec.pruned)
+    return rec
+
+
+@torch.no_grad()
+def restore_width(model: nn.Module, record: WidthRecord) -> None:
+    """Undo `apply_width`/`prune_width` on the pruned model, in place: original shapes, weights and config."""
+    if _widths(model_dims(model)) != record.pruned:
+        raise BirdboneError(f"model widths {_widths(model_dims(model))} are not the record's {record.pruned}")
+    modules = dict(model.named_modules())
+    for rec in reversed(record.slices):
+        _unslice_linear(modules[rec.module], rec)
+    _set_config(model, record.original)
+
+
+# ----------------------------------------------------------------------------------------------------
+# one call
+
+
+@dataclass
+class WidthReport:
+    record: WidthRecord
+    params_before: int
+    params_after: int
+    ffn_scores: torch.Tensor | None  # [n_layer, n_ff], original numbering
+    group_scores: torch.Tensor | None  # [n_layer, n_kv]
+    seconds: float = 0.0
+
+
+def prune_width(model: nn.Module, blocks: torch.Tensor, *, ffn: float = 0.0, heads: float = 0.0,
+                multiple: int = 32, batch_size: int = 4) -> WidthReport:
+    """Remove the share `ffn` of FFN neurons and `heads` of KV head groups (with their query heads) in
+    every layer, the least important by calibration on blocks [n_samples, seq_len]; in place. All checks
+    run before anything changes; the returned record undoes it (`restore_width`)."""
+    t0 = time.perf_counter()
+    if multiple < 1:
+        raise BirdboneError(f"multiple={multiple}: must be a positive number of weights")
+    d = model_dims(model)
+    if heads > 0 and not SUPPORTED[model.config.model_type]:
+        raise BirdboneError(f"heads={heads}: {model.config.model_type} attention heads cannot be pruned (llama.cpp "
+                            "builds its attn_q/attn_output as hidden x hidden); prune its FFN only")
+    k_ff, k_kv = ffn_keep_count(d.n_ff, ffn, multiple), kv_keep_count(d, heads, multiple)
+    before = sum(p.numel() for p in model.parameters())
+    f_scores = g_scores = None
+    if k_ff < d.n_ff or k_kv < d.n_kv:
+        f_scores, g_scores = width_scores(model, blocks, batch_size=batch_size, ffn=k_ff < d.n_ff,
+                                          heads=k_kv < d.n_kv)
+    ffn_keep = top_units(f_scores, k_ff) if f_scores is not None else torch.arange(d.n_ff).expand(d.n_layer, -1)
+    kv_keep = top_units(g_scores, k_kv) if g_scores is not None else torch.arange(d.n_kv).expand(d.n_layer, -1)
+    record = apply_width(model, ffn_keep, kv_keep if SUPPORTED[model.config.model_type] else None)
+    after = sum(p.numel() for p in model.parameters())
+    return WidthReport(record, before, after, f_scores, g_scores, time.perf_counter() - t0)
