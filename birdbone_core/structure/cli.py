@@ -1,0 +1,85 @@
+"""`birdbone structure`: cut whole layers, FFN neurons and KV head groups from a model, by calibration.
+
+    birdbone structure MODEL -o OUT [--layers N] [--ffn 0.3] [--heads 0.25] [--metric angular|bi|kl]
+
+Depth first (fewer layers to score for width), then width; OUT is a Hugging Face directory (the pruned
+model, its tokenizer, and structure.json: what was removed, in the original numbering) that every other
+command takes: `birdbone quantize OUT -o model.gguf --bpw 4.5`, `birdbone eval OUT --reference MODEL`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from birdbone_core.cliargs import add_runtime_flags, positive_int, runtime_of
+
+
+def _ratio(text: str) -> float:
+    import argparse
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: a share of units to remove, in [0, 1)")
+    return v
+
+
+def _cmd_structure(a) -> int:
+    from birdbone_core import atomic
+    from birdbone_core.data.text import calibration_blocks, read_text
+    from birdbone_core.errors import BirdboneError
+    from birdbone_core.model.save import save_hf
+    from birdbone_core.runtime import place
+    from birdbone_core.steps import load_with_options
+    from birdbone_core.structure.depth import drop_layers
+    from birdbone_core.structure.width import prune_width
+
+    if a.layers == 0 and a.ffn == 0 and a.heads == 0:
+        raise BirdboneError("nothing to remove: give --layers, --ffn and/or --heads")
+    out = Path(a.out)
+    atomic.check_output_dir(out, "output model directory")
+    lm = load_with_options(a.model, {}, place(runtime_of(a)))
+    text, text_desc = read_text(a.text, "calib")
+    blocks = calibration_blocks(lm.tokenizer, text, a.n_samples, a.seq_len, 0)
+    params = sum(p.numel() for p in lm.model.parameters())
+    record: dict = {"source": a.model, "calibration": {"text": text_desc, "n_samples": a.n_samples,
+                                                       "seq_len": a.seq_len}, "params_before": params}
+    if a.layers:
+        drop, scores = drop_layers(lm.model, blocks, a.layers, metric=a.metric)
+        record["layers"] = {"removed": list(drop.removed), "of": drop.n_layers_before, "metric": a.metric,
+                            "scores": [round(float(s), 6) for s in scores.by(a.metric)]}
+        print(f"dropped layers {list(drop.removed)} of {drop.n_layers_before} (lowest {a.metric})")
+    if a.ffn or a.heads:
+        rep = prune_width(lm.model, blocks, ffn=a.ffn, heads=a.heads, multiple=a.multiple)
+        r = rep.record
+        record["width"] = {"ffn": a.ffn, "heads": a.heads, "multiple": a.multiple,
+                           "sizes_before": r.original, "sizes_after": r.pruned,
+                           "ffn_removed": r.ffn_removed, "kv_heads_removed": r.kv_heads_removed}
+        print(f"width: {r.original} -> {r.pruned}")
+    record["params_after"] = sum(p.numel() for p in lm.model.parameters())
+    save_hf(lm.model.to("cpu"), lm.tokenizer, out, mark=True)
+    atomic.write_json(out / "structure.json", record)
+    print(f"{record['params_before'] / 1e6:.1f}M -> {record['params_after'] / 1e6:.1f}M parameters; wrote {out}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("structure", help="remove whole layers, FFN neurons and KV head groups (llama.cpp runs "
+                                         "the result faster)")
+    p.add_argument("model", help="HF dir or .gguf file")
+    p.add_argument("-o", "--out", required=True, help="Hugging Face directory to write")
+    p.add_argument("--layers", type=int, default=0, help="decoder layers to drop (never the first or last)")
+    p.add_argument("--ffn", type=_ratio, default=0.0, help="share of FFN neurons to remove in every layer")
+    p.add_argument("--heads", type=_ratio, default=0.0, help="share of KV head groups to remove in every layer")
+    p.add_argument("--metric", choices=("angular", "bi", "kl"), default="angular",
+                   help="layer importance: angular distance, block influence (1 - cos), or the logits' KL "
+                        "with the layer skipped")
+    p.add_argument("--multiple", type=positive_int, default=32,
+                   help="kept widths are multiples of this (32: Q4_0/Q8_0 blocks; 256 for K-quants)")
+    p.add_argument("--text", help="calibration text (.txt/.jsonl[.gz]; default: the built-in slice)")
+    p.add_argument("--n-samples", type=positive_int, default=16, help="calibration windows")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per calibration window")
+    add_runtime_flags(p)
+    p.set_defaults(fn=_cmd_structure)
+
