@@ -50,24 +50,23 @@ if str(ROOT) not in sys.path:  # birdbone_core (the GGUF exporter's pre-tokenize
 # Published config.json values (architecture only; token ids are replaced by the tokenizer's).
 _LLAMA32_ROPE = {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                  "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+# what the Llama 3.2 sizes share (each adds its width, depth and heads)
+_LLAMA32 = dict(architectures=["LlamaForCausalLM"], model_type="llama", intermediate_size=8192, hidden_act="silu",
+                vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE, attention_bias=False, mlp_bias=False,
+                initializer_range=0.02, pretraining_tp=1)
 SHAPES: dict[str, dict] = {
     # meta-llama/Llama-3.2-1B config.json, as quoted in github.com/kevinstephano/thunder_model_blocks
     # hf_llama/llama_config.py (Llama-3.2-1B-Instruct, hub commit 4e20de36...) and
     # github.com/Anthony-Lionetti/PyTorch-nn-Tinkering llama_play/configs.py. Published size 1.24B (1,235,814,400).
     "llama-3.2-1b": dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, intermediate_size=8192,
-        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64, hidden_act="silu",
-        vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=131072, rms_norm_eps=1e-5,
-        rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE, attention_bias=False, mlp_bias=False,
-        initializer_range=0.02, pretraining_tp=1),
+        _LLAMA32, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=64),
     # meta-llama/Llama-3.2-3B config.json, as quoted in github.com/citsjtu2020/LLM-Prof sglang/Model_Config.md.
     # Published size 3.21B (3,212,749,824).
     "llama-3.2-3b": dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=3072, intermediate_size=8192,
-        num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128, hidden_act="silu",
-        vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=131072, rms_norm_eps=1e-5,
-        rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE, attention_bias=False, mlp_bias=False,
-        initializer_range=0.02, pretraining_tp=1),
+        _LLAMA32, hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+        head_dim=128),
     # Qwen/Qwen2.5-3B config.json, as mirrored at huggingface.co/unsloth/Qwen2.5-3B/blob/main/config.json
     # (`_name_or_path: Qwen/Qwen2.5-3B`); the Qwen2.5-3B-Instruct model card: 3.09B parameters, 36 layers,
     # 16 Q / 2 KV heads, QKV bias, tied word embeddings. Qwen2 always has q/k/v biases.

@@ -6,43 +6,22 @@ birdbone_compress never runs here: its runs' outcomes are set in the metadata DB
 from __future__ import annotations
 
 import json
-import socket
 import sys
-import time
-import urllib.request
 from types import SimpleNamespace
 
 import pytest
+from s3server import moto_s3
 
 CONN_ID = "birdbone_nightly_s3"
 BUCKET = "nightly-ckpts"
 PREFIX = "models/gemma"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    """moto's S3 over real HTTP (as in tests/ops/conftest.py)."""
-    moto_server = pytest.importorskip("moto.server")
-    port = _free_port()
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    srv.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"{url}/moto-api/", timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    """moto's S3 over real HTTP (tests/s3server.py, as the package tests use it)."""
+    with moto_s3() as url:
         yield url
-    finally:
-        srv.stop()
 
 
 @pytest.fixture

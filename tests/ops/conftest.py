@@ -7,6 +7,7 @@ import time
 import urllib.request
 
 import pytest
+from s3server import moto_s3
 from tiny_recipes import tiny_recipe, waves
 
 
@@ -43,15 +44,8 @@ def wait_http():
 @pytest.fixture(scope="module")
 def s3_server():
     """moto's S3 API over real HTTP (a `dvc` subprocess talks to it like to AWS or MinIO)."""
-    moto_server = pytest.importorskip("moto.server")
-    port = _free_port()
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    srv.start()
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/moto-api/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.stop()
+    with moto_s3() as url:
+        yield url
 
 
 def _start(cmd: list[str], log_path) -> subprocess.Popen:
