@@ -52,3 +52,20 @@ def test_nearest_table_levels():
     q = grid.nearest_table_levels(x, step, torch.zeros(5), "IQ4_NL")
     assert q.tolist() == [8.0, 15.0, 7.0, 0.0, 1.0]  # 1; 113; -10 * -2 = 20; step 0; -115.5: a tie of -127 and -104 goes up
     assert float(t[8]) == 1.0 and float(t[1]) == -104.0
+
+
+def test_every_block_format_is_declared_once_by_its_codec():
+    """The codec of a format owns its level layout; the grid's tables and the recipe's list of block types
+    (kept literal so recipes load without torch) are that registry, read back."""
+    from birdbone_core.quant.codecs import codec_names, get_codec
+    from birdbone_core.quant.config import BLOCK_TYPES
+
+    assert set(BLOCK_TYPES) == set(codec_names())
+    for name in codec_names():
+        c = get_codec(name)
+        a, b = c.levels_at
+        assert 0 <= a < b <= c.type_size, name
+        assert grid.TOP[name] == c.top
+        q = torch.arange(c.block_size).remainder(c.top + 1).reshape(1, -1)
+        assert torch.equal(c.unpack_levels(c.pack_levels(q)).long(), q), name     # the layout round-trips
+    assert set(grid.TABLE) == {"IQ4_NL"}

@@ -17,6 +17,20 @@ class Codec:
     """
 
     name: str = ""
+    # The integer levels inside a block (birdbone_core.quant.grid): every weight decodes as
+    # step * q + offset (table formats: step * table[q] + offset) with q in 0..top, stored in the block's
+    # bytes [levels_at[0], levels_at[1]) as unpack_levels / pack_levels read and write them.
+    top: int = 0
+    levels_at: tuple[int, int] = (0, 0)
+    table: torch.Tensor | None = None
+
+    def unpack_levels(self, fields: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """uint8 [N, b - a] (the level bytes of N blocks) -> integer levels [N, block_size]."""
+        raise NotImplementedError
+
+    def pack_levels(self, q: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """Integer levels [N, block_size] (0..top) -> uint8 [N, b - a]."""
+        raise NotImplementedError
 
     def __init__(self) -> None:
         self.fmt: TensorFormat = get_format(self.name)

@@ -106,6 +106,15 @@ def _unpack_scale_min_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Q2_K(_AffineK):
     name = "Q2_K"
+    top, levels_at = 3, (16, 80)           # qs[64]
+
+    def unpack_levels(self, f):
+        n = f.shape[0]
+        return unpack_crumbs(f.reshape(n, -1, 32), 2).reshape(n, -1)
+
+    def pack_levels(self, q):
+        n = q.shape[0]
+        return pack_crumbs(q.to(torch.uint8).reshape(n, -1, 128), 2).reshape(n, -1)
     sub, nmax, scale_top = 16, 3, 15
     ref_search = (-0.5, 0.1, 15, True)
     sigma_mult = 1.0
@@ -162,14 +171,40 @@ class _Q45K(_AffineK):
         return (dl.unsqueeze(-1) * q - ml.unsqueeze(-1)).reshape(n, -1)
 
 
+def q4k_levels(f: torch.Tensor) -> torch.Tensor:
+    """qs[128] -> 256 levels 0..15."""
+    n = f.shape[0]
+    return unpack_crumbs(f.reshape(n, -1, 32), 4).reshape(n, -1)
+
+
+def pack_q4k_levels(q: torch.Tensor) -> torch.Tensor:
+    n = q.shape[0]
+    return pack_crumbs(q.to(torch.uint8).reshape(n, -1, 64), 4).reshape(n, -1)
+
+
 class Q4_K(_Q45K):
     name = "Q4_K"
+    top, levels_at = 15, (16, 144)
+
+    def unpack_levels(self, f):
+        return q4k_levels(f)
+
+    def pack_levels(self, q):
+        return pack_q4k_levels(q)
     nmax = 15
     ref_search = (-1.0, 0.1, 20, False)
 
 
 class Q5_K(_Q45K):
     name = "Q5_K"
+    top, levels_at = 31, (16, 176)         # qh[32] then qs[128]
+
+    def unpack_levels(self, f):
+        return q4k_levels(f[:, 32:]) | (unpack_crumbs(f[:, :32], 1) << 4)
+
+    def pack_levels(self, q):
+        q = q.to(torch.uint8)
+        return torch.cat([pack_crumbs(q >> 4, 1), pack_q4k_levels(q & 15)], -1)
     nmax = 31
     ref_search = (-0.5, 0.1, 15, False)
 

@@ -68,6 +68,17 @@ def _signed_step(scales: torch.Tensor, top: float, lo: int, hi: int):
 
 class Q3_K(Codec):
     name = "Q3_K"
+    top, levels_at = 7, (0, 96)            # hmask[32] then qs[64]: low 2 bits + 4 * hmask bit
+
+    def unpack_levels(self, f):
+        n = f.shape[0]
+        low = unpack_crumbs(f[:, 32:].reshape(n, -1, 32), 2).reshape(n, -1)
+        return low | (unpack_crumbs(f[:, :32], 1) << 2)
+
+    def pack_levels(self, q):
+        q = q.to(torch.uint8)
+        n = q.shape[0]
+        return torch.cat([pack_crumbs(q >> 2, 1), pack_crumbs((q & 3).reshape(n, -1, 128), 2).reshape(n, -1)], -1)
 
     def encode(self, x, qw):
         R, nb = x.shape[0], x.shape[1]
@@ -118,6 +129,18 @@ class Q3_K(Codec):
 
 class Q6_K(Codec):
     name = "Q6_K"
+    top, levels_at = 63, (0, 192)          # ql[128] then qh[64]
+
+    def unpack_levels(self, f):
+        n = f.shape[0]
+        low = unpack_crumbs(f[:, :128].reshape(n, -1, 64), 4).reshape(n, -1)
+        high = unpack_crumbs(f[:, 128:].reshape(n, -1, 32), 2).reshape(n, -1)
+        return low | (high << 4)
+
+    def pack_levels(self, q):
+        q = q.to(torch.uint8).reshape(q.shape[0], -1, 128)
+        n = q.shape[0]
+        return torch.cat([pack_crumbs(q & 15, 4).reshape(n, -1), pack_crumbs(q >> 4, 2).reshape(n, -1)], -1)
 
     def encode(self, x, qw):
         R, nb = x.shape[0], x.shape[1]

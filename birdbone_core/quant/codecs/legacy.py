@@ -54,6 +54,13 @@ def _requant(x, d, lo, hi, L, offset=None):
 
 class Q8_0(Codec):
     name = "Q8_0"
+    top, levels_at = 255, (2, 34)          # q = int8 + 128
+
+    def unpack_levels(self, f):
+        return f.contiguous().view(torch.int8).to(torch.int16) + 128
+
+    def pack_levels(self, q):
+        return (q.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
 
     def encode(self, x, qw):
         d = x.abs().amax(-1) / 127
@@ -109,8 +116,33 @@ class _Affine(Codec):
         return d.unsqueeze(-1) * q + m.unsqueeze(-1)
 
 
+def nibble_levels(f: torch.Tensor) -> torch.Tensor:
+    """qs[16] -> 32 levels 0..15 (low nibbles are weights 0..15, high ones 16..31)."""
+    return unpack_crumbs(f, 4)
+
+
+def pack_nibble_levels(q: torch.Tensor) -> torch.Tensor:
+    return pack_crumbs(q.to(torch.uint8), 4)
+
+
+def _q5_levels(f):  # qh[4] then qs[16] -> levels 0..31
+    return unpack_crumbs(f[:, 4:], 4) | (unpack_bits(f[:, :4]) << 4)
+
+
+def _pack_q5_levels(q):
+    q = q.to(torch.uint8)
+    return torch.cat([pack_bits(q >> 4), pack_crumbs(q & 15, 4)], -1)
+
+
 class Q4_0(_Symmetric):
     name, bits = "Q4_0", 4
+    top, levels_at = 15, (2, 18)
+
+    def unpack_levels(self, f):
+        return nibble_levels(f)
+
+    def pack_levels(self, q):
+        return pack_nibble_levels(q)
 
     def encode(self, x, qw):
         d, q = self._levels(x, qw)
@@ -123,6 +155,13 @@ class Q4_0(_Symmetric):
 
 class Q5_0(_Symmetric):
     name, bits = "Q5_0", 5
+    top, levels_at = 31, (2, 22)
+
+    def unpack_levels(self, f):
+        return _q5_levels(f)
+
+    def pack_levels(self, q):
+        return _pack_q5_levels(q)
 
     def encode(self, x, qw):
         d, q = self._levels(x, qw)
@@ -137,6 +176,13 @@ class Q5_0(_Symmetric):
 
 class Q4_1(_Affine):
     name, bits = "Q4_1", 4
+    top, levels_at = 15, (4, 20)
+
+    def unpack_levels(self, f):
+        return nibble_levels(f)
+
+    def pack_levels(self, q):
+        return pack_nibble_levels(q)
 
     def encode(self, x, qw):
         d, m, q = self._levels(x, qw)
@@ -149,6 +195,13 @@ class Q4_1(_Affine):
 
 class Q5_1(_Affine):
     name, bits = "Q5_1", 5
+    top, levels_at = 31, (4, 24)
+
+    def unpack_levels(self, f):
+        return _q5_levels(f)
+
+    def pack_levels(self, q):
+        return _pack_q5_levels(q)
 
     def encode(self, x, qw):
         d, m, q = self._levels(x, qw)

@@ -50,6 +50,18 @@ def nearest_value(v: torch.Tensor) -> torch.Tensor:
 
 class IQ4_NL(Codec):
     name = "IQ4_NL"
+    top, levels_at = 15, (2, 18)           # qs[16]: indices into KVALUES
+    table = KVALUES
+
+    def unpack_levels(self, f):
+        return unpack_crumbs(f, 4)
+
+    def pack_levels(self, q):
+        return pack_crumbs(q.to(torch.uint8), 4)
+
+    def nearest_levels(self, v: torch.Tensor) -> torch.Tensor:
+        """The index of the table value nearest each v."""
+        return nearest_index(v)
 
     def _scale(self, x: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
         """Block scales d [R, nb] for x [R, nb, 32]."""
