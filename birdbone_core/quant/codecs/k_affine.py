@@ -107,6 +107,9 @@ def _unpack_scale_min_k4(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Q2_K(_AffineK):
     name = "Q2_K"
     top, levels_at = 3, (16, 80)           # qs[64]
+    sub, nmax, scale_top = 16, 3, 15
+    ref_search = (-0.5, 0.1, 15, True)
+    sigma_mult = 1.0
 
     def unpack_levels(self, f):
         n = f.shape[0]
@@ -115,9 +118,6 @@ class Q2_K(_AffineK):
     def pack_levels(self, q):
         n = q.shape[0]
         return pack_crumbs(q.to(torch.uint8).reshape(n, -1, 128), 2).reshape(n, -1)
-    sub, nmax, scale_top = 16, 3, 15
-    ref_search = (-0.5, 0.1, 15, True)
-    sigma_mult = 1.0
 
     def _ref_weights(self, xs):
         return xs.abs()
@@ -185,19 +185,21 @@ def pack_q4k_levels(q: torch.Tensor) -> torch.Tensor:
 class Q4_K(_Q45K):
     name = "Q4_K"
     top, levels_at = 15, (16, 144)
+    nmax = 15
+    ref_search = (-1.0, 0.1, 20, False)
 
     def unpack_levels(self, f):
         return q4k_levels(f)
 
     def pack_levels(self, q):
         return pack_q4k_levels(q)
-    nmax = 15
-    ref_search = (-1.0, 0.1, 20, False)
 
 
 class Q5_K(_Q45K):
     name = "Q5_K"
     top, levels_at = 31, (16, 176)         # qh[32] then qs[128]
+    nmax = 31
+    ref_search = (-0.5, 0.1, 15, False)
 
     def unpack_levels(self, f):
         return q4k_levels(f[:, 32:]) | (unpack_crumbs(f[:, :32], 1) << 4)
@@ -205,8 +207,6 @@ class Q5_K(_Q45K):
     def pack_levels(self, q):
         q = q.to(torch.uint8)
         return torch.cat([pack_crumbs(q >> 4, 1), pack_q4k_levels(q & 15)], -1)
-    nmax = 31
-    ref_search = (-0.5, 0.1, 15, False)
 
 
 CODECS = [Q2_K(), Q4_K(), Q5_K()]

@@ -122,96 +122,56 @@ def nibble_levels(f: torch.Tensor) -> torch.Tensor:
 
 
 def pack_nibble_levels(q: torch.Tensor) -> torch.Tensor:
-    return pack_crumbs(q.to(torch.uint8), 4)
+    return pack_crumbs(q, 4)
 
 
-def _q5_levels(f):  # qh[4] then qs[16] -> levels 0..31
-    return unpack_crumbs(f[:, 4:], 4) | (unpack_bits(f[:, :4]) << 4)
+def q5_levels(f: torch.Tensor) -> torch.Tensor:
+    """qh[4] then qs[16] -> 32 levels 0..31 (the fifth bits, then the nibbles)."""
+    return unpack_crumbs(f[..., 4:], 4) | (unpack_bits(f[..., :4]) << 4)
 
 
-def _pack_q5_levels(q):
+def pack_q5_levels(q: torch.Tensor) -> torch.Tensor:
     q = q.to(torch.uint8)
     return torch.cat([pack_bits(q >> 4), pack_crumbs(q & 15, 4)], -1)
 
 
+# The four legacy 4/5-bit formats: scale bytes (d, or d and m), then the levels in the layout above.
 class Q4_0(_Symmetric):
     name, bits = "Q4_0", 4
     top, levels_at = 15, (2, 18)
-
-    def unpack_levels(self, f):
-        return nibble_levels(f)
-
-    def pack_levels(self, q):
-        return pack_nibble_levels(q)
+    unpack_levels, pack_levels = staticmethod(nibble_levels), staticmethod(pack_nibble_levels)
 
     def encode(self, x, qw):
         d, q = self._levels(x, qw)
-        return self._check_packed([f16_bytes(d), pack_crumbs(q, 4)])
+        return self._check_packed([f16_bytes(d), self.pack_levels(q)])
 
     def decode(self, b):
-        d, qs = split_fields(b, [2, self.block_size // 2])
-        return self._dequant(f16_value(d), unpack_crumbs(qs, 4).float())
+        return self._dequant(f16_value(b[:, :2]), self.unpack_levels(b[:, 2:]).float())
 
 
-class Q5_0(_Symmetric):
+class Q5_0(Q4_0):
     name, bits = "Q5_0", 5
     top, levels_at = 31, (2, 22)
-
-    def unpack_levels(self, f):
-        return _q5_levels(f)
-
-    def pack_levels(self, q):
-        return _pack_q5_levels(q)
-
-    def encode(self, x, qw):
-        d, q = self._levels(x, qw)
-        q = q.to(torch.uint8)
-        return self._check_packed([f16_bytes(d), pack_bits(q >> 4), pack_crumbs(q & 15, 4)])
-
-    def decode(self, b):
-        d, qh, qs = split_fields(b, [2, self.block_size // 8, self.block_size // 2])
-        q = unpack_crumbs(qs, 4) | (unpack_bits(qh) << 4)
-        return self._dequant(f16_value(d), q.float())
+    unpack_levels, pack_levels = staticmethod(q5_levels), staticmethod(pack_q5_levels)
 
 
 class Q4_1(_Affine):
     name, bits = "Q4_1", 4
     top, levels_at = 15, (4, 20)
-
-    def unpack_levels(self, f):
-        return nibble_levels(f)
-
-    def pack_levels(self, q):
-        return pack_nibble_levels(q)
+    unpack_levels, pack_levels = staticmethod(nibble_levels), staticmethod(pack_nibble_levels)
 
     def encode(self, x, qw):
         d, m, q = self._levels(x, qw)
-        return self._check_packed([f16_bytes(d), f16_bytes(m), pack_crumbs(q, 4)])
+        return self._check_packed([f16_bytes(d), f16_bytes(m), self.pack_levels(q)])
 
     def decode(self, b):
-        d, m, qs = split_fields(b, [2, 2, self.block_size // 2])
-        return self._dequant(f16_value(d), f16_value(m), unpack_crumbs(qs, 4).float())
+        return self._dequant(f16_value(b[:, :2]), f16_value(b[:, 2:4]), self.unpack_levels(b[:, 4:]).float())
 
 
-class Q5_1(_Affine):
+class Q5_1(Q4_1):
     name, bits = "Q5_1", 5
     top, levels_at = 31, (4, 24)
-
-    def unpack_levels(self, f):
-        return _q5_levels(f)
-
-    def pack_levels(self, q):
-        return _pack_q5_levels(q)
-
-    def encode(self, x, qw):
-        d, m, q = self._levels(x, qw)
-        q = q.to(torch.uint8)
-        return self._check_packed([f16_bytes(d), f16_bytes(m), pack_bits(q >> 4), pack_crumbs(q & 15, 4)])
-
-    def decode(self, b):
-        d, m, qh, qs = split_fields(b, [2, 2, self.block_size // 8, self.block_size // 2])
-        q = unpack_crumbs(qs, 4) | (unpack_bits(qh) << 4)
-        return self._dequant(f16_value(d), f16_value(m), q.float())
+    unpack_levels, pack_levels = staticmethod(q5_levels), staticmethod(pack_q5_levels)
 
 
 CODECS = [Q8_0(), Q4_0(), Q4_1(), Q5_0(), Q5_1()]

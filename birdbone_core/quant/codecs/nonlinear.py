@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from gguf.quants import IQ4_NL as _GGUF_IQ4_NL
 
-from birdbone_core.quant.codecs._base import Codec, importance_weights, split_fields
+from birdbone_core.quant.codecs._base import Codec, importance_weights
 from birdbone_core.quant.codecs._bits import f16_bytes, f16_round, f16_value, pack_crumbs, signed_absmax, unpack_crumbs
 from birdbone_core.quant.codecs._search import GROUP_MAX_EPS
 
@@ -57,7 +57,7 @@ class IQ4_NL(Codec):
         return unpack_crumbs(f, 4)
 
     def pack_levels(self, q):
-        return pack_crumbs(q.to(torch.uint8), 4)
+        return pack_crumbs(q, 4)
 
     def nearest_levels(self, v: torch.Tensor) -> torch.Tensor:
         """The index of the table value nearest each v."""
@@ -99,11 +99,10 @@ class IQ4_NL(Codec):
         ok = d != 0
         L = nearest_index(x / torch.where(ok, d, torch.ones_like(d)).unsqueeze(-1))
         L = torch.where(ok.unsqueeze(-1), L, torch.zeros_like(L))
-        return self._check_packed([f16_bytes(d), pack_crumbs(L.to(torch.uint8), 4)])
+        return self._check_packed([f16_bytes(d), self.pack_levels(L)])
 
     def decode(self, b):
-        d, qs = split_fields(b, [2, self.block_size // 2])
-        return f16_value(d).unsqueeze(-1) * KVALUES[unpack_crumbs(qs, 4).long()]
+        return f16_value(b[:, :2]).unsqueeze(-1) * KVALUES[self.unpack_levels(b[:, 2:]).long()]
 
 
 CODECS = [IQ4_NL()]
