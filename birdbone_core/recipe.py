@@ -248,11 +248,9 @@ def load_recipe(path: str | Path | None, targets: dict | None = None) -> Recipe:
     (50% unstructured SparseGPT, Q8_0)."""
     if targets is not None and not isinstance(targets, dict):
         raise BirdboneError(f"targets: expected a mapping of dotted paths to values, got {type(targets).__name__}")
-    source = "recipe" if path is None else str(path)
-    if path is None:
-        data = {}
-    else:
-        p = Path(path)
+    data, source = {}, "recipe"
+    if path is not None:
+        p, source = Path(path), str(path)
         if not p.is_file():
             raise BirdboneError(f"{p}: recipe file not found")
         try:
@@ -265,7 +263,7 @@ def load_recipe(path: str | Path | None, targets: dict | None = None) -> Recipe:
             return parse_recipe(data, source)     # says what is wrong with the file itself
         data = apply_targets(data or {}, targets)
         source += " with --targets"
-    return parse_recipe(data, source) if (path is not None or targets) else Recipe()
+    return parse_recipe(data, source)
 
 
 def dump_recipe(recipe: Recipe) -> str:
