@@ -83,12 +83,13 @@ def container_exit_code(pod, container: str) -> int | None:
     return None
 
 
-def gpus_needed(gpu: bool, distributed: bool) -> int:
-    """GPUs of a step's pod: K8S setting heal_gpus for the distributed heal, `gpus` for other GPU steps."""
+def gpus_needed(gpu: bool, distributed: bool, cfg: dict | None = None) -> int:
+    """GPUs of a step's pod: K8S setting heal_gpus for the distributed heal, `gpus` for other GPU steps.
+    cfg: the settings already read (settings.k8s()), else they are read here."""
     if not gpu:
         return 0
     key = "heal_gpus" if distributed else "gpus"
-    n = int(settings.k8s()[key])
+    n = int((cfg or settings.k8s())[key])
     if n < 1:
         raise ValueError(f"Variable birdbone_k8s: {key} must be >= 1, not {n}")
     return n
@@ -173,7 +174,8 @@ class BirdboneStepOperator(KubernetesPodOperator):
         if self._pod_configured:
             return
         c = settings.k8s()
-        self.image = c["image"]
+        n_gpus = gpus_needed(self.gpu, self.distributed, c)
+        self.image = c["image"] if self.gpu else c["cpu_image"]
         self.image_pull_policy = c["image_pull_policy"]
         self.namespace = c["namespace"]
         self.kubernetes_conn_id = c["kubernetes_conn_id"]
@@ -182,11 +184,9 @@ class BirdboneStepOperator(KubernetesPodOperator):
         res = c["gpu_resources"] if self.gpu else c["cpu_resources"]
         limits = {"cpu": str(res["cpu"]), "memory": str(res["memory"])}
         if self.gpu:
-            limits["nvidia.com/gpu"] = str(gpus_needed(self.gpu, self.distributed))
+            limits["nvidia.com/gpu"] = str(n_gpus)
             self.node_selector = dict(c["node_selector"])
             self.tolerations = [k8s.V1Toleration(**t) for t in c["tolerations"]]
-        else:
-            self.image = c["cpu_image"]
         self.container_resources = k8s.V1ResourceRequirements(limits=limits, requests=dict(limits))
         runs = str(settings.runs_root())
         self.volumes = [
@@ -200,9 +200,8 @@ class BirdboneStepOperator(KubernetesPodOperator):
         if self.gpu:   # torch (and NCCL between ranks) share tensors through /dev/shm: 64 MiB by default
             self.volumes.append(k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory")))
             self.volume_mounts.append(k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
-        if self.distributed and gpus_needed(self.gpu, self.distributed) > 1:   # N ranks in one pod
-            self.cmds = ["torchrun", "--standalone", f"--nproc_per_node={gpus_needed(self.gpu, self.distributed)}",
-                         "-m", "birdbone_core.cli"]
+        if self.distributed and n_gpus > 1:   # N ranks in one pod
+            self.cmds = ["torchrun", "--standalone", f"--nproc_per_node={n_gpus}", "-m", "birdbone_core.cli"]
         # the images' user; fsGroup makes the volumes (model cache, runs) writable by it
         self.security_context = {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID,
                                  "fsGroup": IMAGE_UID}
