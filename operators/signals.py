@@ -56,22 +56,20 @@ def _ids(context) -> dict[str, str]:
             "task_id": str(getattr(ti, "task_id", "") or "")}
 
 
-def _push(job: str, key: dict[str, str], gauges: dict[str, tuple[str, dict[str, str], float]]) -> bool:
-    """Replace group (job, key) with `gauges`: name -> (help, extra labels, value). False when not pushed."""
+def push_gauges(job: str, key: dict[str, str], rows: list[tuple[str, str, dict[str, str], float]]) -> bool:
+    """Replace group (job, key) with gauges: rows of (name, help, extra labels, value); one name may come
+    in several rows with different label values. False when not pushed."""
     url = gateway()
     if url is None:
         return False
     from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 
     reg = CollectorRegistry()
-    by_name: dict[str, list] = {}
-    for name, (help_, labels, value) in gauges.items():
-        base = name.split("#")[0]        # "metric#state" lets one metric carry several label sets
-        by_name.setdefault(base, [help_, []])[1].append((labels, value))
-    for name, (help_, rows) in by_name.items():
-        g = Gauge(name, help_, sorted(rows[0][0]), registry=reg)
-        for labels, value in rows:
-            (g.labels(**labels) if labels else g).set(value)
+    made: dict[str, Gauge] = {}
+    for name, help_, labels, value in rows:
+        if name not in made:
+            made[name] = Gauge(name, help_, sorted(labels), registry=reg)
+        (made[name].labels(**labels) if labels else made[name]).set(value)
     try:
         push_to_gateway(url, job=job, registry=reg, grouping_key=key, timeout=10)
         return True
@@ -86,14 +84,14 @@ def push_task_state(context, state: str) -> bool:
     task = context.get("task") or getattr(ti, "task", None)
     timeout = getattr(task, "execution_timeout", None)
     started = getattr(ti, "start_date", None)
-    gauges = {f"birdbone_task_state#{s}": ("Airflow task state (1 = current)", {"state": s}, float(s == state))
-              for s in STATES}
-    gauges["birdbone_task_try_number"] = ("Airflow try number", {}, float(getattr(ti, "try_number", 0) or 0))
-    gauges["birdbone_task_started_timestamp_seconds"] = (
-        "Start of the task's current try", {}, started.timestamp() if started is not None else time.time())
-    gauges["birdbone_task_timeout_seconds"] = (
-        "The task's execution_timeout (0 = none)", {}, timeout.total_seconds() if timeout else 0.0)
-    return _push(TASK_JOB, _ids(context), gauges)
+    rows = [("birdbone_task_state", "Airflow task state (1 = current)", {"state": s}, float(s == state))
+            for s in STATES]
+    rows += [("birdbone_task_try_number", "Airflow try number", {}, float(getattr(ti, "try_number", 0) or 0)),
+             ("birdbone_task_started_timestamp_seconds", "Start of the task's current try", {},
+              started.timestamp() if started is not None else time.time()),
+             ("birdbone_task_timeout_seconds", "The task's execution_timeout (0 = none)", {},
+              timeout.total_seconds() if timeout else 0.0)]
+    return push_gauges(TASK_JOB, _ids(context), rows)
 
 
 def on_execute(context) -> None:
@@ -125,8 +123,8 @@ def alert(context, reason: str, **labels: str) -> bool:
     key = str(labels.pop("key", ids["dag_run"]))
     log.error("ALERT %s (%s): %s %s", name, key, reason, labels or "")
     extra = {"reason": reason[:200], **{k: str(v) for k, v in labels.items()}}
-    return _push(ALERT_JOB, {"dag_id": ids["dag_id"], "alert": name, "key": key},
-                 {"birdbone_alert": ("An alert raised by a birdbone DAG", extra, 1.0)})
+    return push_gauges(ALERT_JOB, {"dag_id": ids["dag_id"], "alert": name, "key": key},
+                       [("birdbone_alert", "An alert raised by a birdbone DAG", extra, 1.0)])
 
 
 def groups(url: str) -> list[dict]:
@@ -173,9 +171,9 @@ def on_dag_run_end(context) -> None:
     dag_run = context.get("dag_run")
     ids = _ids(context)
     ok = str(getattr(dag_run, "state", "")).lower().endswith("success")
-    _push(RUN_JOB, {"dag_id": ids["dag_id"]},
-          {"birdbone_dag_run_success": ("1 when the DAG's last finished run succeeded", {}, float(ok)),
-           "birdbone_dag_run_finished_timestamp_seconds": ("When the DAG's last run finished", {}, time.time())})
+    push_gauges(RUN_JOB, {"dag_id": ids["dag_id"]},
+                [("birdbone_dag_run_success", "1 when the DAG's last finished run succeeded", {}, float(ok)),
+                 ("birdbone_dag_run_finished_timestamp_seconds", "When the DAG's last run finished", {}, time.time())])
     delete_run_groups(ids["dag_run"])
 
 

@@ -142,9 +142,9 @@ def _push_task_signals(dag_run: str) -> None:
     signals.on_retry(_task_ctx(dag_run, "wave_01.prune", try_number=2))
     signals.on_execute(_task_ctx(dag_run, "wave_01.evaluate", started_ago_s=2400))
     signals.on_execute(_task_ctx(dag_run, "wave_01.regrow", started_ago_s=60))
-    signals._push(signals.RUN_JOB, {"dag_id": "birdbone_compress"},
-                  {"birdbone_dag_run_success": ("", {}, 0.0),
-                   "birdbone_dag_run_finished_timestamp_seconds": ("", {}, time.time())})
+    signals.push_gauges(signals.RUN_JOB, {"dag_id": "birdbone_compress"},
+                        [("birdbone_dag_run_success", "", {}, 0.0),
+                         ("birdbone_dag_run_finished_timestamp_seconds", "", {}, time.time())])
     assert signals.alert(_task_ctx(dag_run, "check"), "checkpoint m1 failed 2 attempts", alert="nightly", key="m1")
 
 
