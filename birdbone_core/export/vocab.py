@@ -11,6 +11,7 @@ Anything else is a BirdboneError naming the tokenizer type.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +34,65 @@ _SPLIT_PRE = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", GPT2_REGEX: "gpt-
 # (a) copy from a source GGUF
 
 
-def copy_tokenizer_from_gguf(writer: gguf.GGUFWriter, source: Path,
-                             n_vocab: int | None = None) -> tuple[int, str | None]:
-    """Copy every `tokenizer.*` field of `source` verbatim. Returns (number of tokens, source general.name)."""
+TOKENIZER_GGUF = "tokenizer.gguf"   # a model directory's own GGUF tokenizer (tokenizer.* keys, no tensors)
+
+
+@dataclass
+class GGUFTokenizer:
+    """The `tokenizer.*` fields of a GGUF file, raw: key -> (value type, array element type or None, value);
+    strings as bytes, so copying them is verbatim."""
+    fields: dict[str, tuple[GGUFValueType, GGUFValueType | None, Any]]
+    source_name: str | None
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.fields.get(gguf.Keys.Tokenizer.LIST, (None, None, []))[2])
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields[key][2] if key in self.fields else default
+
+    def special_ids(self) -> dict[str, int]:
+        """The `tokenizer.ggml.*_token_id` keys (bos, eos, unknown, padding, eot, fim_*, ...)."""
+        return {k: int(v[2]) for k, v in self.fields.items() if k.endswith("_token_id")}
+
+    def subset(self, kept: list[int]) -> GGUFTokenizer:
+        """Only tokens `kept` (ascending original ids, renumbered in order): per-token arrays sliced, special
+        ids remapped, BPE merges kept when both parts and their concatenation remain."""
+        new_id = {old: new for new, old in enumerate(kept)}
+        n = self.n_tokens
+        out: dict[str, tuple[GGUFValueType, GGUFValueType | None, Any]] = {}
+        for key, (vtype, sub, value) in self.fields.items():
+            if vtype == GGUFValueType.ARRAY and len(value) == n and key != gguf.Keys.Tokenizer.MERGES:
+                value = [value[i] for i in kept]
+            elif key.endswith("_token_id"):
+                if int(value) not in new_id:
+                    raise BirdboneError(f"{key} {value} is not among the kept tokens")
+                value = new_id[int(value)]
+            out[key] = (vtype, sub, value)
+        if gguf.Keys.Tokenizer.MERGES in out:
+            vtype, sub, merges = out[gguf.Keys.Tokenizer.MERGES]
+            toks = set(out[gguf.Keys.Tokenizer.LIST][2])
+            out[gguf.Keys.Tokenizer.MERGES] = (vtype, sub, [m for m in merges if _merge_kept(m, toks)])
+        return GGUFTokenizer(out, self.source_name)
+
+    def write(self, writer: gguf.GGUFWriter) -> None:
+        for key, (vtype, sub, value) in self.fields.items():
+            writer.add_key_value(key, value, vtype, sub_type=sub)
+
+
+def _merge_kept(merge: bytes, tokens: set[bytes]) -> bool:
+    a, _, b = merge.partition(b" ")
+    return a in tokens and b in tokens and a + b in tokens
+
+
+def read_gguf_tokenizer(source: Path) -> GGUFTokenizer:
+    """The `tokenizer.*` fields of `source`, or BirdboneError."""
     try:
         reader = gguf.GGUFReader(str(source))
     except (OSError, ValueError) as e:
         raise BirdboneError(f"cannot read tokenizer from source GGUF {source}: {e}") from None
-    n_tokens = 0
     name_field = reader.fields.get(gguf.Keys.General.NAME)
-    source_name = name_field.contents() if name_field is not None else None
+    fields: dict[str, tuple[GGUFValueType, GGUFValueType | None, Any]] = {}
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
@@ -55,18 +105,42 @@ def copy_tokenizer_from_gguf(writer: gguf.GGUFWriter, source: Path,
                 raise BirdboneError(f"{source}: nested array in {key} is not supported")
             else:
                 value = field.contents()
-            writer.add_key_value(key, value, vtype, sub_type=sub)
-            if key == gguf.Keys.Tokenizer.LIST:
-                n_tokens = len(value)
+            fields[key] = (vtype, sub, value)
         elif vtype == GGUFValueType.STRING:
-            writer.add_key_value(key, bytes(field.parts[field.data[0]]), vtype)
+            fields[key] = (vtype, None, bytes(field.parts[field.data[0]]))
         else:
-            writer.add_key_value(key, field.contents(), vtype)
-    if n_tokens == 0:
+            fields[key] = (vtype, None, field.contents())
+    tok = GGUFTokenizer(fields, name_field.contents() if name_field is not None else None)
+    if tok.n_tokens == 0:
         raise BirdboneError(f"source GGUF {source} has no tokenizer.ggml.tokens")
-    if n_vocab is not None and n_tokens != n_vocab:
-        raise BirdboneError(f"source GGUF {source} has {n_tokens} tokens but the model's embedding has {n_vocab} rows")
-    return n_tokens, source_name
+    return tok
+
+
+def write_tokenizer_gguf(tok: GGUFTokenizer, out: Path) -> Path:
+    """A GGUF holding only `tok`'s keys (and general.name): a model directory's `tokenizer.gguf`."""
+    from birdbone_core.atomic import staged_file
+
+    with staged_file(Path(out)) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch="tokenizer")
+        if tok.source_name:
+            writer.add_name(tok.source_name)
+        tok.write(writer)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return Path(out)
+
+
+def copy_tokenizer_from_gguf(writer: gguf.GGUFWriter, source: Path,
+                             n_vocab: int | None = None) -> tuple[int, str | None]:
+    """Copy every `tokenizer.*` field of `source` verbatim. Returns (number of tokens, source general.name)."""
+    tok = read_gguf_tokenizer(source)
+    if n_vocab is not None and tok.n_tokens != n_vocab:
+        raise BirdboneError(f"source GGUF {source} has {tok.n_tokens} tokens but the model's embedding has "
+                            f"{n_vocab} rows")
+    tok.write(writer)
+    return tok.n_tokens, tok.source_name
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -241,6 +315,10 @@ def write_vocab(writer: gguf.GGUFWriter, tokenizer: Any, n_vocab: int,
         return f"copied from {Path(source_gguf).name}", source_name
     if tokenizer is None:
         raise BirdboneError("GGUF export needs a tokenizer (or source_gguf to copy one from)")
+    own = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / TOKENIZER_GGUF
+    if str(getattr(tokenizer, "name_or_path", "") or "") and own.is_file():
+        _, source_name = copy_tokenizer_from_gguf(writer, own, n_vocab)
+        return f"copied from {own}", source_name
     tj = _backend_json(tokenizer)
     if tj is not None:
         mtype = tj["model"].get("type")

@@ -1,10 +1,13 @@
-"""`birdbone structure`: cut whole layers, FFN neurons and KV head groups from a model, by calibration.
+"""`birdbone structure`: cut the vocabulary, whole layers, FFN neurons and KV head groups from a model.
 
-    birdbone structure MODEL -o OUT [--layers N] [--ffn 0.3] [--heads 0.25] [--metric angular|bi|kl]
+    birdbone structure MODEL -o OUT [--vocab 32768 [--vocab-corpus FILE]] [--layers N] [--ffn 0.3]
+                                    [--heads 0.25] [--metric angular|bi|kl]
 
-Depth first (fewer layers to score for width), then width; OUT is a Hugging Face directory (the pruned
-model, its tokenizer, and structure.json: what was removed, in the original numbering) that every other
-command takes: `birdbone quantize OUT -o model.gguf --bpw 4.5`, `birdbone eval OUT --reference MODEL`.
+Vocabulary first (the LM head is the largest matmul of a small model, and every later calibration forward
+pays for it), then depth (fewer layers to score for width), then width. OUT is a Hugging Face directory
+(the model, its tokenizer, `tokenizer.gguf` when the source was a GGUF, and structure.json: what was
+removed, in the original numbering) that every other command takes: `birdbone quantize OUT -o model.gguf
+--bpw 4.5`, `birdbone eval OUT --reference MODEL`.
 """
 from __future__ import annotations
 
@@ -25,26 +28,51 @@ def _ratio(text: str) -> float:
     return v
 
 
+def _vocab_size(text: str) -> int:
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v != 0 and v < 256:
+        raise argparse.ArgumentTypeError(f"{v} tokens is fewer than the 256 byte tokens every vocabulary keeps")
+    return v
+
+
 def _cmd_structure(a) -> int:
     from birdbone_core import atomic
     from birdbone_core.data.text import calibration_blocks, read_text
     from birdbone_core.errors import BirdboneError
+    from birdbone_core.export.vocab import TOKENIZER_GGUF, read_gguf_tokenizer, write_tokenizer_gguf
     from birdbone_core.model.save import save_hf
     from birdbone_core.runtime import place
     from birdbone_core.steps import load_with_options
     from birdbone_core.structure.depth import drop_layers
+    from birdbone_core.structure.tokenizers import trim_vocab
     from birdbone_core.structure.width import prune_width
 
-    if a.layers == 0 and a.ffn == 0 and a.heads == 0:
-        raise BirdboneError("nothing to remove: give --layers, --ffn and/or --heads")
+    if a.layers == 0 and a.ffn == 0 and a.heads == 0 and a.vocab is None:
+        raise BirdboneError("nothing to remove: give --vocab, --layers, --ffn and/or --heads")
     out = Path(a.out)
     atomic.check_output_dir(out, "output model directory")
+    corpus = read_text(a.vocab_corpus, "calib") if a.vocab is not None else None
     lm = load_with_options(a.model, {}, place(runtime_of(a)))
+    source_gguf = Path(a.model) if a.model.endswith(".gguf") else None
+    gguf_tok = read_gguf_tokenizer(source_gguf) if source_gguf is not None else None
     text, text_desc = read_text(a.text, "calib")
     blocks = calibration_blocks(lm.tokenizer, text, a.n_samples, a.seq_len, 0)
     params = sum(p.numel() for p in lm.model.parameters())
     record: dict = {"source": a.model, "calibration": {"text": text_desc, "n_samples": a.n_samples,
                                                        "seq_len": a.seq_len}, "params_before": params}
+    if corpus is not None:
+        trim = trim_vocab(lm.model, lm.tokenizer, corpus[0], keep=a.vocab or None,
+                          gguf=(source_gguf, gguf_tok) if gguf_tok is not None else None)
+        lm.tokenizer, gguf_tok = trim.tokenizer, trim.gguf_tokenizer
+        record["vocab"] = {"corpus": corpus[1], **trim.summary(), "kept_ids": trim.record.kept}
+        print(f"vocabulary: {trim.record.n_before} -> {len(trim.record.kept)} tokens "
+              f"({trim.summary()['corpus_distinct_tokens']} distinct in the corpus); the corpus tokenizes "
+              + ("identically" if trim.corpus_identical else "DIFFERENTLY (see structure.json)"))
     if a.layers:
         drop, scores = drop_layers(lm.model, blocks, a.layers, metric=a.metric)
         record["layers"] = {"removed": list(drop.removed), "of": drop.n_layers_before, "metric": a.metric,
@@ -59,6 +87,8 @@ def _cmd_structure(a) -> int:
         print(f"width: {r.original} -> {r.pruned}")
     record["params_after"] = sum(p.numel() for p in lm.model.parameters())
     save_hf(lm.model.to("cpu"), lm.tokenizer, out, mark=True)
+    if gguf_tok is not None:    # llama.cpp's tokenizer travels with the model (GGUF export copies it)
+        write_tokenizer_gguf(gguf_tok, out / TOKENIZER_GGUF)
     atomic.write_json(out / "structure.json", record)
     print(f"{record['params_before'] / 1e6:.1f}M -> {record['params_after'] / 1e6:.1f}M parameters; wrote {out}")
     return 0
@@ -69,6 +99,11 @@ def add_commands(sub) -> None:
                                          "the result faster)")
     p.add_argument("model", help="HF dir or .gguf file")
     p.add_argument("-o", "--out", required=True, help="Hugging Face directory to write")
+    p.add_argument("--vocab", type=_vocab_size, default=None, metavar="N",
+                   help="keep N tokens: those the corpus needs, then the most common (0: only what the corpus "
+                        "needs); the corpus tokenizes exactly as before")
+    p.add_argument("--vocab-corpus", help="domain text for --vocab (.txt/.jsonl[.gz]; default: the built-in "
+                                          "calibration slice)")
     p.add_argument("--layers", type=int, default=0, help="decoder layers to drop (never the first or last)")
     p.add_argument("--ffn", type=_ratio, default=0.0, help="share of FFN neurons to remove in every layer")
     p.add_argument("--heads", type=_ratio, default=0.0, help="share of KV head groups to remove in every layer")
