@@ -9,6 +9,7 @@ previous position. ppl = exp(mean NLL), accumulated in float64. (The tool itself
 """
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,6 +106,43 @@ def llama_perplexity(gguf_path: str | os.PathLike, token_ids: list[int], n_ctx: 
                 count += len(targets)
                 advance()
     return float(np.exp(nll / count)), count
+
+
+def text_segments(text: str, segment_bytes: int, max_segments: int) -> list[str]:
+    """Consecutive runs of whole paragraphs of at least `segment_bytes` UTF-8 bytes each (at most
+    `max_segments`): the same text for every model, whatever its tokenizer."""
+    out, cur = [], ""
+    for para in text.split("\n\n"):
+        cur = f"{cur}\n\n{para}" if cur else para
+        if len(cur.encode("utf-8")) >= segment_bytes:
+            out.append(cur)
+            cur = ""
+            if len(out) == max_segments:
+                break
+    return out
+
+
+def llama_bits_per_byte(gguf_path: str | os.PathLike, text: str, *, segment_bytes: int = 2048, max_segments: int = 8,
+                        n_threads: int = DEFAULT_THREADS) -> dict:
+    """Bits per byte of held-out text, comparable across tokenizers: each segment (`text_segments`) is
+    tokenized by the model's own tokenizer, evaluated from BOS, and every token of it is scored; the
+    total negative log-likelihood in bits is divided by the segments' UTF-8 bytes."""
+    segments = text_segments(text, segment_bytes, max_segments)
+    if not segments:
+        raise BirdboneError(f"bits per byte needs at least {segment_bytes} bytes of text")
+    with open_llama(gguf_path, vocab_only=True) as llm:
+        ids = [list(llm.tokenize(s.encode("utf-8"), add_bos=True, special=False)) for s in segments]
+    n_ctx = max(len(i) for i in ids) + 1
+    nll, n_tok = 0.0, 0
+    with open_llama(gguf_path, n_ctx=n_ctx + n_ctx % 2, logits_all=True, n_threads=n_threads) as llm:
+        for seg in ids:
+            llm.reset()
+            llm.eval(seg)
+            logits = np.asarray(llm.scores[:len(seg) - 1], dtype=np.float64)
+            nll += float(np.sum(_nll(logits, np.asarray(seg[1:], dtype=np.int64))))
+            n_tok += len(seg) - 1
+    n_bytes = sum(len(s.encode("utf-8")) for s in segments)
+    return {"bits_per_byte": nll / math.log(2) / n_bytes, "bytes": n_bytes, "tokens": n_tok, "segments": len(segments)}
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -64,15 +64,17 @@ class Vocab:
 
 
 def merge_trace(vocab: Vocab, text: str) -> list[str]:
-    """Every piece a merge creates while tokenizing `text` alone, in merge order.
+    """Every piece tokenizing `text` alone needs: the pieces its merges create, in merge order, and for BPE
+    its characters first (a BPE word starts as characters looked up in the vocabulary; one missing falls
+    back to bytes and merges no further; SPM merges on the text and never needs a lone character).
 
     SPM as llama.cpp's llm_tokenizer_spm: a max-heap of adjacent pairs keyed by (score of the merged
     token, -left position); stale pairs are skipped. BPE: repeatedly the lowest-ranked adjacent pair.
     """
     sym = list(text)
+    made: list[str] = list(dict.fromkeys(sym)) if vocab.kind == "bpe" else []
     if len(sym) < 2:
-        return []
-    made: list[str] = []
+        return made
     if vocab.kind == "bpe":
         ranks = vocab.ranks or {}
         while len(sym) > 1:
