@@ -95,17 +95,30 @@ def teacher_topk(teacher, blocks: torch.Tensor, k: int, batch_size: int = 8, hea
     return TeacherCache(values, indices, lse)
 
 
+def restrict_cache(cache: TeacherCache, kept: list[int], n_vocab: int) -> TeacherCache:
+    """The cache for a student whose vocabulary is the teacher's ids `kept` (ascending; student id i is
+    teacher id kept[i]): indices renumbered; a top-k token the student lacks gets logit -inf, so its teacher
+    mass joins the "rest" outcome (which the student's remaining tokens carry)."""
+    to_student = torch.full((n_vocab,), -1, dtype=torch.long)
+    to_student[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
+    idx = to_student[cache.indices]
+    values = cache.values.masked_fill(idx < 0, float("-inf"))
+    return TeacherCache(values, idx.clamp_min(0), cache.lse)
+
+
 def topk_kl(student_logits: torch.Tensor, t_values: torch.Tensor, t_indices: torch.Tensor,
             t_lse: torch.Tensor) -> torch.Tensor:
     """Per-position KL(teacher || student) over {top-k tokens, rest}. Shapes [t, V], [t, k], [t, k], [t]."""
     logq_all = torch.log_softmax(student_logits.float(), dim=-1)
     logq = logq_all.gather(1, t_indices.to(student_logits.device))                # [t, k]
     logp = t_values.to(logq) - t_lse.to(logq)[:, None]                            # [t, k]
-    p = logp.exp()
+    valid = torch.isfinite(logp)          # -inf: a teacher token the student lacks (restrict_cache)
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    p = torch.where(valid, logp.exp(), torch.zeros_like(logp))
     kl = (p * (logp - logq)).sum(-1)
     # the rest: teacher mass outside its top-k, student mass outside the same tokens
     p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)
-    q_rest = (1.0 - logq.exp().sum(-1)).clamp_min(1e-12)
+    q_rest = (1.0 - (logq.exp() * valid).sum(-1)).clamp_min(1e-12)
     rest = torch.where(p_rest > 1e-12, p_rest * (p_rest.clamp_min(1e-12).log() - q_rest.log()),
                        torch.zeros_like(p_rest))
     return kl + rest

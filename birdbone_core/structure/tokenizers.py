@@ -168,12 +168,14 @@ def hf_pieces(tokenizer: Any, text: str) -> list[str]:
 
 
 def trim_vocab(model: nn.Module, tokenizer: Any, corpus: str, *, keep: int | None = None,
-               gguf: tuple[Path, GGUFTokenizer] | None = None) -> VocabTrim:
+               gguf: tuple[Path, GGUFTokenizer] | None = None, required: Iterable[int] = ()) -> VocabTrim:
     """Keep the tokens `corpus` needs (then the most common, up to `keep`) in the model, its HF tokenizer and,
     for a model loaded from a GGUF (`gguf`: its path and tokenizer), llama.cpp's tokenizer: both tokenize the
-    corpus, and the plan keeps what either needs. Raises BirdboneError before changing anything."""
+    corpus, and the plan keeps what either needs. `required`: ids kept whatever the budget (e.g. those of
+    healing text). Raises BirdboneError before changing anything."""
     n_rows = model.get_input_embeddings().weight.shape[0]
     vocabs = [vocab_from_hf(tokenizer, n_rows)]
+    vocabs[0].always |= {int(i) for i in required}
     ids = tokenizer(corpus, add_special_tokens=False)["input_ids"]
     counts = Counter(ids)
     if gguf is not None:

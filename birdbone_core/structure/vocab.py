@@ -274,3 +274,13 @@ def _set_vocab_config(model: nn.Module, n: int, ids: list[tuple[int, str, Any]])
             cfg.vocab_size = n
     for c, k, v in ids:
         setattr(cfgs[c], k, v)
+
+
+def renumber(ids: torch.Tensor, kept: Sequence[int], n_before: int) -> torch.Tensor:
+    """Token ids of the full vocabulary -> ids of the trimmed one; BirdboneError if one was not kept."""
+    to_new = torch.full((n_before,), -1, dtype=torch.long)
+    to_new[torch.tensor(list(kept), dtype=torch.long)] = torch.arange(len(kept))
+    out = to_new[ids]
+    if (out < 0).any():
+        raise BirdboneError(f"{int((out < 0).sum())} token(s) of the text are not in the trimmed vocabulary")
+    return out

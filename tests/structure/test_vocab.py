@@ -201,3 +201,43 @@ def test_structure_vocab_refuses_sizes_below_the_byte_set(tiny_path, tmp_path):
     assert_clean_failure(cli("structure", tiny_path, "-o", out, "--vocab", "100"), "256 byte tokens")
     assert_clean_failure(cli("structure", tiny_path, "-o", out, "--vocab", "257"), "smaller than")
     assert not out.exists()
+
+
+def test_healing_after_cuts_lowers_the_kl_to_the_dense_model(tiny_path, tmp_path):
+    out = tmp_path / "healed"
+    r = cli("structure", tiny_path, "-o", out, "--vocab", "0", "--ffn", "0.5", "--heal-steps", "12",
+            "--heal-lr", "1e-3", "--n-samples", "8", "--seq-len", "64")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    rec = json.loads((out / "structure.json").read_text())
+    assert rec["heal"]["steps"] == 12 and rec["heal"]["kl_after"] < 0.9 * rec["heal"]["kl_before"], rec["heal"]
+    assert_clean_failure(cli("structure", tiny_path, "-o", tmp_path / "y", "--ffn", "0.5", "--heal-steps", "-1"),
+                         "--heal-steps")
+
+
+def test_restricted_teacher_cache_scores_a_trimmed_student(tiny, corpus):
+    from birdbone_core.data.text import calibration_blocks
+    from birdbone_core.heal.distill import mean_topk_kl, restrict_cache, teacher_topk
+    from birdbone_core.structure.vocab import renumber
+
+    blocks = calibration_blocks(tiny.tokenizer, corpus, 4, 32, 0)
+    cache = teacher_topk(tiny.model, blocks, 16)
+    everything = restrict_cache(cache, list(range(1024)), 1024)
+    assert torch.equal(everything.indices, cache.indices) and torch.equal(everything.values, cache.values)
+    student = copy.deepcopy(tiny.model)
+    rec = trim_embeddings(student, sorted(set(blocks.unique().tolist()) | set(range(300))))
+    small = restrict_cache(cache, rec.kept, 1024)
+    assert (small.values == float("-inf")).any()                            # some top-k tokens are gone
+    kl = mean_topk_kl(student, renumber(blocks, rec.kept, 1024), small)
+    assert np.isfinite(kl) and 0 <= kl < 0.5 * mean_topk_kl(tiny.model, blocks, restrict_cache(
+        teacher_topk(_shuffled(tiny.model), blocks, 16), list(range(1024)), 1024))
+
+
+def _shuffled(model):
+    """A model that disagrees with `model` (its decoder weights permuted): a scale for 'large' KL."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in m.model.layers.parameters():
+            p.copy_(p.flatten()[torch.randperm(p.numel(), generator=torch.Generator().manual_seed(0))].view_as(p))
+    return m
