@@ -46,9 +46,11 @@ def _cmd_structure(a) -> int:
     from birdbone_core import atomic
     from birdbone_core.data.text import calibration_blocks, read_text
     from birdbone_core.errors import BirdboneError
+    from birdbone_core.export.gguf_file import export_gguf
     from birdbone_core.export.vocab import TOKENIZER_GGUF, read_gguf_tokenizer, write_tokenizer_gguf
     from birdbone_core.heal.config import Heal
     from birdbone_core.heal.distill import heal_distill, restrict_cache, teacher_topk
+    from birdbone_core.model.gguf_header import written_by_birdbone
     from birdbone_core.model.save import save_hf
     from birdbone_core.runtime import place
     from birdbone_core.steps import load_with_options
@@ -63,6 +65,8 @@ def _cmd_structure(a) -> int:
         raise BirdboneError("nothing to remove: give --vocab, --layers, --ffn and/or --heads")
     out = Path(a.out)
     atomic.check_output_dir(out, "output model directory")
+    if a.gguf:
+        atomic.check_output_file(Path(a.gguf), "GGUF", written_by_birdbone)
     corpus = read_text(a.vocab_corpus, "calib") if a.vocab is not None else None
     text, text_desc = read_text(a.text, "calib")
     lm = load_with_options(a.model, {}, place(runtime_of(a)))
@@ -111,6 +115,10 @@ def _cmd_structure(a) -> int:
     if gguf_tok is not None:    # llama.cpp's tokenizer travels with the model (GGUF export copies it)
         write_tokenizer_gguf(gguf_tok, out / TOKENIZER_GGUF)
     atomic.write_json(out / "structure.json", record)
+    if a.gguf:
+        res = export_gguf(lm.model, lm.tokenizer, Path(a.gguf), out_type=a.gguf_type,
+                          source_gguf=out / TOKENIZER_GGUF if gguf_tok is not None else None)
+        print(f"wrote {res.path}: {res.n_bytes:,} bytes ({a.gguf_type})")
     print(f"{record['params_before'] / 1e6:.1f}M -> {record['params_after'] / 1e6:.1f}M parameters; wrote {out}")
     return 0
 
@@ -137,6 +145,9 @@ def add_commands(sub) -> None:
                    help="after the cuts, N steps of distillation from the dense model's top-k logits on the "
                         "calibration windows (0: no healing)")
     p.add_argument("--heal-lr", type=float, default=None, help="healing learning rate (default 3e-5)")
+    p.add_argument("--gguf", metavar="FILE", help="also write the result as a GGUF file stock llama.cpp runs "
+                                                  "(or quantize OUT later: birdbone quantize OUT -o F --bpw 4.5)")
+    p.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default="q8_0", help="type of --gguf")
     p.add_argument("--text", help="calibration text (.txt/.jsonl[.gz]; default: the built-in slice)")
     p.add_argument("--n-samples", type=positive_int, default=16, help="calibration windows")
     p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per calibration window")

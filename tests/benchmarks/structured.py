@@ -21,27 +21,30 @@ not is reported with examples.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
 import time
 from pathlib import Path
 
+HEAL_STEPS, HEAL_LR = 40, 1e-4   # distillation from the dense model, 4 x 256 tokens a step
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
 
-# (name, vocab tokens kept or None, layers dropped, FFN share removed, llama-quantize variant)
+# (name, vocab tokens kept or None, layers dropped, FFN share removed, healing steps, llama-quantize variant)
 POINTS = [
-    ("dense Q8_0", None, 0, 0.0, "Q8_0"),
-    ("dense Q4_K_M", None, 0, 0.0, "Q4_K_M"),
-    ("dense Q4_K_M-emb_q4_0", None, 0, 0.0, "Q4_K_M-emb_q4_0"),
-    ("vocab 32k Q4_K_M", 32768, 0, 0.0, "Q4_K_M"),
-    ("vocab 16k Q4_K_M", 16384, 0, 0.0, "Q4_K_M"),
-    ("vocab 16k Q4_K_M-emb_q4_0", 16384, 0, 0.0, "Q4_K_M-emb_q4_0"),
-    ("vocab 8k Q4_K_M", 8192, 0, 0.0, "Q4_K_M"),
-    ("vocab 16k + FFN -25% Q4_K_M", 16384, 0, 0.25, "Q4_K_M"),
-    ("vocab 8k + FFN -50% + 2 layers Q4_K_M", 8192, 2, 0.5, "Q4_K_M"),
+    ("dense Q8_0", None, 0, 0.0, 0, "Q8_0"),
+    ("dense Q4_K_M", None, 0, 0.0, 0, "Q4_K_M"),
+    ("dense Q4_K_M-emb_q4_0", None, 0, 0.0, 0, "Q4_K_M-emb_q4_0"),
+    ("vocab 32k Q4_K_M", 32768, 0, 0.0, 0, "Q4_K_M"),
+    ("vocab 16k Q4_K_M", 16384, 0, 0.0, 0, "Q4_K_M"),
+    ("vocab 16k Q4_K_M-emb_q4_0", 16384, 0, 0.0, 0, "Q4_K_M-emb_q4_0"),
+    ("vocab 8k Q4_K_M", 8192, 0, 0.0, 0, "Q4_K_M"),
+    ("vocab 16k + FFN -25% Q4_K_M", 16384, 0, 0.25, 0, "Q4_K_M"),
+    ("vocab 16k + FFN -25% healed Q4_K_M", 16384, 0, 0.25, HEAL_STEPS, "Q4_K_M"),
+    ("vocab 8k + FFN -50% + 2 layers healed Q4_K_M", 8192, 2, 0.5, HEAL_STEPS, "Q4_K_M"),
 ]
 
 
@@ -56,13 +59,14 @@ def matmul_flops_per_token(model) -> int:
     return 2 * n
 
 
-def pieces(gguf: Path, text: str) -> list[str]:
-    """llama.cpp's tokenization of `text` as token texts (ids differ between trimmed and full vocabularies)."""
+def piece_tokenizer(stack: contextlib.ExitStack, gguf: Path):
+    """text -> llama.cpp's tokenization of it as token texts (ids differ between trimmed and full
+    vocabularies), with the vocabulary loaded once."""
     from birdbone_core.eval.llamacpp import open_llama
 
-    with open_llama(gguf, vocab_only=True) as llm:
-        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-        return [llm._model.token_get_text(i) for i in ids]
+    llm = stack.enter_context(open_llama(gguf, vocab_only=True))
+    return lambda text: [llm._model.token_get_text(i)
+                         for i in llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)]
 
 
 def main(argv=None) -> int:
@@ -71,7 +75,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "tests" / "benchmarks" / "results")
     ap.add_argument("--work", type=Path, default=Path("/tmp/birdbone-structured"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tasks", type=int, default=0, metavar="N",
+                    help="then task accuracy (pydocs_lastword, pydocs_cloze; first N documents each) of the points "
+                         "in TASK_POINTS, in llama.cpp, added to the results of the last run (--tasks-only: only that)")
+    ap.add_argument("--tasks-only", action="store_true")
     a = ap.parse_args(argv)
+    name = Path(a.model or "gemma-3-270m-q4_k_m.gguf").stem
+    if a.tasks_only:
+        return add_task_accuracy(a.out, name, a.tasks or 100, a.threads)
 
     import reference as ref
     import torch
@@ -80,10 +91,13 @@ def main(argv=None) -> int:
     from birdbone_core.eval.llamacpp import llama_bits_per_byte
     from birdbone_core.export.gguf_file import export_gguf
     from birdbone_core.export.vocab import read_gguf_tokenizer, write_tokenizer_gguf
+    from birdbone_core.heal.config import Heal
+    from birdbone_core.heal.distill import heal_distill, restrict_cache, teacher_topk
     from birdbone_core.model.default import default_model_path
     from birdbone_core.model.load import load_model
     from birdbone_core.structure.depth import drop_layers
     from birdbone_core.structure.tokenizers import tokenization_diff, trim_vocab
+    from birdbone_core.structure.vocab import renumber
     from birdbone_core.structure.width import prune_width
 
     torch.set_num_threads(2)
@@ -97,33 +111,47 @@ def main(argv=None) -> int:
     dense_flops = matmul_flops_per_token(base.model)
     f16_cache: dict[tuple, Path] = {}
     rows = []
-    for name, vocab, n_drop, ffn, variant in POINTS:
+    dense_blocks = calibration_blocks(base.tokenizer, calib, 16, 256, 0)
+    teacher = None
+    for name, vocab, n_drop, ffn, heal, variant in POINTS:
         t0 = time.perf_counter()
-        key = (vocab, n_drop, ffn)
-        row: dict = {"point": name, "vocab": vocab, "layers_dropped": n_drop, "ffn_removed": ffn, "quant": variant}
+        key = (vocab, n_drop, ffn, heal)
+        row: dict = {"point": name, "vocab": vocab, "layers_dropped": n_drop, "ffn_removed": ffn, "heal_steps": heal,
+                     "quant": variant}
         if key not in f16_cache:
             model, tok, gtok = copy.deepcopy(base.model), base.tokenizer, src_tok
+            blocks, cache = dense_blocks, None
+            if heal:
+                teacher = teacher or teacher_topk(base.model, dense_blocks, 64, batch_size=4)
+                cache = teacher
             if vocab:
-                trim = trim_vocab(model, tok, calib, keep=vocab, gguf=(Path(spec), src_tok))
+                trim = trim_vocab(model, tok, calib, keep=vocab, gguf=(Path(spec), src_tok),
+                                  required=dense_blocks.unique().tolist())
                 tok, gtok = trim.tokenizer, trim.gguf_tokenizer
                 row["vocab_trim"] = trim.summary()
-            blocks = calibration_blocks(tok, calib, 16, 256, 0)
+                blocks = renumber(dense_blocks, trim.record.kept, base.model.config.vocab_size)
+                cache = restrict_cache(cache, trim.record.kept, base.model.config.vocab_size) if heal else None
             if n_drop:
                 rec, _ = drop_layers(model, blocks, n_drop, metric="angular")
                 row["layers_removed"] = list(rec.removed)
             if ffn:
                 prune_width(model, blocks, ffn=ffn)
-            tag = f"v{vocab or 0}-d{n_drop}-f{int(ffn * 100)}"
+            if heal:
+                rep = heal_distill(model, None, blocks, Heal(method="distill", steps=heal, lr=HEAL_LR, batch_size=4,
+                                                             top_k=64), cache=cache)
+                row["heal"] = {"kl_before": rep.kl_before, "kl_after": rep.kl_after, "seconds": round(rep.seconds, 1)}
+            tag = f"v{vocab or 0}-d{n_drop}-f{int(ffn * 100)}-h{heal}"
             tok_path = write_tokenizer_gguf(gtok, a.work / f"{tag}.tokenizer.gguf")
             f16 = a.work / f"{tag}.f16.gguf"
             export_gguf(model, tok, f16, out_type="f16", source_gguf=tok_path)
             ref.llama_imatrix(f16, a.work / "calib.txt", a.work / f"{tag}.imatrix.gguf", n_ctx=512, chunks=32,
                               threads=2)
             if vocab:   # llama.cpp's own tokenizer on the trimmed file: corpus identical, held-out share
-                base_f16 = f16_cache[(None, 0, 0.0)]
-                row["calib_pieces_identical"] = pieces(f16, calib) == pieces(base_f16, calib)
-                row["held_out_tokenization"] = tokenization_diff(lambda s: pieces(base_f16, s),
-                                                                 lambda s: pieces(f16, s), held[:60000])
+                with contextlib.ExitStack() as stack:
+                    before = piece_tokenizer(stack, f16_cache[(None, 0, 0.0, 0)])
+                    after = piece_tokenizer(stack, f16)
+                    row["calib_pieces_identical"] = before(calib) == after(calib)
+                    row["held_out_tokenization"] = tokenization_diff(before, after, held)
             row.update(layers=model.config.num_hidden_layers, intermediate_size=model.config.intermediate_size,
                        vocab_size=model.config.vocab_size, params=sum(p.numel() for p in model.parameters()),
                        flops_per_token=matmul_flops_per_token(model))
@@ -149,6 +177,50 @@ def main(argv=None) -> int:
         row.update(pp_tps=b.get("pp_tps"), tg_tps=b.get("tg_tps"))
         print(f"{row['point']}: pp {row['pp_tps']:.0f} tok/s, tg {row['tg_tps']:.1f} tok/s", flush=True)
     write_results(a.out, Path(spec).stem, spec, held_desc, calib_desc, a.threads, rows)
+    return add_task_accuracy(a.out, Path(spec).stem, a.tasks, a.threads) if a.tasks else 0
+
+
+TASK_POINTS = ("dense Q8_0", "dense Q4_K_M-emb_q4_0", "vocab 16k Q4_K_M", "vocab 16k + FFN -25% Q4_K_M",
+               "vocab 16k + FFN -25% healed Q4_K_M", "vocab 8k + FFN -50% + 2 layers healed Q4_K_M")
+
+
+def add_task_accuracy(out: Path, name: str, limit: int, threads: int) -> int:
+    """Task accuracy of TASK_POINTS' GGUFs (kept in --work by the run) in llama.cpp, each with its own
+    tokenizer; deltas against the dense Q8_0 file, paired per document."""
+    from birdbone_core.eval.tasks import LlamaCppLM, paired_delta, run_tasks
+
+    path = out / f"structured-{name}.json"
+    data = json.loads(path.read_text())
+    rows = {r["point"]: r for r in data["rows"]}
+    for point in TASK_POINTS:
+        r = rows[point]
+        t0 = time.perf_counter()
+        with LlamaCppLM(r["gguf"], n_threads=max(threads, 2)) as lm:
+            r["tasks"] = run_tasks(lm, ["pydocs_lastword", "pydocs_cloze"], limit=limit, per_doc=True)
+        r["tasks_seconds"] = round(time.perf_counter() - t0, 1)
+        print(point, {t: round(v[v["primary"]], 3) for t, v in r["tasks"].items()}, flush=True)
+    dense = rows["dense Q8_0"]["tasks"]
+    for point in TASK_POINTS:
+        for task, res in rows[point]["tasks"].items():
+            d, se = paired_delta(dense[task]["per_doc"], res["per_doc"])
+            res["delta_vs_dense"], res["delta_stderr"] = d, se
+    data["tasks_limit"] = limit
+    path.write_text(json.dumps(data, indent=1))
+    lines = (out / f"structured-{name}.md").read_text().split("\n## Task accuracy")[0].rstrip("\n").split("\n")
+    lines += ["", "## Task accuracy", "",
+              f"First {limit} documents of each shipped task (birdbone_core/data/tasks), each GGUF in llama.cpp with "
+              "its own tokenizer; delta vs dense Q8_0 paired per document (± its stderr). "
+              "`python tests/benchmarks/structured.py --tasks-only --tasks N` after a run.", "",
+              "| point | FLOPs/token vs dense | pydocs_lastword | Δ | pydocs_cloze | Δ |", "|---|---|---|---|---|---|"]
+    for point in TASK_POINTS:
+        r = rows[point]
+        cells = []
+        for task in ("pydocs_lastword", "pydocs_cloze"):
+            res = r["tasks"][task]
+            cells += [f"{res[res['primary']]:.3f}", f"{res['delta_vs_dense'] * 100:+.1f} ± {res['delta_stderr'] * 100:.1f} pts"]
+        lines.append(f"| {point} | {r['flops_vs_dense']:.2f} | " + " | ".join(cells) + " |")
+    (out / f"structured-{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-len(TASK_POINTS) - 2:]))
     return 0
 
 

@@ -185,8 +185,10 @@ def test_trimmed_spm_gguf_tokenizes_the_corpus_like_llama_cpp_did(corpus, held, 
 def test_structure_vocab_cli_writes_the_record(tiny_path, tmp_path, corpus):
     (tmp_path / "domain.txt").write_text(corpus)
     out = tmp_path / "small-vocab"
-    r = cli("structure", tiny_path, "-o", out, "--vocab", "0", "--vocab-corpus", tmp_path / "domain.txt")
+    r = cli("structure", tiny_path, "-o", out, "--vocab", "0", "--vocab-corpus", tmp_path / "domain.txt",
+            "--gguf", tmp_path / "small.gguf")
     assert r.returncode == 0, r.stderr
+    assert gguf.GGUFReader(str(tmp_path / "small.gguf")).tensors[0].data.size > 0
     import json
 
     rec = json.loads((out / "structure.json").read_text())["vocab"]
@@ -194,6 +196,8 @@ def test_structure_vocab_cli_writes_the_record(tiny_path, tmp_path, corpus):
     from transformers import AutoConfig, AutoTokenizer
     assert AutoConfig.from_pretrained(out).vocab_size == rec["kept"]
     assert len(AutoTokenizer.from_pretrained(out)) == rec["kept"]
+    emb = next(t for t in gguf.GGUFReader(str(tmp_path / "small.gguf")).tensors if t.name == "token_embd.weight")
+    assert emb.shape[1] == rec["kept"]
 
 
 def test_structure_vocab_refuses_sizes_below_the_byte_set(tiny_path, tmp_path):
