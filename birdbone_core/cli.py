@@ -58,6 +58,13 @@ def print_metrics_table(metrics: dict) -> None:
               _f(c["ppl"], ".3f"), _f(c["ppl_llamacpp"], ".3f"), _f(c["kld"], ".4f"),
               "-" if c["top1"] is None else f"{c['top1']:.1%}")
     Console(width=max(140, Console().width)).print(t)
+    st = metrics.get("structure")
+    if st:   # the base above is the cut model; what the cut itself did, against the model the run started from
+        vocab = f", vocabulary {st['vocab']['of']:,} -> {st['vocab']['kept']:,} tokens" if st.get("vocab") else ""
+        print(f"structure: {metrics['source']['path']} ({_mb(metrics['source']['bytes'])} MB) cut from "
+              f"{st['params_before'] / 1e6:.1f}M to {st['params_after'] / 1e6:.1f}M parameters{vocab}; held-out "
+              f"bits per byte {st['bits_per_byte_before']:.4f} -> {st['bits_per_byte_after']:.4f} (each with its "
+              f"own tokenizer)")
     acc = metrics.get("accuracy")
     if acc:
         a = Table(title="task accuracy (lm-eval; +/- is the standard error)")

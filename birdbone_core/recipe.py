@@ -3,6 +3,7 @@
     name: sparsegpt-50-q8
     calibration: {n_samples: 64, seq_len: 512, seed: 0}
     evaluation:  {n_ctx: 512, max_chunks: 8}
+    structure:   {vocab: 16384, ffn: 0.25}            # optional; see birdbone_core.structure.config
     prune:       {method: sparsegpt, sparsity: 0.5, pattern: unstructured}
     export:      {type: q8_0}
     runtime:     {device: auto, dtype: auto}     # optional; see birdbone_core.runtime
@@ -27,6 +28,7 @@ from birdbone_core.prune.config import Prune
 from birdbone_core.prune.regrow import Regrow
 from birdbone_core.quant.config import Quantize
 from birdbone_core.runtime import Runtime
+from birdbone_core.structure.config import Structure
 
 EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -151,6 +153,9 @@ class Recipe(_Strict):
                                                                   "healing and quantization")
     evaluation: Evaluation = Field(Evaluation(), description="held-out text, tasks and canaries that score "
                                                                "every state")
+    structure: Structure | None = Field(None, description="structural cuts (vocabulary, layers, FFN neurons, KV "
+                                                          "groups) made once, first: the cut model is the run's "
+                                                          "base for every later step (birdbone_core.structure)")
     prune: Prune = Field(Prune(), description="what is pruned and how (birdbone_core.prune.config)")
     export: Export = Field(Export(), description="the GGUF's type without a quantize section")
     waves: Waves | None = Field(None, description="absent: one-shot pruning; present: pruning in waves")
@@ -174,12 +179,14 @@ class Recipe(_Strict):
         return self
 
     @model_serializer(mode="wrap")
-    def _omit_default_runtime(self, handler):
-        # `runtime:` is left out at its default so that a recipe without it keeps the hash (sha256) and
-        # YAML it had before it existed: existing run directories stay valid
+    def _omit_later_defaults(self, handler):
+        # `runtime:` and `structure:` are left out at their defaults so that a recipe without them keeps the
+        # hash (sha256) and YAML it had before they existed: existing run directories stay valid
         d = handler(self)
         if self.runtime == Runtime():
             d.pop("runtime", None)
+        if self.structure is None:
+            d.pop("structure", None)
         return d
 
     def sha256(self) -> str:

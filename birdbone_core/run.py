@@ -4,6 +4,8 @@ one process at a time working on it.
     RUN/run.json                  manifest: model source, recipe hash, versions, completed steps
     RUN/recipe.yaml               the recipe as validated
     RUN/.lock                     held (flock) by the process working on the run; names it
+    RUN/structured/               with a recipe `structure:` section: the cut model (HF dir, tokenizer.gguf for
+                                  a GGUF source, structure.json), the base of every later step
     RUN/baseline/                 eval token chunks + the dense model's scored hidden states (for KL)
     RUN/pruned/                   the pruned model, a transformers-loadable safetensors dir
     RUN/prune_report.json         per-module sparsity, per-layer reconstruction error, time
@@ -124,7 +126,25 @@ class Run:
         return recipe
 
     def model_spec(self) -> str:
+        """The model the run started from (as given to `init`)."""
         return self.manifest()["model"]["path"]
+
+    @property
+    def structured_dir(self) -> Path:
+        return self.root / "structured"
+
+    def base_spec(self) -> str:
+        """The model every step after the structural cuts works from: RUN/structured/ when the recipe has a
+        `structure:` section (steps.ensure_structured writes it), else the model the run started from."""
+        return str(self.structured_dir) if self.recipe().structure is not None else self.model_spec()
+
+    def tokenizer_gguf(self) -> Path | None:
+        """The GGUF whose tokenizer.* keys an export copies: the cut model's own, else the source GGUF."""
+        own = self.structured_dir / "tokenizer.gguf"
+        if self.recipe().structure is not None:
+            return own if own.is_file() else None
+        m = self.manifest()["model"]
+        return Path(m["path"]) if m["kind"] == "gguf" else None
 
     def load_options(self) -> dict:
         return self.manifest()["model"].get("options", {})

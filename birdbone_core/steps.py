@@ -112,8 +112,52 @@ def _load(spec: str, what: str, options: dict | None = None, placement: Placemen
 
 
 def load_model_for(run: Run, placement: Placement | None = None) -> LoadedModel:
-    """The run's base model with its recorded load options, on `placement` (the run's when None)."""
-    return _load(run.model_spec(), "base model", run.load_options(), placement or run.placement())
+    """The run's base model with its recorded load options, on `placement` (the run's when None): the model
+    it started from, or, with a recipe `structure:` section, the cut model (made first when missing)."""
+    ensure_structured(run, placement)
+    return _load(run.base_spec(), "base model", run.load_options(), placement or run.placement())
+
+
+def ensure_structured(run: Run, placement: Placement | None = None) -> None:
+    """With a recipe `structure:` section: cut the source model once (birdbone_core.structure.apply) into
+    RUN/structured/ (HF dir, tokenizer.gguf for a GGUF source, structure.json with the held-out bits per
+    byte before and after, each model with its own tokenizer). Every later step starts from it."""
+    recipe = run.recipe()
+    cfg = recipe.structure
+    if cfg is None or run.done("structure"):
+        return
+    from birdbone_core.eval.perplexity import bits_per_byte
+    from birdbone_core.export.vocab import TOKENIZER_GGUF, write_tokenizer_gguf
+    from birdbone_core.structure.apply import apply_structure
+
+    t0 = time.perf_counter()
+    cal, ev = recipe.calibration, recipe.evaluation
+    text, text_desc = read_text(cal.text, "calib")
+    held, held_desc = read_text(ev.text, "eval")
+    corpus = read_text(cfg.vocab_corpus, "calib") if cfg.vocab is not None else None
+    lm = _load(run.model_spec(), "source model", run.load_options(), placement or run.placement())
+    bpb_before = bits_per_byte(lm.model, lm.tokenizer, held)
+    blocks = calibration_blocks(lm.tokenizer, text, cal.n_samples, cal.seq_len, cal.seed)
+    m = run.manifest()["model"]
+    cut = apply_structure(lm.model, lm.tokenizer, cfg, blocks, corpus=corpus,
+                          source_gguf=Path(m["path"]) if m["kind"] == "gguf" else None)
+    bpb_after = bits_per_byte(lm.model, cut.tokenizer, held)
+    save_hf(lm.model, cut.tokenizer, run.structured_dir)
+    if cut.gguf_tokenizer is not None:
+        write_tokenizer_gguf(cut.gguf_tokenizer, run.structured_dir / TOKENIZER_GGUF)
+    record = {"source": run.model_spec(), "calibration": text_desc, **cut.record,
+              "held_out": {"text": held_desc, "bits_per_byte_before": bpb_before["bits_per_byte"],
+                           "bits_per_byte_after": bpb_after["bits_per_byte"], "bytes": bpb_before["bytes"]}}
+    atomic.write_json(run.structured_dir / "structure.json", record)
+    summary = {k: record[k] for k in ("params_before", "params_after")}
+    if "vocab" in record:
+        summary["vocab"] = {k: record["vocab"][k] for k in ("kept", "of", "corpus_tokenizes_identically")}
+    run.mark_done("structure", {**summary, "bits_per_byte_before": bpb_before["bits_per_byte"],
+                                "bits_per_byte_after": bpb_after["bits_per_byte"],
+                                "seconds": time.perf_counter() - t0})
+    console().print(f"structure: {record['params_before'] / 1e6:.1f}M -> {record['params_after'] / 1e6:.1f}M "
+                    f"parameters; held-out bits per byte {bpb_before['bits_per_byte']:.4f} -> "
+                    f"{bpb_after['bits_per_byte']:.4f}")
 
 
 def _file_size(path: Path) -> int:
@@ -126,7 +170,7 @@ def _file_size(path: Path) -> int:
 def step_baseline(run: Run, lm: LoadedModel | None = None) -> EvalResult:
     """Tokenize the evaluation text and score the dense model; keep its hidden states for KL later."""
     recipe = run.recipe()
-    lm = lm or _load(run.model_spec(), "base model", run.load_options(), run.placement())
+    lm = lm or load_model_for(run)
     ev = recipe.evaluation
     check_n_ctx(lm.model, ev.n_ctx)
     check_pattern(lm.model, recipe.prune)          # the first step that has the model: refuse before any work
@@ -134,7 +178,7 @@ def step_baseline(run: Run, lm: LoadedModel | None = None) -> EvalResult:
     chunks = evaluation_chunks(lm.tokenizer, text, ev.n_ctx, ev.max_chunks)
     result, hidden = evaluate(lm.model, chunks, description="scoring base model")
     if not math.isfinite(result.ppl):
-        raise BirdboneError(f"{run.model_spec()}: the base model scores perplexity {result.ppl} (its outputs "
+        raise BirdboneError(f"{run.base_spec()}: the base model scores perplexity {result.ppl} (its outputs "
                             f"hold NaN/Inf); check its weights and config")
     with atomic.staged_dir(run.baseline_dir) as tmp:
         save_file({"chunks": chunks.contiguous(), "hidden": hidden.contiguous()}, str(tmp / run.reference_path.name))
@@ -157,7 +201,7 @@ def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
     recipe = run.recipe()
     if recipe.waves is not None:   # birdbone_core.compress.prune runs those through the loop
         raise BirdboneError(f"{run.root}: the recipe prunes in waves; its steps are the loop's (birdbone run)")
-    lm = lm or _load(run.model_spec(), "base model", run.load_options(), run.placement())
+    lm = lm or load_model_for(run)
     cal = recipe.calibration
     text, text_desc = read_text(cal.text, "calib")
     blocks = calibration_blocks(lm.tokenizer, text, cal.n_samples, cal.seq_len, cal.seed)
@@ -194,7 +238,7 @@ def step_export(run: Run, lm: LoadedModel | None = None):
     recipe = run.recipe()
     lm = lm or _load(str(run.pruned_dir), "pruned model", placement=run.placement(), keep_dtype=True)
     m = run.manifest()
-    source_gguf = Path(m["model"]["path"]) if m["model"]["kind"] == "gguf" else None
+    source_gguf = run.tokenizer_gguf()
     meta = {"birdbone.recipe_sha256": m["recipe_sha256"], "birdbone.prune.method": recipe.prune.method,
             "birdbone.prune.pattern": recipe.prune.pattern}
     if recipe.quantize is not None:  # mixed types under a bit budget (birdbone_core.quant)
@@ -255,12 +299,13 @@ def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
     m = run.manifest()
     gguf = run.gguf_path(recipe)
     llama_ppl = _llamacpp_ppl(gguf, ref["chunks"]) if gguf.is_file() else None
-    base_path = Path(m["model"]["path"])
-    base_llama_ppl = _llamacpp_ppl(base_path, ref["chunks"]) if m["model"]["kind"] == "gguf" else None
+    base_path = Path(run.base_spec())
+    base_llama_ppl = (_llamacpp_ppl(base_path, ref["chunks"]) if m["model"]["kind"] == "gguf"
+                      and recipe.structure is None else None)
     metrics = {
         "recipe": recipe.name, "recipe_sha256": m["recipe_sha256"], "eval_text": base_eval["text"],
         "n_ctx": result.n_ctx, "n_scored": result.n_scored,
-        "base": {"path": m["model"]["path"], "bytes": _file_size(Path(m["model"]["path"])),
+        "base": {"path": str(base_path), "bytes": _file_size(base_path),
                  "ppl": base_eval["ppl"], "ppl_llamacpp": base_llama_ppl},
         "compressed": {"path": str(gguf) if gguf.is_file() else None,
                        "bytes": gguf.stat().st_size if gguf.is_file() else None,
@@ -268,6 +313,9 @@ def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
                        "sparsity": zeros / max(total, 1),
                        "ppl": result.ppl, "ppl_llamacpp": llama_ppl, "kld": result.kld, "top1": result.top1},
     }
+    if recipe.structure is not None:   # base = the cut model; the source and the cut's cost, from `structure`
+        metrics["source"] = {"path": run.model_spec(), "bytes": _file_size(Path(run.model_spec()))}
+        metrics["structure"] = run.manifest()["steps"].get("structure")
     accuracy = _final_accuracy(run, recipe, lm)
     if accuracy is not None:
         metrics["accuracy"] = accuracy
@@ -290,7 +338,7 @@ def _final_accuracy(run: Run, recipe: Recipe, lm: LoadedModel) -> dict | None:
     prep = run.root / "prepare" / "prepare.json"
     base = json.loads(prep.read_text()).get("accuracy") if prep.is_file() else None
     if base is None:
-        base_lm = load_with_options(run.model_spec(), run.load_options(), run.placement())
+        base_lm = load_with_options(run.base_spec(), run.load_options(), run.placement())
         base = accuracy_for(base_lm.model, base_lm.tokenizer, ev, online)
         del base_lm
     final = accuracy_for(lm.model, lm.tokenizer, ev, online)
@@ -310,7 +358,7 @@ def revert(run: Run, wave: int, out_dir: Path) -> Path:
     # on the CPU, in the dtype the ledger recorded the base in (a run pruned on CUDA holds bf16 weights)
     floats = {r.dtype for r in ledger.entry(0).tensors.values()} & {"float32", "bfloat16", "float16"}
     cpu = Placement(torch.device("cpu"), floats.pop() if len(floats) == 1 else "float32")
-    lm = _load(run.model_spec(), "base model", run.load_options(), cpu)
+    lm = _load(run.base_spec(), "base model", run.load_options(), cpu)
     state = ledger.state_at(wave, state_of(lm.model))
     lm.model.load_state_dict(state, strict=True)
     save_hf(lm.model, lm.tokenizer, out_dir, mark=True)

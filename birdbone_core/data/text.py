@@ -102,3 +102,17 @@ def evaluation_chunks(tokenizer, text: str, n_ctx: int, max_chunks: int | None) 
     if bos is not None:
         chunks[:, 0] = bos
     return chunks
+
+
+def text_segments(text: str, segment_bytes: int, max_segments: int) -> list[str]:
+    """Consecutive runs of whole paragraphs of at least `segment_bytes` UTF-8 bytes each (at most
+    `max_segments`): the same text for every model, whatever its tokenizer."""
+    out, cur = [], ""
+    for para in text.split("\n\n"):
+        cur = f"{cur}\n\n{para}" if cur else para
+        if len(cur.encode("utf-8")) >= segment_bytes:
+            out.append(cur)
+            cur = ""
+            if len(out) == max_segments:
+                break
+    return out

@@ -108,25 +108,13 @@ def llama_perplexity(gguf_path: str | os.PathLike, token_ids: list[int], n_ctx: 
     return float(np.exp(nll / count)), count
 
 
-def text_segments(text: str, segment_bytes: int, max_segments: int) -> list[str]:
-    """Consecutive runs of whole paragraphs of at least `segment_bytes` UTF-8 bytes each (at most
-    `max_segments`): the same text for every model, whatever its tokenizer."""
-    out, cur = [], ""
-    for para in text.split("\n\n"):
-        cur = f"{cur}\n\n{para}" if cur else para
-        if len(cur.encode("utf-8")) >= segment_bytes:
-            out.append(cur)
-            cur = ""
-            if len(out) == max_segments:
-                break
-    return out
-
-
 def llama_bits_per_byte(gguf_path: str | os.PathLike, text: str, *, segment_bytes: int = 2048, max_segments: int = 8,
                         n_threads: int = DEFAULT_THREADS) -> dict:
     """Bits per byte of held-out text, comparable across tokenizers: each segment (`text_segments`) is
     tokenized by the model's own tokenizer, evaluated from BOS, and every token of it is scored; the
     total negative log-likelihood in bits is divided by the segments' UTF-8 bytes."""
+    from birdbone_core.data.text import text_segments
+
     segments = text_segments(text, segment_bytes, max_segments)
     if not segments:
         raise BirdboneError(f"bits per byte needs at least {segment_bytes} bytes of text")

@@ -125,3 +125,28 @@ def evaluate(model, chunks: torch.Tensor, reference_hidden: torch.Tensor | None 
     """Perplexity (and KL/top-1 when a reference is given). Returns (result, this model's hidden states)."""
     hidden = scored_hidden_states(model, chunks, description)
     return score_hidden(model, hidden, chunks, reference_hidden), hidden
+
+
+@torch.no_grad()
+def bits_per_byte(model, tokenizer, text: str, *, segment_bytes: int = 2048, max_segments: int = 8,
+                  head_chunk: int = 128) -> dict:
+    """Bits per byte of held-out text in torch, comparable across tokenizers (the protocol of
+    birdbone_core.eval.llamacpp.llama_bits_per_byte): each segment (data.text.text_segments) is tokenized by
+    `tokenizer` with BOS and every token of it is scored; total NLL in bits over the segments' UTF-8 bytes."""
+    from birdbone_core.data.text import text_segments
+    from birdbone_core.runtime import model_device
+
+    segments = text_segments(text, segment_bytes, max_segments)
+    if not segments:
+        raise BirdboneError(f"bits per byte needs at least {segment_bytes} bytes of text")
+    nll, n_tok = 0.0, 0
+    for seg in segments:
+        ids = torch.tensor([tokenizer(seg, add_special_tokens=True)["input_ids"]], device=model_device(model))
+        h = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]   # [t-1, d]
+        targets = ids[0, 1:]
+        for c in range(0, h.shape[0], head_chunk):
+            logp = torch.log_softmax(head_logits(model, h[c:c + head_chunk]), -1)
+            nll -= float(logp.gather(1, targets[c:c + head_chunk, None].to(logp.device)).sum())
+        n_tok += targets.numel()
+    n_bytes = sum(len(s.encode("utf-8")) for s in segments)
+    return {"bits_per_byte": nll / math.log(2) / n_bytes, "bytes": n_bytes, "tokens": n_tok, "segments": len(segments)}

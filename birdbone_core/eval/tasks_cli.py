@@ -51,7 +51,7 @@ def _plan(a):
             target = run.pruned_dir
             if not (target / "config.json").is_file():
                 raise BirdboneError(f"{root}: no pruned model in {target}; `birdbone tasks` needs step finish first")
-        base = a.base or run.model_spec()
+        base = a.base or run.base_spec()
         out = out or root / "tasks.json"
         return str(target), base, recipe.evaluation, out, recipe.runtime
     recipe = load_recipe(a.recipe)

@@ -21,7 +21,7 @@ from birdbone_core.loop.layout import WEIGHT_STEPS, Layout, read_json
 from birdbone_core.model.load import LoadedModel, ModelSource, stored_dtype
 from birdbone_core.progress import console
 from birdbone_core.runtime import Placement
-from birdbone_core.steps import Run, load_with_options
+from birdbone_core.steps import Run, ensure_structured, load_with_options
 
 
 class Context:
@@ -98,8 +98,9 @@ class Context:
     # ---- models -------------------------------------------------------------------------------------
     def load_source(self) -> LoadedModel:
         if self.source is None:
-            console().print(f"loading base model: {self.run.model_spec()}")
-            self.source = load_with_options(self.run.model_spec(), self.run.load_options(), self.placement)
+            ensure_structured(self.run, self.placement)       # a recipe `structure:` section: cut first
+            console().print(f"loading base model: {self.run.base_spec()}")
+            self.source = load_with_options(self.run.base_spec(), self.run.load_options(), self.placement)
         return self.source
 
     def base(self) -> LoadedModel:

@@ -1,0 +1,38 @@
+"""The recipe's `structure:` section: cuts applied once, before any pruning, to make the run's base model.
+
+    structure: {vocab: 16384, ffn: 0.25, heal_steps: 40}
+
+Order: vocabulary, then layers, then FFN neurons / KV groups, then healing (birdbone_core.structure.apply).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Structure(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vocab: int | None = Field(None, description="tokens to keep: those vocab_corpus needs (with every piece "
+                                                "merged on the way to them), then the tokenizer's most likely "
+                                                "pieces; 0 = only what the corpus needs; None = keep the vocabulary")
+    vocab_corpus: str | None = Field(None, description="domain text for vocab (.txt/.jsonl[.gz]); None = the "
+                                                       "built-in calibration slice")
+    layers: int = Field(0, ge=0, description="decoder layers to drop (never the first or last)")
+    ffn: float = Field(0.0, ge=0.0, lt=1.0, description="share of FFN neurons removed in every layer")
+    heads: float = Field(0.0, ge=0.0, lt=1.0, description="share of KV head groups removed in every layer")
+    metric: Literal["angular", "bi", "kl"] = Field("angular", description="layer importance for `layers`")
+    multiple: int = Field(32, ge=1, description="kept FFN / attention widths are multiples of this (256 for "
+                                                "K-quants)")
+    heal_steps: int = Field(0, ge=0, le=1_000_000, description="distillation steps from the uncut model after "
+                                                               "the cuts (0: none)")
+    heal_lr: float | None = Field(None, gt=0, le=1.0, description="healing learning rate; None = 3e-5")
+
+    @model_validator(mode="after")
+    def _something(self) -> "Structure":
+        if self.vocab is None and not (self.layers or self.ffn or self.heads):
+            raise ValueError("nothing to remove: give vocab, layers, ffn and/or heads")
+        if self.vocab is not None and self.vocab != 0 and self.vocab < 256:
+            raise ValueError(f"vocab {self.vocab} is fewer than the 256 byte tokens every vocabulary keeps")
+        return self
