@@ -30,7 +30,8 @@ COMMAND_MODULES = (
     "birdbone_core.report.cli",       # healing curves and run report
     "birdbone_core.ops.cli",          # DVC artifacts, Prometheus metrics
     "birdbone_core.loop.cli",         # the adaptive loop step by step: prepare, wave K STEP, ..., run, status
-    "birdbone_core.structure.cli",    # structured pruning: whole layers, FFN neurons, KV head groups
+    "birdbone_core.structure.cli",    # structured pruning: vocabulary, whole layers, FFN neurons, KV groups
+    "birdbone_core.eval.versus",      # a run's GGUF against llama.cpp's own quantizer at the same size
 )
 
 

@@ -27,7 +27,8 @@ _LOG_CALLBACK: Any = None
 _ERRORS: list[str] = []  # recent llama.cpp ERROR-level log lines, for error messages
 
 
-def _llama_cpp() -> Any:
+def llama_cpp_module() -> Any:
+    """The llama_cpp module, its log routed to birdbone's error capture; BirdboneError when not installed."""
     global _LOG_CALLBACK
     try:
         import llama_cpp
@@ -52,7 +53,7 @@ def _llama_cpp() -> Any:
 def open_llama(gguf_path: str | os.PathLike, *, n_ctx: int = 512, logits_all: bool = False,
                n_threads: int = DEFAULT_THREADS, vocab_only: bool = False) -> Iterator[Any]:
     """A `llama_cpp.Llama` for `gguf_path`, closed on exit. Load failures become BirdboneError."""
-    llama_cpp = _llama_cpp()
+    llama_cpp = llama_cpp_module()
     path = Path(gguf_path)
     if not path.is_file():
         raise BirdboneError(f"GGUF file {path} does not exist")
@@ -126,8 +127,10 @@ def llama_bits_per_byte(gguf_path: str | os.PathLike, text: str, *, segment_byte
         for seg in ids:
             llm.reset()
             llm.eval(seg)
-            logits = np.asarray(llm.scores[:len(seg) - 1], dtype=np.float64)
-            nll += float(np.sum(_nll(logits, np.asarray(seg[1:], dtype=np.int64))))
+            targets = np.asarray(seg[1:], dtype=np.int64)
+            for c in range(0, len(targets), 64):   # float64 64 rows at a time: a 262k vocabulary is large
+                logits = np.asarray(llm.scores[c:min(c + 64, len(targets))], dtype=np.float64)
+                nll += float(np.sum(_nll(logits, targets[c:c + 64])))
             n_tok += len(seg) - 1
     n_bytes = sum(len(s.encode("utf-8")) for s in segments)
     return {"bits_per_byte": nll / math.log(2) / n_bytes, "bytes": n_bytes, "tokens": n_tok, "segments": len(segments)}
@@ -151,7 +154,7 @@ def llama_greedy_ids(gguf_path: str | os.PathLike, prompt: str, n_tokens: int, *
                      n_threads: int = DEFAULT_THREADS) -> tuple[list[int], list[int]]:
     """(prompt token ids, greedily generated token ids): argmax of the logits at every step, stopping
     after n_tokens or at an end-of-generation token (which is not included)."""
-    llama_cpp = _llama_cpp()
+    llama_cpp = llama_cpp_module()
     prompt_ids = llama_tokenize(gguf_path, prompt)
     n_ctx = max(16, len(prompt_ids) + n_tokens)
     with open_llama(gguf_path, n_ctx=n_ctx, n_threads=n_threads) as llm:

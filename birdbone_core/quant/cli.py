@@ -101,14 +101,11 @@ def _cmd_quantize(a) -> int:
 
 
 def _cmd_imatrix(a) -> int:
-    import torch
-
     from birdbone_core.atomic import check_output_file
     from birdbone_core.data.text import calibration_blocks, read_text
-    from birdbone_core.export.arch import arch_for, model_dims, plan_tensors
     from birdbone_core.model.gguf_header import written_by_birdbone
     from birdbone_core.model.load import load_model
-    from birdbone_core.quant.importance import Imatrix, collect_hessians, write_imatrix
+    from birdbone_core.quant.importance import model_imatrix, write_imatrix
     from birdbone_core.runtime import place
 
     placement = place(runtime_of(a))
@@ -116,21 +113,7 @@ def _cmd_imatrix(a) -> int:
     lm = load_model(a.model, placement=placement)
     text, desc = read_text(a.text, "calib")
     blocks = calibration_blocks(lm.tokenizer, text, a.n_samples, a.seq_len, 0)
-    stats = collect_hessians(lm.model, blocks)
-    model = lm.model
-    state = model.state_dict()
-    plans = plan_tensors(model, arch_for(model.config), model_dims(model.config, state), model.config, state)
-    im = Imatrix(datasets=[desc], chunk_count=int(blocks.shape[0]), chunk_size=int(blocks.shape[1]))
-    for p in plans:
-        mod = p.hf_name[: -len(".weight")] if p.hf_name.endswith(".weight") else p.hf_name
-        s = stats.get(mod)
-        if s is None or len(p.shape) < 2:
-            continue  # llama-imatrix also leaves out the token embedding (a lookup) and 1-D tensors
-        v = s.importance
-        if v.shape[0] < p.shape[-1]:  # zero-padded FFN columns
-            v = torch.nn.functional.pad(v, (0, p.shape[-1] - v.shape[0]))
-        im.values[p.gguf_name] = v.cpu().numpy()
-        im.counts[p.gguf_name] = float(s.n_tokens)
+    im = model_imatrix(lm.model, blocks, desc)
     write_imatrix(a.out, im)
     print(f"wrote {a.out}: {len(im.values)} tensors from {blocks.numel()} tokens of {desc}")
     return 0

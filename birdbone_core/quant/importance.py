@@ -208,3 +208,25 @@ def collect_hessians(model: torch.nn.Module, blocks: torch.Tensor, batch_size: i
             h.remove()
         seen.clear()
     return stats
+
+
+def model_imatrix(model: torch.nn.Module, blocks: torch.Tensor, dataset: str) -> Imatrix:
+    """llama.cpp's importance matrix of `model` on calibration blocks [n, seq_len], by GGUF tensor name (as
+    llama-imatrix writes it: mean x^2 per input column of every 2-D weight but the token embedding)."""
+    from birdbone_core.export.arch import arch_for, model_dims, plan_tensors
+
+    stats = collect_hessians(model, blocks)
+    state = model.state_dict()
+    plans = plan_tensors(model, arch_for(model.config), model_dims(model.config, state), model.config, state)
+    im = Imatrix(datasets=[dataset], chunk_count=int(blocks.shape[0]), chunk_size=int(blocks.shape[1]))
+    for p in plans:
+        mod = p.hf_name[: -len(".weight")] if p.hf_name.endswith(".weight") else p.hf_name
+        s = stats.get(mod)
+        if s is None or len(p.shape) < 2:
+            continue  # llama-imatrix also leaves out the token embedding (a lookup) and 1-D tensors
+        v = s.importance
+        if v.shape[0] < p.shape[-1]:  # zero-padded FFN columns
+            v = torch.nn.functional.pad(v, (0, p.shape[-1] - v.shape[0]))
+        im.values[p.gguf_name] = v.cpu().numpy()
+        im.counts[p.gguf_name] = float(s.n_tokens)
+    return im
