@@ -29,7 +29,7 @@ $(VENV)/.core: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.demo: $(VENV)/.core
-	$(BIN)/pip install -q $(PIN) -e '.[demo]'
+	$(BIN)/pip install -q $(PIN) -e '.[demo,llamacpp]'
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core
@@ -61,7 +61,8 @@ sysdeps:
 venv: $(VENV)/.core
 
 # The main job: the birdbone_compress Airflow DAG, run locally (dag.test(), every step a `birdbone` process)
-# on Gemma 3 270M with the demo recipe (50% unstructured SparseGPT, Q8_0 GGUF); prints where everything is.
+# on Gemma 3 270M with the demo recipe (vocabulary cut to 32k tokens, Q8_0 GGUF), then compares the GGUF with
+# llama.cpp's own quantizer at the same file size; prints where everything is.
 demo: demo-airflow
 
 # The same job in one process, without Airflow.

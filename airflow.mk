@@ -29,4 +29,4 @@ test-airflow: $(VENV_AIRFLOW)/.stamp $(VENV)/.core $(UI_TEST_DIR)/node_modules/.
 
 demo-airflow: $(VENV_AIRFLOW)/.stamp $(VENV)/.demo
 	$(AIRFLOW_PY) dags/run_local.py --recipe "$(DEMO_RECIPE)" --run-id "$(DEMO_RUN_ID)" \
-	  $(if $(DEMO_MODEL),--model "$(DEMO_MODEL)") --cli $(BIN)/birdbone
+	  $(if $(DEMO_MODEL),--model "$(DEMO_MODEL)") --versus --cli $(BIN)/birdbone

@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id", default="local", help="run directory name under --runs-root")
     p.add_argument("--runs-root", default=str(REPO / "runs"))
     p.add_argument("--cli", default=os.environ.get("BIRDBONE_CLI", str(REPO / ".venv" / "bin" / "birdbone")))
+    p.add_argument("--versus", action="store_true",
+                   help="then `birdbone versus`: the GGUF against llama.cpp's own quantizer at the same file size")
     a = p.parse_args(argv)
     runs_root = Path(a.runs_root).absolute()
     home = Path(os.environ.get("AIRFLOW_HOME", runs_root / ".airflow"))
@@ -60,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
 
     m = json.loads((run / "metrics.json").read_text())
     b, c = m["base"], m["compressed"]
-    mb = lambda n: "-" if n is None else f"{n / 2**20:,.1f} MB"  # noqa: E731
+    mb = lambda n: "-" if n is None else f"{n / 1e6:,.1f} MB"  # noqa: E731
+    st = m.get("structure")
+    if st:
+        vocab = f", vocabulary {st['vocab']['of']:,} -> {st['vocab']['kept']:,} tokens" if st.get("vocab") else ""
+        print(f"source:      {m['source']['path']}  {mb(m['source']['bytes'])}")
+        print(f"structure:   {st['params_before'] / 1e6:.1f}M -> {st['params_after'] / 1e6:.1f}M parameters{vocab}; "
+              f"held-out bits per byte {st['bits_per_byte_before']:.4f} -> {st['bits_per_byte_after']:.4f}")
     print(f"base:        {b['path']}  {mb(b['bytes'])}  ppl {b['ppl']:.3f}")
     print(f"compressed:  {c['gguf_type']}, {c['sparsity']:.1%} zeros, {mb(c['bytes'])}  ppl {c['ppl']:.3f}"
           + (f" (llama.cpp {c['ppl_llamacpp']:.3f})" if c.get("ppl_llamacpp") else "")
@@ -71,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ledger:  {run / 'ledger'}   ({a.cli} log {run})")
     print(f"metrics: {run / 'metrics.json'}")
     print(f"report:  {run / 'report' / 'report.md'}")
+    source_kind = json.loads((run / "run.json").read_text())["model"]["kind"]
+    if a.versus and source_kind != "gguf":
+        print(f"(no llama.cpp comparison: the run started from a {source_kind}, not a GGUF)")
+    elif a.versus:
+        print("\nllama.cpp's own quantizer at the same file size (birdbone versus):", flush=True)
+        return subprocess.run([a.cli, "versus", str(run)]).returncode
     return 0
 
 
