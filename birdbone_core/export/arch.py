@@ -17,9 +17,12 @@ model loaders, tag b11312 vendored by llama-cpp-python 0.3.36):
 - tied embeddings: no output.weight; llama.cpp reuses token_embd.
 - mistral's `sliding_window` has no llama.cpp "llama"-arch equivalent (llama.cpp's own converter drops
   it too): outputs agree for sequences up to the window. qwen2 with use_sliding_window is refused.
-- llama.cpp builds every layer's FFN with one width (`feed_forward_length`; its loaders for these archs
-  ignore per-layer arrays). Layers narrowed by structured pruning are zero-padded to the widest: zero
-  gate/up rows give act(0) * 0 = 0 and zero down_proj columns add nothing, so outputs are unchanged.
+- llama.cpp builds every llama / qwen2 / qwen3 / gemma3 layer's FFN with one width (`feed_forward_length`;
+  these loaders ignore per-layer arrays). Its `deci` architecture (Nemotron-NAS: llama blocks, RoPE as
+  llama) builds each layer with its own width from a per-layer `feed_forward_length` array
+  (src/models/deci.cpp), so a llama/mistral model whose layers were narrowed to different widths exports
+  as `deci`. Other architectures' narrower layers are zero-padded to the widest: zero gate/up rows give
+  act(0) * 0 = 0 and zero down_proj columns add nothing, so outputs are unchanged (and nothing is saved).
 """
 from __future__ import annotations
 
@@ -41,9 +44,11 @@ class ArchSpec:
     permute_qk: bool  # llama.cpp "normal" RoPE layout: interleave the two halves of every q/k head
     norm_offset: float  # added to every *norm.weight (Gemma's (1 + w) RMSNorm)
     allows_qkv_bias: bool
+    ragged_ffn: bool = False  # each layer its own FFN width (a per-layer feed_forward_length array)
 
 
 LLAMA = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, permute_qk=True, norm_offset=0.0, allows_qkv_bias=True)
+DECI = ArchSpec("deci", gguf.MODEL_ARCH.DECI, permute_qk=True, norm_offset=0.0, allows_qkv_bias=True, ragged_ffn=True)
 QWEN2 = ArchSpec("qwen2", gguf.MODEL_ARCH.QWEN2, permute_qk=False, norm_offset=0.0, allows_qkv_bias=True)
 QWEN3 = ArchSpec("qwen3", gguf.MODEL_ARCH.QWEN3, permute_qk=False, norm_offset=0.0, allows_qkv_bias=True)
 GEMMA3 = ArchSpec("gemma3", gguf.MODEL_ARCH.GEMMA3, permute_qk=False, norm_offset=1.0, allows_qkv_bias=False)
@@ -56,6 +61,11 @@ ARCHS: dict[str, ArchSpec] = {
     "qwen3": QWEN3,
     "gemma3_text": GEMMA3,
 }
+
+
+def for_widths(spec: ArchSpec, dims: "Dims") -> ArchSpec:
+    """The architecture llama.cpp runs this model as: `deci` for a llama model with per-layer FFN widths."""
+    return DECI if spec is LLAMA and len(set(dims.n_ff_layers)) > 1 else spec
 
 
 def arch_for(config: Any) -> ArchSpec:
@@ -151,7 +161,7 @@ def write_arch_metadata(writer: gguf.GGUFWriter, spec: ArchSpec, config: Any, di
     w.add_context_length(int(_cfg(config, "max_position_embeddings", 4096)))
     w.add_embedding_length(dims.n_embd)
     w.add_block_count(dims.n_layer)
-    w.add_feed_forward_length(dims.n_ff)
+    w.add_feed_forward_length(list(dims.n_ff_layers) if spec.ragged_ffn else dims.n_ff)
     w.add_head_count(dims.n_head)
     w.add_head_count_kv(dims.n_head_kv)
     w.add_key_length(dims.head_dim)
@@ -169,7 +179,7 @@ def write_arch_metadata(writer: gguf.GGUFWriter, spec: ArchSpec, config: Any, di
     if rope_type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope["factor"]))
-    elif rope_type == "llama3" and spec is LLAMA:
+    elif rope_type == "llama3" and spec in (LLAMA, DECI):
         extra[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = llama3_rope_factors(rope, dims.head_dim)
     elif rope_type != "default":
         raise BirdboneError(f"RoPE type {rope_type!r} is not supported by GGUF export of {spec.name} "
@@ -248,6 +258,7 @@ def is_tied(model: torch.nn.Module) -> bool:
 def plan_tensors(model: torch.nn.Module, spec: ArchSpec, dims: Dims, config: Any,
                  state: dict[str, torch.Tensor]) -> list[TensorPlan]:
     """Map every HF tensor to its GGUF name and a loader that applies llama.cpp's expected transform."""
+    spec = for_widths(spec, dims)
     name_map = gguf.get_tensor_name_map(spec.arch, dims.n_layer)
     tied = is_tied(model)
     q_scale = gemma3_query_scale_fix(config, dims) if spec is GEMMA3 else 1.0
@@ -265,7 +276,9 @@ def plan_tensors(model: torch.nn.Module, spec: ArchSpec, dims: Dims, config: Any
             raise BirdboneError(f"no GGUF name for tensor {hf_name!r} of a {spec.name} model")
 
         shape, pad_rows, pad_cols = tuple(tensor.shape), 0, 0
-        if ".mlp.gate_proj." in hf_name or ".mlp.up_proj." in hf_name:
+        if spec.ragged_ffn:
+            pass
+        elif ".mlp.gate_proj." in hf_name or ".mlp.up_proj." in hf_name:
             pad_rows = dims.n_ff - shape[0]
         elif ".mlp.down_proj.weight" in hf_name:
             pad_cols = dims.n_ff - shape[1]

@@ -21,7 +21,7 @@ import torch
 import birdbone_core
 from birdbone_core.atomic import staged_file
 from birdbone_core.errors import BirdboneError
-from birdbone_core.export.arch import TensorPlan, arch_for, model_dims, plan_tensors, write_arch_metadata
+from birdbone_core.export.arch import TensorPlan, arch_for, for_widths, model_dims, plan_tensors, write_arch_metadata
 from birdbone_core.export.vocab import write_vocab
 from birdbone_core.model.checks import F16_MAX
 from birdbone_core.progress import progress_bar
@@ -123,6 +123,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out_path: str | os.PathL
 
     state = model.state_dict()
     dims = model_dims(config, state)
+    spec = for_widths(spec, dims)        # llama with per-layer FFN widths -> llama.cpp's deci
     plans = plan_tensors(model, spec, dims, config, state)
 
     try:

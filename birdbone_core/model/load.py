@@ -251,7 +251,48 @@ def _from_pretrained(where, config: dict, dtype, use_safetensors, trust_remote_c
         kwargs["use_safetensors"] = True
     if config.get("model_type") == "gemma3":
         return _load_gemma3_text_only(where, kwargs)
+    if config.get("birdbone_ffn_widths"):
+        return _load_per_layer_ffn(where, config["birdbone_ffn_widths"], kwargs)
     return _checked_load(AutoModelForCausalLM, where, where, **kwargs)
+
+
+def _load_per_layer_ffn(where, widths: list[int], kwargs) -> PreTrainedModel:
+    """A llama-family model whose layers have different FFN widths (birdbone_core.structure.width, per-layer
+    cut; config.json's intermediate_size is the widest): the model is built from its config, every layer's
+    MLP narrowed to its width, then the safetensors loaded strictly (a missing or mis-shaped tensor is an
+    error, as in _checked_load)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(where)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=kwargs["dtype"])
+    layers = decoder_layers(model)
+    if len(widths) != len(layers):
+        raise BirdboneError(f"{where}: birdbone_ffn_widths has {len(widths)} entries for {len(layers)} layers")
+    for layer, n in zip(layers, widths):
+        mlp = layer.mlp
+        for name in ("gate_proj", "up_proj"):
+            old = getattr(mlp, name)
+            setattr(mlp, name, torch.nn.Linear(old.in_features, n, bias=old.bias is not None, dtype=old.weight.dtype))
+        old = mlp.down_proj
+        mlp.down_proj = torch.nn.Linear(n, old.out_features, bias=old.bias is not None, dtype=old.weight.dtype)
+        mlp.intermediate_size = n
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(where).glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:   # a shape mismatch
+        raise BirdboneError(f"{where}: the weights do not match config.json's per-layer FFN widths "
+                            f"({str(e).splitlines()[1].strip()})") from None
+    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise BirdboneError(f"{where}: weights {'missing' if missing else 'without a place'} for this config.json "
+                            f"(e.g. {(missing or unexpected)[0]})")
+    model.tie_weights()
+    return model.eval()
 
 
 def _load_gemma3_text_only(where, kwargs) -> PreTrainedModel:

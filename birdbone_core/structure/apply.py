@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from birdbone_core.errors import BirdboneError
 from birdbone_core.export.vocab import GGUFTokenizer, read_gguf_tokenizer
 from birdbone_core.heal.config import Heal
 from birdbone_core.heal.distill import heal_distill, restrict_cache, teacher_topk
@@ -16,7 +17,7 @@ from birdbone_core.structure.config import Structure
 from birdbone_core.structure.depth import drop_layers
 from birdbone_core.structure.tokenizers import trim_vocab
 from birdbone_core.structure.vocab import renumber
-from birdbone_core.structure.width import prune_width
+from birdbone_core.structure.width import PER_LAYER_FFN, prune_width
 
 HEAL_TOP_K = 64   # teacher logits kept per position for healing
 
@@ -33,6 +34,9 @@ def apply_structure(model: torch.nn.Module, tokenizer: Any, cfg: Structure, bloc
     """Cut `model` in place. blocks [n, seq_len]: calibration windows (scoring and healing), in the uncut
     tokenizer's ids; corpus: (text, description) for a vocabulary cut; source_gguf: the GGUF the model
     came from (its tokenizer is trimmed alongside)."""
+    if cfg.per_layer and model.config.model_type not in PER_LAYER_FFN:   # before any work
+        raise BirdboneError(f"per_layer: llama.cpp builds every {model.config.model_type} layer with layer 0's "
+                            f"sizes; per-layer FFN widths are for {', '.join(PER_LAYER_FFN)} models (llama.cpp's deci)")
     gguf_tok = read_gguf_tokenizer(source_gguf) if source_gguf is not None else None
     n_vocab = model.get_input_embeddings().weight.shape[0]
     record: dict = {"config": cfg.model_dump(), "params_before": sum(p.numel() for p in model.parameters())}
@@ -57,7 +61,8 @@ def apply_structure(model: torch.nn.Module, tokenizer: Any, cfg: Structure, bloc
                             "scores": [round(float(s), 6) for s in scores.by(cfg.metric)]}
         console().print(f"dropped layers {list(drop.removed)} of {drop.n_layers_before} (lowest {cfg.metric})")
     if cfg.ffn or cfg.heads:
-        r = prune_width(model, blocks, ffn=cfg.ffn, heads=cfg.heads, multiple=cfg.multiple).record
+        r = prune_width(model, blocks, ffn=cfg.ffn, heads=cfg.heads, multiple=cfg.multiple,
+                        per_layer=cfg.per_layer).record
         record["width"] = {"ffn": cfg.ffn, "heads": cfg.heads, "multiple": cfg.multiple,
                            "sizes_before": r.original, "sizes_after": r.pruned,
                            "ffn_removed": r.ffn_removed, "kv_heads_removed": r.kv_heads_removed}

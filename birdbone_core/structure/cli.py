@@ -45,7 +45,8 @@ def _cmd_structure(a) -> int:
 
     try:
         cfg = Structure(vocab=a.vocab, vocab_corpus=a.vocab_corpus, layers=a.layers, ffn=a.ffn, heads=a.heads,
-                        metric=a.metric, multiple=a.multiple, heal_steps=a.heal_steps, heal_lr=a.heal_lr)
+                        per_layer=a.per_layer, metric=a.metric, multiple=a.multiple, heal_steps=a.heal_steps,
+                        heal_lr=a.heal_lr)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(map(str, first["loc"]))
@@ -87,6 +88,9 @@ def add_commands(sub) -> None:
                                           "calibration slice)")
     p.add_argument("--layers", type=int, default=0, help="decoder layers to drop (never the first or last)")
     p.add_argument("--ffn", type=_ratio, default=0.0, help="share of FFN neurons to remove in every layer")
+    p.add_argument("--per-layer", action="store_true",
+                   help="--ffn by one ranking over all layers: each layer keeps its own width (llama/mistral "
+                        "only; the GGUF is llama.cpp's deci architecture)")
     p.add_argument("--heads", type=_ratio, default=0.0, help="share of KV head groups to remove in every layer")
     p.add_argument("--metric", choices=("angular", "bi", "kl"), default="angular",
                    help="layer importance: angular distance, block influence (1 - cos), or the logits' KL "

@@ -44,6 +44,9 @@ from birdbone_core.runtime import model_device
 
 # HF model_type -> whether llama.cpp can take pruned attention heads for it (see module doc)
 SUPPORTED: dict[str, bool] = {"llama": True, "mistral": True, "qwen2": False, "qwen3": True, "gemma3_text": True}
+# model types llama.cpp can run with a different FFN width in every layer: as its `deci` architecture
+# (llama blocks with per-layer feed_forward_length; birdbone_core.export.arch)
+PER_LAYER_FFN = ("llama", "mistral")
 FFN_MODULES = (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1))  # (name, sliced dim: 0 rows, 1 columns)
 ATTN_MODULES = (("q_proj", 0), ("k_proj", 0), ("v_proj", 0), ("o_proj", 1))
 
@@ -101,6 +104,20 @@ def ffn_keep_count(n_ff: int, ratio: float, multiple: int = 32) -> int:
         raise BirdboneError(f"ffn={ratio} removes no FFN neuron: {n_ff} rounded to a multiple of {multiple} "
                             f"stays {n_ff}; the smallest step is {multiple / n_ff:.3f}")
     return keep
+
+
+def ffn_keep_counts(scores: torch.Tensor, ratio: float, multiple: int = 32) -> list[int]:
+    """Neurons kept in each layer when the share `ratio` of all FFN neurons goes by one ranking over every
+    layer: the top (1 - ratio) of all scores [n_layer, n_ff], each layer's count rounded to a multiple of
+    `multiple`, at least one multiple and at most n_ff."""
+    _check_ratio("ffn", ratio)
+    n_layer, n_ff = scores.shape
+    total = round((1.0 - ratio) * scores.numel())
+    if total < 1:
+        raise BirdboneError(f"ffn={ratio} would remove every FFN neuron")
+    threshold = scores.flatten().topk(total).values.min()
+    counts = (scores >= threshold).sum(dim=1).tolist()
+    return [int(min(n_ff, max(multiple, multiple * round(c / multiple)))) for c in counts]
 
 
 def kv_keep_count(d: Dims, ratio: float, multiple: int = 32) -> int:
@@ -258,12 +275,28 @@ def _unslice_linear(module: nn.Linear, rec: SliceRecord) -> None:
         module.in_features = rec.size
 
 
-def _set_config(model: nn.Module, widths: dict[str, int]) -> None:
+def _set_config(model: nn.Module, widths: dict) -> None:
+    widths = dict(widths)
+    per_layer = widths.pop("ffn_widths", None)   # llama-family per-layer FFN widths (the config's own: the widest)
     for key, value in widths.items():
         setattr(model.config, key, value)
-    for layer in decoder_layers(model):
+    if per_layer:
+        model.config.birdbone_ffn_widths = list(per_layer)
+    elif hasattr(model.config, "birdbone_ffn_widths"):
+        del model.config.birdbone_ffn_widths
+    for i, layer in enumerate(decoder_layers(model)):
         if hasattr(layer.mlp, "intermediate_size"):
-            layer.mlp.intermediate_size = widths["intermediate_size"]
+            layer.mlp.intermediate_size = per_layer[i] if per_layer else widths["intermediate_size"]
+
+
+def current_widths(model: nn.Module) -> dict:
+    """The config's widths, with `ffn_widths` when the layers' FFN widths differ (as a WidthRecord holds them)."""
+    c = model.config
+    out = {"intermediate_size": int(c.intermediate_size), "num_attention_heads": int(c.num_attention_heads),
+           "num_key_value_heads": int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads),
+           "head_dim": int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)}
+    ffn = [layer.mlp.gate_proj.out_features for layer in decoder_layers(model)]
+    return {**out, "ffn_widths": ffn} if len(set(ffn)) > 1 else out
 
 
 def _widths(d: Dims) -> dict[str, int]:
@@ -272,23 +305,41 @@ def _widths(d: Dims) -> dict[str, int]:
 
 
 @torch.no_grad()
-def apply_width(model: nn.Module, ffn_keep: torch.Tensor | None = None,
+def apply_width(model: nn.Module, ffn_keep: torch.Tensor | list[torch.Tensor] | None = None,
                 kv_keep: torch.Tensor | None = None) -> WidthRecord:
-    """Slice every layer in place. ffn_keep [n_layer, k_ff] kept neurons, kv_keep [n_layer, k_kv] kept KV
-    heads (None: that part untouched); each row ascending, the same count in every layer."""
+    """Slice every layer in place. ffn_keep [n_layer, k_ff] kept neurons (or one 1-D tensor per layer, of
+    any lengths: per-layer widths, llama/mistral only), kv_keep [n_layer, k_kv] kept KV heads (None: that
+    part untouched); each row ascending."""
     d = model_dims(model)
     names = {m: n for n, m in model.named_modules()}
     layers = decoder_layers(model)
-    new = Dims(d.n_layer, d.n_ff if ffn_keep is None else ffn_keep.shape[1], d.n_head if kv_keep is None else
+    ragged = None
+    if isinstance(ffn_keep, (list, tuple)):
+        widths = [len(k) for k in ffn_keep]
+        if len(set(widths)) > 1:
+            if model.config.model_type not in PER_LAYER_FFN:
+                raise BirdboneError(f"{model.config.model_type}: llama.cpp builds every layer of this architecture "
+                                    "with layer 0's FFN width; per-layer widths are for llama-family models "
+                                    f"({', '.join(PER_LAYER_FFN)}; exported as llama.cpp's deci)")
+            ragged = widths
+        for k in ffn_keep:
+            if k.ndim != 1 or len(k) < 1 or k.min() < 0 or k.max() >= d.n_ff or (k.diff() <= 0).any():
+                raise BirdboneError(f"kept FFN neurons must be 1-D, ascending, within 0..{d.n_ff - 1}")
+        if len(ffn_keep) != d.n_layer:
+            raise BirdboneError(f"{len(ffn_keep)} rows of kept FFN neurons for {d.n_layer} layers")
+        if ragged is None:
+            ffn_keep = torch.stack(list(ffn_keep))
+    n_ff_new = d.n_ff if ffn_keep is None else (max(ragged) if ragged else ffn_keep.shape[1])
+    new = Dims(d.n_layer, n_ff_new, d.n_head if kv_keep is None else
                kv_keep.shape[1] * d.group, d.n_kv if kv_keep is None else kv_keep.shape[1], d.head_dim)
     if kv_keep is not None and not SUPPORTED[model.config.model_type]:
         raise BirdboneError(f"{model.config.model_type}: llama.cpp needs num_attention_heads * head_dim == "
                             "hidden_size for this architecture; its heads cannot be pruned")
-    for keep, n in ((ffn_keep, d.n_ff), (kv_keep, d.n_kv)):
+    for keep, n in ((None if ragged else ffn_keep, d.n_ff), (kv_keep, d.n_kv)):
         if keep is not None and (keep.shape[0] != d.n_layer or keep.shape[1] < 1 or keep.min() < 0
                                  or keep.max() >= n or (keep.diff(dim=1) <= 0).any()):
             raise BirdboneError(f"kept indices {tuple(keep.shape)} must be [{d.n_layer}, 1..{n}], ascending, < {n}")
-    rec = WidthRecord(original=_widths(d), pruned=_widths(new))
+    rec = WidthRecord(original=_widths(d), pruned={**_widths(new), **({"ffn_widths": ragged} if ragged else {})})
     for i, layer in enumerate(layers):
         if ffn_keep is not None:
             for attr, dim in FFN_MODULES:
@@ -312,8 +363,8 @@ def apply_width(model: nn.Module, ffn_keep: torch.Tensor | None = None,
 @torch.no_grad()
 def restore_width(model: nn.Module, record: WidthRecord) -> None:
     """Undo `apply_width`/`prune_width` on the pruned model, in place: original shapes, weights and config."""
-    if _widths(model_dims(model)) != record.pruned:
-        raise BirdboneError(f"model widths {_widths(model_dims(model))} are not the record's {record.pruned}")
+    if current_widths(model) != record.pruned:
+        raise BirdboneError(f"model widths {current_widths(model)} are not the record's {record.pruned}")
     modules = dict(model.named_modules())
     for rec in reversed(record.slices):
         _unslice_linear(modules[rec.module], rec)
@@ -335,13 +386,19 @@ class WidthReport:
 
 
 def prune_width(model: nn.Module, blocks: torch.Tensor, *, ffn: float = 0.0, heads: float = 0.0,
-                multiple: int = 32, batch_size: int = 4) -> WidthReport:
+                multiple: int = 32, batch_size: int = 4, per_layer: bool = False) -> WidthReport:
     """Remove the share `ffn` of FFN neurons and `heads` of KV head groups (with their query heads) in
-    every layer, the least important by calibration on blocks [n_samples, seq_len]; in place. All checks
-    run before anything changes; the returned record undoes it (`restore_width`)."""
+    every layer, the least important by calibration on blocks [n_samples, seq_len]; in place. per_layer:
+    the share `ffn` of all FFN neurons by one ranking over every layer, so layers keep different widths
+    (llama-family only; see PER_LAYER_FFN). All checks run before anything changes; the returned record
+    undoes it (`restore_width`)."""
     t0 = time.perf_counter()
     if multiple < 1:
         raise BirdboneError(f"multiple={multiple}: must be a positive number of weights")
+    if per_layer and model.config.model_type not in PER_LAYER_FFN:
+        raise BirdboneError(f"per-layer FFN widths: llama.cpp builds every {model.config.model_type} layer with "
+                            f"layer 0's sizes; only llama-family models ({', '.join(PER_LAYER_FFN)}) take them "
+                            "(as llama.cpp's deci architecture)")
     d = model_dims(model)
     if heads > 0 and not SUPPORTED[model.config.model_type]:
         raise BirdboneError(f"heads={heads}: {model.config.model_type} attention heads cannot be pruned (llama.cpp "
@@ -353,6 +410,9 @@ def prune_width(model: nn.Module, blocks: torch.Tensor, *, ffn: float = 0.0, hea
         f_scores, g_scores = width_scores(model, blocks, batch_size=batch_size, ffn=k_ff < d.n_ff,
                                           heads=k_kv < d.n_kv)
     ffn_keep = top_units(f_scores, k_ff) if f_scores is not None else torch.arange(d.n_ff).expand(d.n_layer, -1)
+    if per_layer and f_scores is not None:
+        counts = ffn_keep_counts(f_scores, ffn, multiple)
+        ffn_keep = [top_units(f_scores[i:i + 1], c)[0] for i, c in enumerate(counts)]
     kv_keep = top_units(g_scores, k_kv) if g_scores is not None else torch.arange(d.n_kv).expand(d.n_layer, -1)
     record = apply_width(model, ffn_keep, kv_keep if SUPPORTED[model.config.model_type] else None)
     after = sum(p.numel() for p in model.parameters())

@@ -152,16 +152,25 @@ def _narrow_ffn(model: torch.nn.Module, layer: int, keep: int) -> None:
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("kind", ["mistral", "gemma3"])
-def test_narrowed_ffn_layers_are_zero_padded(tiny_llama, tmp_path, kind):
+def test_narrowed_ffn_layers_export_per_layer_or_zero_padded(tiny_llama, tmp_path, kind):
+    """A llama-family model with one narrower layer exports as llama.cpp's deci (a per-layer FFN width);
+    gemma3, which llama.cpp builds with one width, is zero-padded to the widest. Both run like torch."""
     from birdbone_core.eval.llamacpp import llama_logits
 
     _, tok = tiny_llama
     model = build(kind, len(tok))
     _narrow_ffn(model, 1, 64)
     res = export_gguf(model, tok, tmp_path / "n.gguf", out_type="f32")
-    arch = GGUF_ARCH[kind]
-    assert gguf.GGUFReader(res.path).fields[f"{arch}.feed_forward_length"].contents() == 128
-    assert res.notes == {f"blk.1.ffn_{p}.weight": "zero-padded FFN 64 -> 128" for p in ("gate", "up", "down")}
+    f = gguf.GGUFReader(res.path).fields
+    if kind == "mistral":
+        n_layer = model.config.num_hidden_layers
+        assert f["general.architecture"].contents() == "deci"
+        assert f["deci.feed_forward_length"].contents() == [128, 64] + [128] * (n_layer - 2)
+        assert res.notes == {}
+    else:
+        arch = GGUF_ARCH[kind]
+        assert f[f"{arch}.feed_forward_length"].contents() == 128
+        assert res.notes == {f"blk.1.ffn_{p}.weight": "zero-padded FFN 64 -> 128" for p in ("gate", "up", "down")}
     ids = tok(PROMPT)["input_ids"]
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()

@@ -36,3 +36,17 @@ def test_bad_structure_requests_fail_cleanly(tiny_path, tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert_clean_failure(cli("structure", tiny_path, "-o", tmp_path / "mine", "--ffn", "0.25"))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_structure_per_layer_ffn_writes_a_deci_gguf(tiny_path, tmp_path):
+    import gguf
+
+    out = tmp_path / "ragged"
+    r = cli("structure", tiny_path, "-o", out, "--ffn", "0.4", "--per-layer", "--n-samples", "4", "--seq-len", "64",
+            "--gguf", tmp_path / "ragged.gguf")
+    assert r.returncode == 0, r.stderr
+    widths = json.loads((out / "structure.json").read_text())["width"]["sizes_after"]["ffn_widths"]
+    assert len(set(widths)) > 1
+    f = gguf.GGUFReader(str(tmp_path / "ragged.gguf")).fields
+    assert f["general.architecture"].contents() == "deci" and f["deci.feed_forward_length"].contents() == widths
+    assert cli("eval", out, "--reference", tiny_path).returncode == 0      # the directory reloads

@@ -239,3 +239,38 @@ def test_calibrated_choice_beats_random_choice(_tiny_loaded, calib):
     gen = torch.Generator().manual_seed(0)
     apply_width(rand, ffn_keep=torch.stack([torch.randperm(512, generator=gen)[:256].sort().values for _ in range(4)]))
     assert evaluate(scored, chunks)[0].ppl < 0.8 * evaluate(rand, chunks)[0].ppl
+
+
+@needs_llama_cpp
+def test_per_layer_ffn_widths_export_as_deci_and_round_trip(_tiny_loaded, calib, ids, tmp_path):
+    """One ranking over every layer's neurons: layers keep different widths; the GGUF is llama.cpp's deci
+    with a per-layer feed_forward_length and runs like torch; the HF directory reloads; the record undoes it."""
+    from birdbone_core.eval.llamacpp import llama_logits
+    from birdbone_core.model.load import load_model
+    from birdbone_core.model.save import save_hf
+
+    model = copy.deepcopy(_tiny_loaded.model)
+    rep = prune_width(model, calib, ffn=0.4, per_layer=True)
+    widths = [layer.mlp.gate_proj.out_features for layer in decoder_layers(model)]
+    assert len(set(widths)) > 1 and all(w % 32 == 0 for w in widths)
+    assert abs(sum(widths) - 0.6 * 4 * 512) <= 4 * 16                     # 40% of all neurons, rounded per layer
+    res = export_gguf(model, _tiny_loaded.tokenizer, tmp_path / "deci.gguf", out_type="f32")
+    f = gguf.GGUFReader(res.path).fields
+    assert f["general.architecture"].contents() == "deci" and f["deci.feed_forward_length"].contents() == widths
+    ref = _logits(model, ids).numpy()
+    got = llama_logits(res.path, ids)
+    assert np.abs(got - ref).max() < 2e-3 * np.abs(ref).max()
+    save_hf(model, _tiny_loaded.tokenizer, tmp_path / "hf")
+    again = load_model(str(tmp_path / "hf")).model
+    assert torch.equal(_logits(again, ids), _logits(model, ids))
+    restore_width(model, rep.record)
+    for (k, a), b in zip(_tiny_loaded.model.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_per_layer_widths_are_refused_where_llama_cpp_cannot_run_them(_tiny_loaded, calib):
+    model = _tiny("gemma3_text", len(_tiny_loaded.tokenizer))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(BirdboneError, match="deci"):
+        prune_width(model, calib, ffn=0.3, per_layer=True)
+    assert all(torch.equal(a, b) for a, b in zip(before.values(), model.state_dict().values()))
