@@ -22,10 +22,29 @@ from birdbone_core.errors import BirdboneError
 if TYPE_CHECKING:   # the command's parser is built on every call: heavy imports happen in the functions
     from birdbone_core.quant.importance import Imatrix
 
-# llama.cpp mixes, smallest first: (name, LLAMA_FTYPE_MOSTLY_*, token-embedding GGML type or None)
-MIXES = (("Q2_K, q2_K embedding", "Q2_K", "Q2_K"), ("Q3_K_M, q3_K embedding", "Q3_K_M", "Q3_K"),
+# llama.cpp mixes, smallest first: (name, LLAMA_FTYPE_MOSTLY_*, token-embedding GGML type or None). A forced
+# embedding type must divide the embedding's rows (llama.cpp aborts otherwise; its own choices fall back),
+# so mixes whose type does not fit are skipped (Gemma 3 270M's rows of 640 take Q4_0, not K-quants).
+MIXES = (("Q2_K, q2_K embedding", "Q2_K", "Q2_K"), ("Q2_K, q4_0 embedding", "Q2_K", "Q4_0"),
+         ("Q3_K_M, q3_K embedding", "Q3_K_M", "Q3_K"), ("Q3_K_M, q4_0 embedding", "Q3_K_M", "Q4_0"),
          ("Q4_K_M, q4_0 embedding", "Q4_K_M", "Q4_0"), ("Q4_K_M", "Q4_K_M", None), ("Q5_K_M", "Q5_K_M", None),
          ("Q8_0", "Q8_0", None))
+
+
+def embedding_row(source: Path) -> int:
+    """Weights per row of the source's token embedding (its hidden size)."""
+    import gguf
+
+    for t in gguf.GGUFReader(str(source)).tensors:
+        if t.name == "token_embd.weight":
+            return int(t.shape[0])
+    raise BirdboneError(f"{source}: no token_embd.weight")
+
+
+def fits(embedding: str | None, row: int) -> bool:
+    import gguf
+
+    return embedding is None or row % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[embedding]][0] == 0
 
 
 def llama_quantize(src: Path, dst: Path, ftype: str, embedding: str | None, imatrix: Imatrix | None,
@@ -82,7 +101,8 @@ def versus_llamacpp(source: Path, ours: Path, imatrix: Imatrix, held_out: str, w
     """Rows for the source, llama.cpp's mix at (at least) our size, and ours."""
     target = ours.stat().st_size
     chosen = None
-    for name, ftype, emb in MIXES:
+    row = embedding_row(source)
+    for name, ftype, emb in (m for m in MIXES if fits(m[2], row)):
         path = work / f"llamacpp-{ftype}{'-emb_' + emb if emb else ''}.gguf".lower()
         if not path.is_file():
             llama_quantize(source, path, ftype, emb, imatrix, threads)
