@@ -79,10 +79,15 @@ def main(argv=None) -> int:
                     help="then task accuracy (pydocs_lastword, pydocs_cloze; first N documents each) of the points "
                          "in TASK_POINTS, in llama.cpp, added to the results of the last run (--tasks-only: only that)")
     ap.add_argument("--tasks-only", action="store_true")
+    ap.add_argument("--kld-only", action="store_true",
+                    help="KL divergence of the points whose vocabulary is unchanged against the dense F16 file "
+                         "(llama-perplexity, 8 chunks of 512 tokens), added to the results of the last run")
     a = ap.parse_args(argv)
     name = Path(a.model or "gemma-3-270m-q4_k_m.gguf").stem
     if a.tasks_only:
         return add_task_accuracy(a.out, name, a.tasks or 100, a.threads)
+    if a.kld_only:
+        return add_kld(a.out, name, a.work, a.threads)
 
     import reference as ref
     import torch
@@ -178,6 +183,35 @@ def main(argv=None) -> int:
         print(f"{row['point']}: pp {row['pp_tps']:.0f} tok/s, tg {row['tg_tps']:.1f} tok/s", flush=True)
     write_results(a.out, Path(spec).stem, spec, held_desc, calib_desc, a.threads, rows)
     return add_task_accuracy(a.out, Path(spec).stem, a.tasks, a.threads) if a.tasks else 0
+
+
+def add_kld(out: Path, name: str, work: Path, threads: int) -> int:
+    """KLD vs the dense F16 export (llama-perplexity --kl-divergence) of every point with the full vocabulary
+    (a trimmed vocabulary has other token ids: there it is undefined, and bits per byte compares)."""
+    import reference as ref
+
+    from birdbone_core.data.text import read_text
+
+    path = out / f"structured-{name}.json"
+    data = json.loads(path.read_text())
+    held, _ = read_text(None, "eval")
+    (work / "held.txt").write_text(held)
+    base = ref.kld_base(work / "v0-d0-f0-h0.f16.gguf", work / "held.txt", 512, chunks=8, threads=2)
+    for r in data["rows"]:
+        if r["vocab"] is None:
+            k = ref.kld(r["gguf"], base, threads=2)
+            r["kld"] = {key: k.get(key) for key in ("mean_kld", "median_kld", "kld_99", "same_top_p", "n_chunks")}
+            print(r["point"], r["kld"], flush=True)
+    path.write_text(json.dumps(data, indent=1))
+    md = (out / f"structured-{name}.md").read_text().rstrip("\n").split("\n")
+    md = [ln for ln in md if not ln.startswith("KL divergence vs the dense F16 file")]
+    at = md.index("## Task accuracy") - 1 if "## Task accuracy" in md else len(md)
+    md[at:at] = ["", "KL divergence vs the dense F16 file where the vocabulary is unchanged (llama-perplexity "
+                 "--kl-divergence, 8 chunks of 512 held-out tokens; `--kld-only`): " + "; ".join(
+                     f"{r['point']}: mean {r['kld']['mean_kld']:.5f}, 99th pct {r['kld']['kld_99']:.4f}, "
+                     f"same top token {r['kld']['same_top_p']:.1%}" for r in data["rows"] if r.get("kld"))]
+    (out / f"structured-{name}.md").write_text("\n".join(md) + "\n")
+    return 0
 
 
 TASK_POINTS = ("dense Q8_0", "dense Q4_K_M-emb_q4_0", "vocab 16k Q4_K_M", "vocab 16k + FFN -25% Q4_K_M",
