@@ -24,10 +24,12 @@ if TYPE_CHECKING:   # the command's parser is built on every call: heavy imports
 
 # llama.cpp mixes, smallest first: (name, LLAMA_FTYPE_MOSTLY_*, token-embedding GGML type or None). A forced
 # embedding type must divide the embedding's rows (llama.cpp aborts otherwise; its own choices fall back),
-# so mixes whose type does not fit are skipped (Gemma 3 270M's rows of 640 take Q4_0, not K-quants).
-MIXES = (("Q2_K, q2_K embedding", "Q2_K", "Q2_K"), ("Q2_K, q4_0 embedding", "Q2_K", "Q4_0"),
-         ("Q3_K_M, q3_K embedding", "Q3_K_M", "Q3_K"), ("Q3_K_M, q4_0 embedding", "Q3_K_M", "Q4_0"),
-         ("Q4_K_M, q4_0 embedding", "Q4_K_M", "Q4_0"), ("Q4_K_M", "Q4_K_M", None), ("Q5_K_M", "Q5_K_M", None),
+# so mixes whose type does not fit are skipped (Gemma 3 270M's rows of 640 take 32-weight blocks, not
+# K-quants). Where a 4.5-bit embedding is forced it is IQ4_NL, not Q4_0: the same size, and with an imatrix
+# clearly the better of the two, so llama.cpp's side is its strongest stock file at that size.
+MIXES = (("Q2_K, q2_K embedding", "Q2_K", "Q2_K"), ("Q2_K, iq4_nl embedding", "Q2_K", "IQ4_NL"),
+         ("Q3_K_M, q3_K embedding", "Q3_K_M", "Q3_K"), ("Q3_K_M, iq4_nl embedding", "Q3_K_M", "IQ4_NL"),
+         ("Q4_K_M, iq4_nl embedding", "Q4_K_M", "IQ4_NL"), ("Q4_K_M", "Q4_K_M", None), ("Q5_K_M", "Q5_K_M", None),
          ("Q8_0", "Q8_0", None))
 
 
