@@ -127,8 +127,7 @@ def ensure_structured(run: Run, placement: Placement | None = None) -> None:
     if cfg is None or run.done("structure"):
         return
     from birdbone_core.eval.perplexity import bits_per_byte
-    from birdbone_core.export.vocab import TOKENIZER_GGUF, write_tokenizer_gguf
-    from birdbone_core.structure.apply import apply_structure
+    from birdbone_core.structure.apply import apply_structure, save_structured
 
     t0 = time.perf_counter()
     cal, ev = recipe.calibration, recipe.evaluation
@@ -142,13 +141,10 @@ def ensure_structured(run: Run, placement: Placement | None = None) -> None:
     cut = apply_structure(lm.model, lm.tokenizer, cfg, blocks, corpus=corpus,
                           source_gguf=Path(m["path"]) if m["kind"] == "gguf" else None)
     bpb_after = bits_per_byte(lm.model, cut.tokenizer, held)
-    save_hf(lm.model, cut.tokenizer, run.structured_dir)
-    if cut.gguf_tokenizer is not None:
-        write_tokenizer_gguf(cut.gguf_tokenizer, run.structured_dir / TOKENIZER_GGUF)
     record = {"source": run.model_spec(), "calibration": text_desc, **cut.record,
               "held_out": {"text": held_desc, "bits_per_byte_before": bpb_before["bits_per_byte"],
                            "bits_per_byte_after": bpb_after["bits_per_byte"], "bytes": bpb_before["bytes"]}}
-    atomic.write_json(run.structured_dir / "structure.json", record)
+    save_structured(lm.model, cut, run.structured_dir, record)
     summary = {k: record[k] for k in ("params_before", "params_after")}
     if "vocab" in record:
         summary["vocab"] = {k: record["vocab"][k] for k in ("kept", "of", "corpus_tokenizes_identically")}

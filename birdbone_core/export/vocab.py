@@ -315,8 +315,9 @@ def write_vocab(writer: gguf.GGUFWriter, tokenizer: Any, n_vocab: int,
         return f"copied from {Path(source_gguf).name}", source_name
     if tokenizer is None:
         raise BirdboneError("GGUF export needs a tokenizer (or source_gguf to copy one from)")
-    own = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / TOKENIZER_GGUF
-    if str(getattr(tokenizer, "name_or_path", "") or "") and own.is_file():
+    where = getattr(tokenizer, "name_or_path", "") or ""   # a model directory's own tokenizer.gguf
+    if where and (Path(where) / TOKENIZER_GGUF).is_file():
+        own = Path(where) / TOKENIZER_GGUF
         _, source_name = copy_tokenizer_from_gguf(writer, own, n_vocab)
         return f"copied from {own}", source_name
     tj = _backend_json(tokenizer)

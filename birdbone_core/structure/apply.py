@@ -76,3 +76,20 @@ def apply_structure(model: torch.nn.Module, tokenizer: Any, cfg: Structure, bloc
                         f"{rep.kl_after:.4f} ({rep.steps} steps, {rep.seconds:.0f} s)")
     record["params_after"] = sum(p.numel() for p in model.parameters())
     return Structured(record, tokenizer, gguf_tok)
+
+
+STRUCTURE_JSON = "structure.json"   # what went, in the original numbering, beside the cut model
+
+
+def save_structured(model: torch.nn.Module, cut: Structured, out: Path, record: dict, *, mark: bool = False) -> Path:
+    """The cut model's directory: the HF model and tokenizer, llama.cpp's tokenizer as `tokenizer.gguf`
+    (a GGUF source only; GGUF export copies it) and `structure.json` (`record`)."""
+    from birdbone_core import atomic
+    from birdbone_core.export.vocab import TOKENIZER_GGUF, write_tokenizer_gguf
+    from birdbone_core.model.save import save_hf
+
+    save_hf(model.to("cpu"), cut.tokenizer, out, mark=mark)
+    if cut.gguf_tokenizer is not None:
+        write_tokenizer_gguf(cut.gguf_tokenizer, out / TOKENIZER_GGUF)
+    atomic.write_json(out / STRUCTURE_JSON, record)
+    return out

@@ -35,12 +35,11 @@ def _cmd_structure(a) -> int:
     from birdbone_core.data.text import calibration_blocks, read_text
     from birdbone_core.errors import BirdboneError
     from birdbone_core.export.gguf_file import export_gguf
-    from birdbone_core.export.vocab import TOKENIZER_GGUF, write_tokenizer_gguf
+    from birdbone_core.export.vocab import TOKENIZER_GGUF
     from birdbone_core.model.gguf_header import written_by_birdbone
-    from birdbone_core.model.save import save_hf
     from birdbone_core.runtime import place
     from birdbone_core.steps import load_with_options
-    from birdbone_core.structure.apply import apply_structure
+    from birdbone_core.structure.apply import apply_structure, save_structured
     from birdbone_core.structure.config import Structure
 
     try:
@@ -64,10 +63,7 @@ def _cmd_structure(a) -> int:
     cut = apply_structure(lm.model, lm.tokenizer, cfg, blocks, corpus=corpus, source_gguf=source_gguf)
     record = {"source": a.model, "calibration": {"text": text_desc, "n_samples": a.n_samples, "seq_len": a.seq_len},
               **cut.record}
-    save_hf(lm.model.to("cpu"), cut.tokenizer, out, mark=True)
-    if cut.gguf_tokenizer is not None:    # llama.cpp's tokenizer travels with the model (GGUF export copies it)
-        write_tokenizer_gguf(cut.gguf_tokenizer, out / TOKENIZER_GGUF)
-    atomic.write_json(out / "structure.json", record)
+    save_structured(lm.model, cut, out, record, mark=True)
     print(f"{record['params_before'] / 1e6:.1f}M -> {record['params_after'] / 1e6:.1f}M parameters; wrote {out}")
     if a.gguf:
         res = export_gguf(lm.model, cut.tokenizer, Path(a.gguf), out_type=a.gguf_type,

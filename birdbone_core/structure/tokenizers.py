@@ -59,9 +59,9 @@ def vocab_from_gguf_fields(tokens: Sequence[str], types: Sequence[int], scores: 
 
 def _byte_alphabet_ids(pieces: Sequence[str]) -> set[int]:
     """Byte-level BPE's 256 single-character base tokens (GPT-2's bytes_to_unicode alphabet)."""
-    alphabet = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
-    extra = [chr(256 + k) for k in range(256 - len(alphabet))]
-    chars = {chr(c) for c in alphabet} | set(extra)
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = set(ByteLevel.alphabet())
     return {i for i, p in enumerate(pieces) if p in chars}
 
 
@@ -143,8 +143,6 @@ def _remap_ids(node: Any, new_id: dict[int, int]) -> None:
             _remap_ids(v, new_id)
 
 
-
-
 # ----------------------------------------------------------------------------------------------------
 # The whole trim on a loaded model
 
@@ -187,7 +185,7 @@ def trim_vocab(model: nn.Module, tokenizer: Any, corpus: str, *, keep: int | Non
         vocabs.append(vocab_from_gguf(tok))
         counts.update(llama_tokenize(path, corpus))
     kept = plan_vocab(vocabs, counts, keep)
-    before = hf_pieces(tokenizer, corpus)
+    before = tokenizer.convert_ids_to_tokens(ids)
     new_tok = trim_hf_tokenizer(tokenizer, kept)
     identical = hf_pieces(new_tok, corpus) == before
     record = trim_embeddings(model, kept)

@@ -179,6 +179,14 @@ def _rows(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return weight.detach().index_select(0, idx.to(weight.device)).clone()
 
 
+def _kept_and_dropped(kept: Sequence[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept row indices, removed row indices), both ascending, of n rows."""
+    keep_idx = torch.tensor(list(kept), dtype=torch.long)
+    drop_mask = torch.ones(n, dtype=torch.bool)
+    drop_mask[keep_idx] = False
+    return keep_idx, drop_mask.nonzero().flatten()
+
+
 def trim_embeddings(model: nn.Module, kept: Sequence[int]) -> VocabRecord:
     """Keep only rows `kept` of the embedding and the LM head (tied heads stay tied); config ids follow."""
     emb = model.get_input_embeddings()
@@ -188,17 +196,14 @@ def trim_embeddings(model: nn.Module, kept: Sequence[int]) -> VocabRecord:
     if not kept or kept[0] < 0 or kept[-1] >= n:
         raise BirdboneError(f"kept token ids must lie in [0, {n})")
     new_id = {old: new for new, old in enumerate(kept)}
-    keep_idx = torch.tensor(kept, dtype=torch.long)
-    drop_mask = torch.ones(n, dtype=torch.bool)
-    drop_mask[keep_idx] = False
-    drop_idx = drop_mask.nonzero().flatten()
+    keep_idx, drop_idx = _kept_and_dropped(kept, n)
     tied = head is not None and head.weight is emb.weight
     removed = {"embed": _rows(emb.weight, drop_idx)}
     if head is not None and not tied:
         removed["head"] = _rows(head.weight, drop_idx)
         if getattr(head, "bias", None) is not None:
             removed["head_bias"] = _rows(head.bias, drop_idx)
-    config_ids = [(c, k, v) for c, k, v in _config_ids(model)]
+    config_ids = _config_ids(model)
     emb.weight = nn.Parameter(_rows(emb.weight, keep_idx), requires_grad=emb.weight.requires_grad)
     emb.num_embeddings = len(kept)
     if getattr(emb, "padding_idx", None) is not None:
@@ -219,10 +224,7 @@ def restore_embeddings(model: nn.Module, record: VocabRecord) -> None:
     """Undo `trim_embeddings`: the kept rows (as they are now) and the removed rows back in their places."""
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    keep_idx = torch.tensor(record.kept, dtype=torch.long)
-    drop_mask = torch.ones(record.n_before, dtype=torch.bool)
-    drop_mask[keep_idx] = False
-    drop_idx = drop_mask.nonzero().flatten()
+    keep_idx, drop_idx = _kept_and_dropped(record.kept, record.n_before)
 
     def full(now: torch.Tensor, gone: torch.Tensor) -> torch.Tensor:
         out = torch.empty((record.n_before, *now.shape[1:]), dtype=now.dtype, device=now.device)
