@@ -140,7 +140,9 @@ class Run:
 
     def tokenizer_gguf(self) -> Path | None:
         """The GGUF whose tokenizer.* keys an export copies: the cut model's own, else the source GGUF."""
-        own = self.structured_dir / "tokenizer.gguf"
+        from birdbone_core.export.vocab import TOKENIZER_GGUF
+
+        own = self.structured_dir / TOKENIZER_GGUF
         if self.recipe().structure is not None:
             return own if own.is_file() else None
         m = self.manifest()["model"]

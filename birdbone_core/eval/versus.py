@@ -152,7 +152,7 @@ def run_versus(run_root: Path, threads: int = 2) -> dict:
     cal = recipe.calibration
     text, desc = read_text(cal.text, "calib")
     held, _ = read_text(recipe.evaluation.text, "eval")
-    lm = load_model(m["path"])
+    lm = load_model(m["path"], placement=run.placement())     # the imatrix pass on the run's device
     blocks = calibration_blocks(lm.tokenizer, text, min(cal.n_samples, 16), min(cal.seq_len, 512), cal.seed)
     imatrix = model_imatrix(lm.model, blocks, desc)
     del lm
