@@ -22,6 +22,7 @@ from birdbone_core.ledger import Ledger, state_of
 from birdbone_core.model.gguf_header import gguf_context_length
 from birdbone_core.model.load import LoadedModel, load_model, preflight, resolve_source, skeleton
 from birdbone_core.model.save import save_hf
+from birdbone_core.model.stream import streamable
 from birdbone_core.progress import console
 from birdbone_core.prune.sequential import check_pattern, count_zeros, prune_sequential
 from birdbone_core.recipe import Recipe, dump_recipe, load_recipe
@@ -191,12 +192,16 @@ def _check_finite(lm: LoadedModel) -> None:
         raise BirdboneError(f"pruning produced NaN/Inf in {bad[0]} (and {len(bad) - 1} more); nothing was saved")
 
 
-def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
+def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel | None:
     """One-shot layer-by-layer pruning on the calibration text; writes RUN/pruned/ and records the change
     in the ledger. (A recipe with `waves:` prunes through birdbone_core.loop: birdbone_core.compress.)"""
     recipe = run.recipe()
     if recipe.waves is not None:   # birdbone_core.compress.prune runs those through the loop
         raise BirdboneError(f"{run.root}: the recipe prunes in waves; its steps are the loop's (birdbone run)")
+    if lm is None:
+        ensure_structured(run)
+        if streamable(run.base_spec()):
+            return _step_prune_streamed(run, recipe)
     lm = lm or load_model_for(run)
     cal = recipe.calibration
     text, text_desc = read_text(cal.text, "calib")
@@ -207,20 +212,53 @@ def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel:
     report = prune_sequential(lm.model, blocks, recipe.prune,
                               description=f"{recipe.prune.method} {recipe.prune.pattern}")
     _check_finite(lm)
-    info = {"method": report.method, "pattern": report.pattern, "sparsity": report.overall_sparsity(),
-            "seconds": report.seconds, "calibration": {"text": text_desc, "n_samples": cal.n_samples,
-                                                       "seq_len": cal.seq_len, "seed": cal.seed},
-            "runtime": describe(lm.model)}
+    info = _prune_info(report, cal, text_desc, describe(lm.model))
     # wave 1 of the ledger: the sparse change base -> pruned (a retried step records nothing new)
     ledger.record_wave(1, before, state_of(lm.model), metrics={"linear_sparsity": info["sparsity"]},
                        decision=f"one-shot {report.method} {report.pattern}")
     del before
     save_hf(lm.model, lm.tokenizer, run.pruned_dir)
+    _finish_prune(run, report, info)
+    return lm
+
+
+def _step_prune_streamed(run: Run, recipe: Recipe) -> None:
+    """step_prune for a checkpoint read one layer at a time (birdbone_core.model.stream): the same pruning,
+    ledger wave and report, in memory bounded by a layer rather than the model."""
+    from birdbone_core.model.load import load_tokenizer
+    from birdbone_core.model.stream import StreamedModel
+    from birdbone_core.prune.streamed import prune_streamed
+
+    spec = run.base_spec()
+    preflight(resolve_source(spec), **{k: v for k, v in run.load_options().items() if k != "online"})
+    console().print(f"streaming {spec} layer by layer")
+    sm = StreamedModel.open(spec, run.placement())
+    tokenizer = load_tokenizer(spec)
+    cal = recipe.calibration
+    text, text_desc = read_text(cal.text, "calib")
+    blocks = calibration_blocks(tokenizer, text, cal.n_samples, cal.seq_len, cal.seed)
+    ledger = Ledger(run.root)
+    ledger.init_base(sm.checkpoint_state(), meta={"source": run.manifest()["model"]})
+    report = prune_streamed(sm, blocks, recipe.prune, run.pruned_dir, tokenizer,
+                            description=f"{recipe.prune.method} {recipe.prune.pattern}")
+    info = _prune_info(report, cal, text_desc, describe(sm.model))
+    ledger.record_wave(1, sm.checkpoint_state(), sm.checkpoint_state(run.pruned_dir),
+                       metrics={"linear_sparsity": info["sparsity"]}, decision=f"one-shot {report.method} {report.pattern}")
+    _finish_prune(run, report, info)
+
+
+def _prune_info(report, cal, text_desc: str, runtime: dict) -> dict:
+    return {"method": report.method, "pattern": report.pattern, "sparsity": report.overall_sparsity(),
+            "seconds": report.seconds, "calibration": {"text": text_desc, "n_samples": cal.n_samples,
+                                                       "seq_len": cal.seq_len, "seed": cal.seed},
+            "runtime": runtime}
+
+
+def _finish_prune(run: Run, report, info: dict) -> None:
     atomic.write_json(run.root / "prune_report.json", {
         **info, "layer_rel_error": report.layer_rel_error,
         "modules": [dataclasses.asdict(m) for m in report.modules]})
     run.mark_done("prune", info)
-    return lm
 
 
 def step_export(run: Run, lm: LoadedModel | None = None):

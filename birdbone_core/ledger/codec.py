@@ -15,8 +15,10 @@ The per-tensor encoding, shape and dtype sit in the safetensors metadata under "
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -124,6 +126,64 @@ def pack(deltas: dict[str, TensorDelta]) -> tuple[bytes, dict[str, int]]:
         sizes[name] = sum(v.numel() * v.element_size() for v in t.values())
     data = save(tensors, metadata={"format": FORMAT, "tensors": json.dumps(metas)})
     return canonical_header(data), sizes
+
+
+# safetensors writes tensors sorted by dtype (this order) then name, each right after the last
+_ST_ORDER = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.uint32: "U32",
+             torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16", torch.uint16: "U16", torch.int16: "I16",
+             torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_RANK = {name: r for r, name in enumerate(_ST_ORDER.values())}
+
+
+class DeltaWriter:
+    """pack(), one tensor at a time: each delta is encoded when added and its entries go to a scratch file,
+    so a wave that changes every weight of a model bigger than memory can be recorded. `finish` writes the
+    same bytes pack() would (header, then the entries in the safetensors writer's order) and returns their
+    sha256 and the encoded bytes per tensor."""
+
+    def __init__(self, scratch: Path):
+        self.scratch = Path(scratch)
+        self._parts = open(self.scratch, "w+b")
+        self._entries: dict[str, tuple[str, list[int], int, int]] = {}   # key -> (dtype, shape, offset, nbytes)
+        self.metas: dict[str, dict] = {}
+        self.sizes: dict[str, int] = {}
+
+    def add(self, name: str, d: TensorDelta) -> None:
+        tensors, self.metas[name] = encode(name, d)
+        self.sizes[name] = 0
+        for key, t in tensors.items():
+            raw = memoryview(bits(t.contiguous()).numpy()).cast("B") if t.dtype != torch.bool else \
+                memoryview(t.numpy()).cast("B")
+            self._entries[key] = (_ST_ORDER[t.dtype], list(t.shape), self._parts.tell(), raw.nbytes)
+            self._parts.write(raw)
+            self.sizes[name] += raw.nbytes
+
+    def finish(self, out: Path) -> str:
+        header: dict = {"__metadata__": {"format": FORMAT, "tensors": json.dumps(self.metas)}}
+        order = sorted(self._entries, key=lambda k: (_RANK[self._entries[k][0]], k))
+        offset = 0
+        for key in order:
+            dtype, shape, _, n = self._entries[key]
+            header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+            offset += n
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)
+        h = hashlib.sha256()
+        with open(out, "wb") as f:
+            for chunk in (struct.pack("<Q", len(text)), text):
+                f.write(chunk)
+                h.update(chunk)
+            for key in order:
+                _, _, at, n = self._entries[key]
+                self._parts.seek(at)
+                chunk = self._parts.read(n)
+                f.write(chunk)
+                h.update(chunk)
+        return h.hexdigest()
+
+    def close(self) -> None:
+        self._parts.close()
+        self.scratch.unlink(missing_ok=True)
 
 
 def canonical_header(data: bytes) -> bytes:

@@ -12,8 +12,10 @@ History is append-only: a rollback is a new wave whose delta leads back to an ea
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -191,8 +193,8 @@ class Ledger:
                 self.delta_bytes(w)
         return self.last_wave
 
-    def _uncommitted(self, wave: int, digest: str) -> tuple[str, bytes] | None:
-        """(entry text, delta bytes) of a wave directory written completely for this very change (same
+    def _uncommitted(self, wave: int, digest: str) -> tuple[str, str] | None:
+        """(entry text, delta file sha256) of a wave directory written completely for this very change (same
         digest: the same tensors before and after) by a process killed before index.json named it; it is
         then committed as it is, time included, so a retried step leaves the bytes it would have. Else None."""
         d = self.wave_dir(wave)
@@ -200,7 +202,7 @@ class Ledger:
             text = (d / "entry.json").read_text()
             if json.loads(text).get("digest") != digest:
                 return None
-            return text, (d / "delta.safetensors").read_bytes()
+            return text, atomic.sha256_file(d / "delta.safetensors")
         except (OSError, ValueError, AttributeError):
             return None
 
@@ -265,21 +267,23 @@ class Ledger:
         before = self._table(wave - 1)
         self._check_names(old_state, before, wave - 1, "old state")
         self._check_names(new_state, before, wave - 1, "new state")
-        deltas: dict[str, TensorDelta] = {}
         after: dict[str, TensorRecord] = {}
-        for name, rec in before.items():
-            old = old_state[name].detach().cpu()
-            if tensor_hash(old) != rec.hash:
-                raise BirdboneError(f"ledger wave {wave}: old state's tensor '{name}' differs from the "
-                                    f"recorded state after wave {wave - 1}")
-            try:
-                d = compute_delta(old, new_state[name].detach().cpu())
-            except DeltaMismatch as e:
-                raise BirdboneError(f"ledger wave {wave}: tensor '{name}': {e}") from None
-            if d is not None:
-                deltas[name] = d
-                after[name] = _record(new_state[name], changed=d.n_changed, hash_before=rec.hash)
-        return self._record(wave, kind, deltas, after, before, metrics, decision, None, index)
+        with self._delta_writer() as writer:       # each delta encoded and set aside as it is computed
+            for name, rec in before.items():
+                old = old_state[name].detach().cpu()
+                if tensor_hash(old) != rec.hash:
+                    raise BirdboneError(f"ledger wave {wave}: old state's tensor '{name}' differs from the "
+                                        f"recorded state after wave {wave - 1}")
+                new = new_state[name].detach().cpu()
+                try:
+                    d = compute_delta(old, new)
+                except DeltaMismatch as e:
+                    raise BirdboneError(f"ledger wave {wave}: tensor '{name}': {e}") from None
+                if d is not None:
+                    writer.add(name, d)
+                    after[name] = _record(new, changed=d.n_changed, hash_before=rec.hash)
+                del old, new, d
+            return self._record(wave, kind, writer, after, before, metrics, decision, None, index)
 
     def revert_marker(self, to_wave: int, metrics: dict | None = None,
                       decision: str | None = None) -> WaveEntry:
@@ -298,8 +302,20 @@ class Ledger:
         after = {n: TensorRecord(hash=target[n].hash, shape=target[n].shape, dtype=target[n].dtype,
                                  numel=target[n].numel, zeros=target[n].zeros, changed=d.n_changed,
                                  hash_before=now[n].hash) for n, d in deltas.items()}
-        return self._record(last + 1, "revert", deltas, after, now, metrics or {},
-                            decision or f"revert to wave {to_wave}", to_wave, index)
+        with self._delta_writer() as writer:
+            for name, d in deltas.items():
+                writer.add(name, d)
+            return self._record(last + 1, "revert", writer, after, now, metrics or {},
+                                decision or f"revert to wave {to_wave}", to_wave, index)
+
+    @contextlib.contextmanager
+    def _delta_writer(self):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        writer = codec.DeltaWriter(self.dir / f".delta-{os.getpid()}.parts")
+        try:
+            yield writer
+        finally:
+            writer.close()
 
     def _check_names(self, state: StateDict, table: dict, wave: int, what: str) -> None:
         missing = [n for n in table if n not in state]
@@ -309,11 +325,10 @@ class Ledger:
             raise BirdboneError(f"ledger wave {wave}: {what} {which} "
                                 f"({len(missing)} missing, {len(extra)} extra)")
 
-    def _record(self, wave: int, kind: str, deltas: dict[str, TensorDelta], after: dict[str, TensorRecord],
+    def _record(self, wave: int, kind: str, writer: codec.DeltaWriter, after: dict[str, TensorRecord],
                 before: dict[str, TensorRecord], metrics: dict, decision: str | None, reverts_to: int | None,
                 index: dict) -> WaveEntry:
-        data, sizes = codec.pack(deltas)
-        tensors = {n: replace(r, delta_bytes=sizes[n]) for n, r in after.items()}
+        tensors = {n: replace(r, delta_bytes=writer.sizes[n]) for n, r in after.items()}
         digest = change_digest(kind, decision, reverts_to, tensors)
         if wave <= len(index["waves"]):
             old = self.entry(wave)
@@ -330,14 +345,14 @@ class Ledger:
         if found is None:
             text = _entry_text(entry)
             with atomic.staged_dir(self.wave_dir(wave)) as tmp:
-                atomic.write_bytes(tmp / "delta.safetensors", data)
+                delta_sha = writer.finish(tmp / "delta.safetensors")
                 atomic.write_text(tmp / "entry.json", text)
         else:
-            text, data = found
+            text, delta_sha = found
             entry = WaveEntry.from_json(json.loads(text))
         self._commit_index({**index, "waves": [*index["waves"], {"wave": wave, "kind": kind, "digest": digest,
                                                                  "entry_sha256": _sha256(text),
-                                                                 "delta_sha256": hashlib.sha256(data).hexdigest()}]})
+                                                                 "delta_sha256": delta_sha}]})
         return entry
 
     # ---- rebuilding ---------------------------------------------------------------------------------

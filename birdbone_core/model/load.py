@@ -360,6 +360,11 @@ def _load_tokenizer(where: str, label: str, **kwargs):
         raise BirdboneError(f"{label}: failed to load tokenizer ({_one_line(exc)})") from exc
 
 
+def load_tokenizer(directory: str | Path):
+    """The tokenizer of a local model directory (one `error:` line when it cannot be read)."""
+    return _load_tokenizer(str(directory), str(directory), local_files_only=True)
+
+
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     """Refuse NaN/Inf and out-of-range values in a loaded model's tensors (checks.check_values)."""
     for name, t in tensors.items():
@@ -426,6 +431,7 @@ __all__ = [
     "LoadedModel",
     "ModelSource",
     "load_model",
+    "load_tokenizer",
     "resolve_source",
     "stored_dtype",
 ]

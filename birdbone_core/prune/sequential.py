@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -65,8 +66,14 @@ def _decoder_prefix(model) -> str:
     return names[layers[0]].rsplit(".", 1)[0] if len(layers) else ""
 
 
-def prune_sequential(model, blocks: torch.Tensor, cfg: Prune, description: str = "pruning") -> PruneReport:
-    """Prune every linear module of every decoder layer in place, per the recipe section `cfg`."""
+def prune_sequential(model, blocks: torch.Tensor, cfg: Prune, description: str = "pruning",
+                     before_layer: Callable[[int], None] | None = None,
+                     after_layer: Callable[[int], None] | None = None) -> PruneReport:
+    """Prune every linear module of every decoder layer in place, per the recipe section `cfg`.
+
+    before_layer(i) / after_layer(i): called around layer i's turn; a streamed model
+    (birdbone_core.model.stream) loads the layer's weights in the first and writes and frees them in the second.
+    """
     check_pattern(model, cfg)
     t0 = time.perf_counter()
     report = PruneReport(method=cfg.method, pattern=cfg.pattern)
@@ -77,6 +84,8 @@ def prune_sequential(model, blocks: torch.Tensor, cfg: Prune, description: str =
 
     with progress_bar(description, total=len(layers)) as advance:
         for i, layer in enumerate(layers):
+            if before_layer is not None:
+                before_layer(i)
             modules = linear_modules(layer)
             targets = {}
             for name, mod in modules.items():
@@ -112,6 +121,8 @@ def prune_sequential(model, blocks: torch.Tensor, cfg: Prune, description: str =
                 hidden[b] = out
             report.layer_rel_error.append((num / max(den, 1e-30)) ** 0.5)
             del dense_out
+            if after_layer is not None:
+                after_layer(i)
             advance()
 
     report.seconds = time.perf_counter() - t0
