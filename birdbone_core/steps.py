@@ -270,7 +270,6 @@ def step_export(run: Run, lm: LoadedModel | None = None):
     run.require("prune", "export")
     t0 = time.perf_counter()
     recipe = run.recipe()
-    lm = lm or _load(str(run.pruned_dir), "pruned model", placement=run.placement(), keep_dtype=True)
     m = run.manifest()
     source_gguf = run.tokenizer_gguf()
     meta = {"birdbone.recipe_sha256": m["recipe_sha256"], "birdbone.prune.method": recipe.prune.method,
@@ -278,16 +277,30 @@ def step_export(run: Run, lm: LoadedModel | None = None):
     if recipe.quantize is not None:  # mixed types under a bit budget (birdbone_core.quant)
         from birdbone_core.quant.pipeline import quantize_and_export
 
+        lm = lm or _load(str(run.pruned_dir), "pruned model", placement=run.placement(), keep_dtype=True)
         result, q = quantize_and_export(lm.model, lm.tokenizer, recipe.quantize, run.gguf_path(recipe),
                                         calibration=recipe.calibration, source_gguf=source_gguf,
                                         extra_metadata=meta, report_path=run.root / "quant_report.json")
         info = {"types": dict(Counter(q.types.values())), "budget_bytes": q.budget_bytes}
+    elif lm is None and streamable(run.pruned_dir):   # one tensor at a time from RUN/pruned/
+        from birdbone_core.model.load import load_tokenizer
+        from birdbone_core.model.stream import StreamedModel
+
+        sm = StreamedModel.open(run.pruned_dir, Placement(torch.device("cpu"), run.placement().dtype),
+                                keep_dtype=True, materialize=False)
+        result = export_gguf(sm.model, load_tokenizer(run.pruned_dir), run.gguf_path(recipe),
+                             out_type=recipe.export.type, source_gguf=source_gguf, extra_metadata=meta,
+                             state=sm.checkpoint_state())
+        info = {"runtime": {"device": "cpu", "dtype": str(sm.dtype).removeprefix("torch."), "streamed": True}}
     else:
+        lm = lm or _load(str(run.pruned_dir), "pruned model", placement=run.placement(), keep_dtype=True)
         result = export_gguf(lm.model, lm.tokenizer, run.gguf_path(recipe), out_type=recipe.export.type,
                              source_gguf=source_gguf, extra_metadata=meta)
         info = {}
+    if lm is not None:
+        info["runtime"] = describe(lm.model)
     run.mark_done("export", {"path": str(result.path), "bytes": result.n_bytes,
-                             "bits_per_weight": result.bits_per_weight, **info, "runtime": describe(lm.model)})
+                             "bits_per_weight": result.bits_per_weight, **info})
     _push(run, "export", {"bits_per_weight": result.bits_per_weight, "size_bytes": result.n_bytes},
           time.perf_counter() - t0)
     return result

@@ -27,6 +27,7 @@ model loaders, tag b11312 vendored by llama-cpp-python 0.3.36):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -98,8 +99,16 @@ def _cfg(config: Any, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def model_dims(config: Any, state: dict[str, torch.Tensor]) -> Dims:
+def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape: read off the tensors, or, for a state read from disk on access
+    (birdbone_core.model.stream.ModelState), off the checkpoint's headers without reading any data."""
+    own = getattr(state, "shapes", None)
+    return dict(own) if own is not None else {n: tuple(t.shape) for n, t in state.items()}
+
+
+def model_dims(config: Any, state: Mapping[str, torch.Tensor]) -> Dims:
     """Dimensions from the config, checked against the actual tensors (pruning may have changed them)."""
+    state = shapes_of(state)
     n_layer = int(config.num_hidden_layers)
     n_embd = int(config.hidden_size)
     n_head = int(config.num_attention_heads)
@@ -108,7 +117,7 @@ def model_dims(config: Any, state: dict[str, torch.Tensor]) -> Dims:
     embed = state.get("model.embed_tokens.weight")
     if embed is None:
         raise BirdboneError("model has no model.embed_tokens.weight; cannot export it to GGUF")
-    n_vocab = int(embed.shape[0])
+    n_vocab = int(embed[0])
     n_ff_list = []
     for il in range(n_layer):
         q = state.get(f"model.layers.{il}.self_attn.q_proj.weight")
@@ -116,11 +125,11 @@ def model_dims(config: Any, state: dict[str, torch.Tensor]) -> Dims:
         gate = state.get(f"model.layers.{il}.mlp.gate_proj.weight")
         if q is None or k is None or gate is None:
             raise BirdboneError(f"layer {il} lacks q_proj/k_proj/gate_proj weights; cannot export it to GGUF")
-        if q.shape[0] != n_head * head_dim or k.shape[0] != n_head_kv * head_dim:
+        if q[0] != n_head * head_dim or k[0] != n_head_kv * head_dim:
             raise BirdboneError(
-                f"layer {il}: q_proj/k_proj have {q.shape[0]}/{k.shape[0]} rows but the config says "
+                f"layer {il}: q_proj/k_proj have {q[0]}/{k[0]} rows but the config says "
                 f"{n_head}x{head_dim}/{n_head_kv}x{head_dim} (per-layer head counts are not supported)")
-        n_ff_list.append(int(gate.shape[0]))
+        n_ff_list.append(int(gate[0]))
     return Dims(n_layer, n_embd, n_head, n_head_kv, head_dim, n_vocab, max(n_ff_list), tuple(n_ff_list))
 
 
@@ -256,14 +265,15 @@ def is_tied(model: torch.nn.Module) -> bool:
 
 
 def plan_tensors(model: torch.nn.Module, spec: ArchSpec, dims: Dims, config: Any,
-                 state: dict[str, torch.Tensor]) -> list[TensorPlan]:
-    """Map every HF tensor to its GGUF name and a loader that applies llama.cpp's expected transform."""
+                 state: Mapping[str, torch.Tensor]) -> list[TensorPlan]:
+    """Map every HF tensor to its GGUF name and a loader that applies llama.cpp's expected transform (the
+    loader reads `state` when called, so a state read from disk holds one tensor at a time)."""
     spec = for_widths(spec, dims)
     name_map = gguf.get_tensor_name_map(spec.arch, dims.n_layer)
     tied = is_tied(model)
     q_scale = gemma3_query_scale_fix(config, dims) if spec is GEMMA3 else 1.0
     plans: list[TensorPlan] = []
-    for hf_name, tensor in state.items():
+    for hf_name, shape in shapes_of(state).items():
         if hf_name == "lm_head.weight" and tied:
             continue
         if hf_name.endswith(("rotary_emb.inv_freq", ".original_inv_freq")):
@@ -275,7 +285,7 @@ def plan_tensors(model: torch.nn.Module, spec: ArchSpec, dims: Dims, config: Any
         if gguf_name is None:
             raise BirdboneError(f"no GGUF name for tensor {hf_name!r} of a {spec.name} model")
 
-        shape, pad_rows, pad_cols = tuple(tensor.shape), 0, 0
+        pad_rows, pad_cols = 0, 0
         if spec.ragged_ffn:
             pass
         elif ".mlp.gate_proj." in hf_name or ".mlp.up_proj." in hf_name:
@@ -285,9 +295,8 @@ def plan_tensors(model: torch.nn.Module, spec: ArchSpec, dims: Dims, config: Any
         note = f"zero-padded FFN {dims.n_ff - pad_rows - pad_cols} -> {dims.n_ff}" if pad_rows or pad_cols else ""
         shape = (shape[0] + pad_rows, *shape[1:-1], shape[-1] + pad_cols) if len(shape) > 1 else (shape[0] + pad_rows,)
 
-        def load(t: torch.Tensor = tensor, hf: str = hf_name, gn: str = gguf_name,
-                 pr: int = pad_rows, pc: int = pad_cols) -> np.ndarray:
-            a = t.detach().to(device="cpu", dtype=torch.float32).numpy()
+        def load(hf: str = hf_name, gn: str = gguf_name, pr: int = pad_rows, pc: int = pad_cols) -> np.ndarray:
+            a = state[hf].detach().to(device="cpu", dtype=torch.float32).numpy()
             if pr or pc:
                 a = np.pad(a, [(0, pr)] + [(0, 0)] * (a.ndim - 2) + [(0, pc)] if a.ndim > 1 else [(0, pr)])
             if spec.permute_qk and ".self_attn.q_proj." in hf:

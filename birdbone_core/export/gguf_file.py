@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,8 @@ def _types_summary(types: dict[str, str]) -> str:
 def export_gguf(model: torch.nn.Module, tokenizer: Any, out_path: str | os.PathLike, *, out_type: str = "f16",
                 source_gguf: Path | None = None,
                 extra_metadata: dict[str, str | int | float] | None = None,
-                quantized: dict[str, tuple[str, np.ndarray]] | None = None) -> ExportResult:
+                quantized: dict[str, tuple[str, np.ndarray]] | None = None,
+                state: Mapping[str, torch.Tensor] | None = None) -> ExportResult:
     """Write `model` (a transformers causal LM in memory) as a GGUF file stock llama.cpp can run.
 
     out_type: f32 | f16 | bf16 | q8_0 for 2-D weights; 1-D tensors stay F32; a weight whose row length
@@ -104,6 +106,8 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out_path: str | os.PathL
     quantized: mixed-type export: GGUF tensor name -> (block type, packed bytes [rows, row bytes]) as
     `birdbone_core.quant.engine.quantize_model` makes them; those tensors are written as given, the
     others per out_type. general.file_type then names the type holding the most bytes.
+    state: the model's tensors when they are not in `model` (a streamed model on the meta device:
+    birdbone_core.model.stream.StreamedModel.checkpoint_state), read one at a time as they are written.
     """
     out_type = out_type.lower()
     if out_type not in OUT_TYPES:
@@ -121,7 +125,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out_path: str | os.PathL
         if not source_gguf.is_file():
             raise BirdboneError(f"source GGUF {source_gguf} does not exist")
 
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     dims = model_dims(config, state)
     spec = for_widths(spec, dims)        # llama with per-layer FFN widths -> llama.cpp's deci
     plans = plan_tensors(model, spec, dims, config, state)

@@ -6,8 +6,9 @@
     for i in range(sm.n_layers):
         sm.load_layer(i)          # layer i's weights from disk onto the device
         ...                       # walk it (birdbone_core.model.walk)
-        out.write(f"layer-{i:05d}", sm.layer_state(i)); sm.release_layer(i)   # one shard; freed (meta)
-    out.write("rest", sm.rest_state()); out.finish(config, tokenizer)        # + the index, config, tokenizer
+        for name, t in sm.layer_state(i).items(): out.write(name, t)   # into OUT/model.safetensors
+        sm.release_layer(i)                                            # freed (meta again)
+    for name, t in sm.rest_state().items(): out.write(name, t)       # embedding, norm, head last
 
 Peak memory is one layer, the embedding/head and whatever the caller holds (calibration activations), not
 the model. Only plain text causal LMs stream (llama, mistral, qwen2, qwen3, gemma3_text as written by
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from birdbone_core.errors import BirdboneError
 from birdbone_core.model import checks
@@ -31,7 +31,6 @@ from birdbone_core.runtime import Placement
 
 STREAMED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-INDEX = "model.safetensors.index.json"
 
 
 class SafetensorsState(Mapping):
@@ -102,13 +101,15 @@ class StreamedModel:
         self.n_layers = len(decoder_layers(model))
 
     @classmethod
-    def open(cls, directory: str | Path, placement: Placement | None = None, keep_dtype: bool = False):
-        """keep_dtype: the directory is a run's own weights, which keep their stored dtype (runtime.Placement)."""
+    def open(cls, directory: str | Path, placement: Placement | None = None, keep_dtype: bool = False,
+             materialize: bool = True):
+        """keep_dtype: the directory is a run's own weights, which keep their stored dtype (runtime.Placement);
+        materialize=False: nothing is read but the headers (all of the model stays on meta: for export)."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         directory = Path(directory)
-        placement = placement or Placement(torch.device("cpu"), "float32")
+        placement = placement or Placement(torch.device("cpu"))
         state = SafetensorsState(directory)
         stored = next(iter(state.stored.values()))
         dtype = placement.dtype_for(stored, keep=keep_dtype)
@@ -125,7 +126,8 @@ class StreamedModel:
             raise BirdboneError(f"{directory}: weights {'missing' if missing else 'without a place'} for this "
                                 f"config.json (e.g. {(missing or extra)[0]})")
         sm = cls(model, state, placement.device, dtype, directory)
-        sm._materialize([n for n in state if not n.startswith("model.layers.")])
+        if materialize:
+            sm._materialize([n for n in state if not n.startswith("model.layers.")])
         if tied:
             model.tie_weights()
         return sm
@@ -150,6 +152,14 @@ class StreamedModel:
 
     def layer_names(self, i: int) -> list[str]:
         return [n for n in self.state if n.startswith(layer_prefix(i))]
+
+    def write_order(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(name, dtype, shape) of every checkpoint tensor in the order a layer walk finishes them: layer 0's
+        parameters, layer 1's, ..., then the rest (what a SafetensorsWriter needs up front)."""
+        names = [layer_prefix(i) + n for i, layer in enumerate(decoder_layers(self.model))
+                 for n, _ in layer.named_parameters()]
+        names += [n for n in self.state if not n.startswith("model.layers.")]
+        return [(n, self.dtype, self.state.shapes[n]) for n in names]
 
     def load_layer(self, i: int) -> None:
         self._materialize(self.layer_names(i))
@@ -178,8 +188,16 @@ class ModelState(Mapping):
         if missing:
             raise BirdboneError(f"{state.directory}: no tensor {missing[0]}")
 
+    def _source(self, name: str) -> str:
+        return name if name in self.state else "model.embed_tokens.weight"
+
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self.state[name if name in self.state else "model.embed_tokens.weight"]
+        return self.state[self._source(name)]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the checkpoint's headers (no data read)."""
+        return {n: self.state.shapes[self._source(n)] for n in self.names}
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
@@ -188,27 +206,46 @@ class ModelState(Mapping):
         return len(self.names)
 
 
-class ShardedWriter:
-    """Writes a model directory one shard at a time into `directory` (the caller's atomic.staged_dir): a
-    safetensors file per decoder layer plus one for the rest, then the index transformers reads, the config
-    and the tokenizer."""
+class SafetensorsWriter:
+    """One safetensors file written a tensor at a time: the header first (every name, dtype and shape is
+    known before any data: pruning keeps shapes), then each tensor's bytes as it is handed over, in the
+    header's order. Readers find tensors through the header's offsets, so any order is a valid file."""
 
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
-        self.weight_map: dict[str, str] = {}
-        self.total = 0
+    def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        header: dict = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape in specs:
+            n = _numel(shape) * dtype.itemsize
+            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)               # tensor data starts 8-byte aligned, as safetensors writes
+        self._todo = [(n, d, tuple(s)) for n, d, s in specs]
+        self._f = open(path, "wb")
+        self._f.write(len(text).to_bytes(8, "little") + text)
 
-    def write(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        name = f"model-{key}.safetensors"
-        save_file(tensors, str(self.directory / name), metadata={"format": "pt"})
-        for n, t in tensors.items():
-            self.weight_map[n] = name
-            self.total += t.numel() * t.element_size()
+    def write(self, name: str, t: torch.Tensor) -> None:
+        want = self._todo.pop(0) if self._todo else None
+        if want is None or want != (name, t.dtype, tuple(t.shape)):
+            raise ValueError(f"safetensors writer: got {name} {t.dtype}{list(t.shape)}, expected {want}")
+        self._f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
 
-    def finish(self, config, tokenizer, generation_config=None) -> None:
-        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        config.save_pretrained(self.directory)
-        if generation_config is not None:
-            generation_config.save_pretrained(self.directory)
-        tokenizer.save_pretrained(self.directory)
+    def close(self) -> None:
+        """Close the file; an error if any tensor was never written (unless it is already closed)."""
+        if self._f.closed:
+            return
+        self._f.close()
+        if self._todo:
+            raise ValueError(f"safetensors writer: {len(self._todo)} tensors never written (e.g. {self._todo[0][0]})")
+
+
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def write_config(directory: Path, model, tokenizer) -> None:
+    """config.json, generation_config.json (when the model has one) and the tokenizer's files."""
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)

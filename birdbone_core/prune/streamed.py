@@ -10,7 +10,7 @@ import torch
 
 from birdbone_core.atomic import staged_dir
 from birdbone_core.errors import BirdboneError
-from birdbone_core.model.stream import ShardedWriter, StreamedModel
+from birdbone_core.model.stream import SafetensorsWriter, StreamedModel, write_config
 from birdbone_core.prune.config import Prune
 from birdbone_core.prune.sequential import PruneReport, prune_sequential
 
@@ -18,10 +18,10 @@ from birdbone_core.prune.sequential import PruneReport, prune_sequential
 def prune_streamed(sm: StreamedModel, blocks: torch.Tensor, cfg: Prune, out_dir: Path, tokenizer,
                    description: str = "pruning") -> PruneReport:
     """Prune `sm` layer by layer per `cfg` on the calibration `blocks` [n_samples, seq_len] and write the
-    result to `out_dir` (one safetensors shard per layer, then the rest, the index, config and tokenizer;
+    result to `out_dir` (model.safetensors, each layer written as it is finished, then config and tokenizer;
     nothing is left there unless all of it was written)."""
     with staged_dir(Path(out_dir)) as tmp:
-        writer = ShardedWriter(tmp)
+        writer = SafetensorsWriter(tmp / "model.safetensors", sm.write_order())
 
         def finish_layer(i: int) -> None:
             tensors = sm.layer_state(i)
@@ -29,11 +29,16 @@ def prune_streamed(sm: StreamedModel, blocks: torch.Tensor, cfg: Prune, out_dir:
             if bad:
                 raise BirdboneError(f"pruning produced NaN/Inf in {bad[0]} (and {len(bad) - 1} more); "
                                     f"nothing was saved")
-            writer.write(f"layer-{i:05d}", tensors)
+            for name, t in tensors.items():
+                writer.write(name, t)
             sm.release_layer(i)
 
-        report = prune_sequential(sm.model, blocks, cfg, description,
-                                  before_layer=sm.load_layer, after_layer=finish_layer)
-        writer.write("rest", sm.rest_state())
-        writer.finish(sm.model.config, tokenizer, getattr(sm.model, "generation_config", None))
+        try:
+            report = prune_sequential(sm.model, blocks, cfg, description,
+                                      before_layer=sm.load_layer, after_layer=finish_layer)
+            for name, t in sm.rest_state().items():
+                writer.write(name, t)
+        finally:
+            writer.close()
+        write_config(tmp, sm.model, tokenizer)
     return report
