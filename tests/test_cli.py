@@ -19,6 +19,8 @@ from clitools import assert_clean_failure, cli, run_cli, tree
 from gguf import GGUFReader
 from safetensors.torch import load_file
 
+from birdbone_core.ledger import Ledger
+
 FAST = """
 name: fast-{method}
 calibration: {{n_samples: 16, seq_len: 128}}
@@ -81,6 +83,10 @@ def test_steps_one_by_one_match_compress(tmp_path, compressed, tiny_path):
     ta, tb = {t.name: t for t in ra.tensors}, {t.name: t for t in rb.tensors}
     assert ta.keys() == tb.keys()
     assert all(ta[k].data.tobytes() == tb[k].data.tobytes() and ta[k].tensor_type == tb[k].tensor_type for k in ta)
+    # the steps stream the model layer by layer, compress holds it: the same ledger either way
+    la, lb = Ledger(run), Ledger(compressed)
+    assert [la.entry(w).digest for w in (0, 1)] == [lb.entry(w).digest for w in (0, 1)]
+    assert la.delta_bytes(1) == lb.delta_bytes(1)
     r = cli("init", run, "--model", tiny_path, "-r", _recipe(tmp_path, "wanda"))
     assert r.returncode == 2 and "different model or recipe" in r.stderr
 

@@ -259,7 +259,11 @@ def is_tied(model: torch.nn.Module) -> bool:
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     if out is None:
         return True
-    if out.weight is inp.weight or out.weight.data_ptr() == inp.weight.data_ptr():
+    if out.weight is inp.weight:
+        return True
+    if out.weight.is_meta or inp.weight.is_meta:     # a streamed model: no data to compare (every data_ptr is 0)
+        return False
+    if out.weight.data_ptr() == inp.weight.data_ptr():
         return True
     return bool(getattr(model.config, "tie_word_embeddings", False)) and torch.equal(out.weight, inp.weight)
 

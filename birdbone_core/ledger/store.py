@@ -59,7 +59,14 @@ def _sha256(text: str) -> str:
 def _record(t: Tensor, **kw) -> TensorRecord:
     t = t.detach().cpu()
     return TensorRecord(hash=tensor_hash(t), shape=tuple(t.shape), dtype=dtype_name(t.dtype),
-                        numel=t.numel(), zeros=int((t == 0).sum()), **kw)
+                        numel=t.numel(), zeros=count_zeros(t), **kw)
+
+
+def count_zeros(t: Tensor, chunk: int = 1 << 22) -> int:
+    """Elements equal to zero, counted over chunks of the flat tensor: `t == 0` on a whole half-precision
+    tensor makes float32 temporaries several times its size (a big embedding would cost gigabytes)."""
+    flat = t.reshape(-1)
+    return sum(int((flat[i:i + chunk] == 0).sum()) for i in range(0, flat.numel(), chunk))
 
 
 def _json_safe(obj, what: str):

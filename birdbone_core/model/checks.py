@@ -239,18 +239,16 @@ def check_tensors(directory: Path, config: dict) -> None:
     """Read a safetensors checkpoint one tensor at a time (never the whole model): refuse NaN/Inf, naming the
     tensor, and a checkpoint whose decoder layers are not the ones config.json declares (transformers
     would silently drop extra layers, or fill missing ones with random weights)."""
-    from safetensors import safe_open
+    from birdbone_core.model.tensors import read_header, read_tensor
 
     layers: set[int] = set()
     shapes: dict[str, tuple[int, ...]] = {}
     for file in safetensors_files(directory):
-        with safe_open(str(file), framework="pt") as fh:
-            for name in fh.keys():
-                if (m := _LAYER_INDEX.search(name)) is not None:
-                    layers.add(int(m.group(1)))
-                t = fh.get_tensor(name)
-                shapes[name] = tuple(t.shape)
-                check_values(name, t, str(file))
+        for name, entry in read_header(file).items():
+            if (m := _LAYER_INDEX.search(name)) is not None:
+                layers.add(int(m.group(1)))
+            shapes[name] = entry.shape
+            check_values(name, read_tensor(entry), str(file))
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     n = text.get("num_hidden_layers")
     if isinstance(n, int) and layers and layers != set(range(n)):

@@ -1,6 +1,5 @@
 """Models too big to hold: a Hugging Face safetensors directory read one decoder layer at a time.
 
-    state = SafetensorsState(directory, dtype=torch.float32)   # name -> tensor, read from disk on access
     sm = StreamedModel.open(directory, placement)              # the model on the meta device, except the
                                                                # embedding, final norm and head (materialized)
     for i in range(sm.n_layers):
@@ -17,55 +16,20 @@ widths take the in-memory path (`streamable` says which).
 """
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from birdbone_core.errors import BirdboneError
 from birdbone_core.model import checks
 from birdbone_core.model.layers import decoder_layers
+from birdbone_core.model.tensors import ST_NAMES, SafetensorsState
 from birdbone_core.runtime import Placement
 
 STREAMED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-class SafetensorsState(Mapping):
-    """The tensors of a directory's *.safetensors files by name, each read from disk when asked for (and
-    cast to `dtype` when given): a state dict whose memory is the one tensor the caller holds. `shapes`
-    and `dtypes` come from the file headers without reading any data."""
-
-    def __init__(self, directory: str | Path, dtype: torch.dtype | None = None):
-        self.directory, self.dtype = Path(directory), dtype
-        self.files: dict[str, Path] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.stored: dict[str, torch.dtype] = {}
-        for f in sorted(self.directory.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as h:
-                for name in h.keys():
-                    sl = h.get_slice(name)
-                    self.files[name], self.shapes[name] = f, tuple(sl.get_shape())
-                    self.stored[name] = _ST_DTYPES.get(sl.get_dtype(), torch.float32)
-        if not self.files:
-            raise BirdboneError(f"{self.directory}: no .safetensors weights")
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.files[name]), framework="pt") as h:
-            t = h.get_tensor(name)
-        return t if self.dtype is None or t.dtype == self.dtype else t.to(self.dtype)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.files)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def nbytes(self) -> int:
-        """Bytes of the tensors as stored."""
-        return sum(_numel(s) * self.stored[n].itemsize for n, s in self.shapes.items())
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -110,7 +74,7 @@ class StreamedModel:
 
         directory = Path(directory)
         placement = placement or Placement(torch.device("cpu"))
-        state = SafetensorsState(directory)
+        state = SafetensorsState(checks.safetensors_files(directory))
         stored = next(iter(state.stored.values()))
         dtype = placement.dtype_for(stored, keep=keep_dtype)
         state.dtype = dtype
@@ -136,7 +100,8 @@ class StreamedModel:
         """The state of the model as `directory`'s checkpoint holds it (default: the one opened), in the
         model's dtype, named and ordered as `model.state_dict()` would be (a tied head under both names),
         each tensor read when asked for: what the ledger records of an in-memory model, without holding it."""
-        state = self.state if directory is None else SafetensorsState(directory, self.dtype)
+        state = self.state if directory is None else \
+            SafetensorsState(checks.safetensors_files(Path(directory)), self.dtype)
         return ModelState(list(self.model.state_dict().keys()), state)
 
     def _materialize(self, names: list[str]) -> None:
@@ -166,6 +131,7 @@ class StreamedModel:
 
     def release_layer(self, i: int) -> None:
         decoder_layers(self.model)[i].to("meta")
+        release_freed_memory()
 
     def layer_state(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's parameters as CPU tensors under their checkpoint names (detached)."""
@@ -178,6 +144,30 @@ class StreamedModel:
         return {n: params[n].detach().cpu().contiguous() for n in self.state if not n.startswith("model.layers.")}
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim). A layer's tensors are a few to a few
+    hundred MB; once glibc has seen one freed it serves such sizes from its heap, which it does not shrink
+    by itself. Measured on the 0.6B stream-test model (magnitude, bf16): peak RSS 1.52 GB without, 0.98 GB
+    with."""
+    gc.collect()               # tensors kept alive only by reference cycles (modules, hooks) go first
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:            # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _libc()
+
+
 class ModelState(Mapping):
     """A model's state dict in its own key order, each tensor read from a SafetensorsState on access; a key
     the checkpoint lacks (a tied head) reads the input embedding, which it shares."""
@@ -186,7 +176,7 @@ class ModelState(Mapping):
         self.names, self.state = names, state
         missing = [n for n in names if n not in state and n != "lm_head.weight"]
         if missing:
-            raise BirdboneError(f"{state.directory}: no tensor {missing[0]}")
+            raise BirdboneError(f"checkpoint: no tensor {missing[0]}")
 
     def _source(self, name: str) -> str:
         return name if name in self.state else "model.embed_tokens.weight"
@@ -217,7 +207,7 @@ class SafetensorsWriter:
         offset = 0
         for name, dtype, shape in specs:
             n = _numel(shape) * dtype.itemsize
-            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)               # tensor data starts 8-byte aligned, as safetensors writes
@@ -226,21 +216,21 @@ class SafetensorsWriter:
         self._f.write(len(text).to_bytes(8, "little") + text)
 
     def write(self, name: str, t: torch.Tensor) -> None:
-        want = self._todo.pop(0) if self._todo else None
+        want = self._todo[0] if self._todo else None
         if want is None or want != (name, t.dtype, tuple(t.shape)):
             raise ValueError(f"safetensors writer: got {name} {t.dtype}{list(t.shape)}, expected {want}")
+        self._todo.pop(0)
         self._f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
 
+    def abort(self) -> None:
+        """Close the file without checking it (the caller is failing; its staged directory goes away)."""
+        self._f.close()
+
     def close(self) -> None:
-        """Close the file; an error if any tensor was never written (unless it is already closed)."""
-        if self._f.closed:
-            return
+        """Close the file; an error if any tensor was never written."""
         self._f.close()
         if self._todo:
             raise ValueError(f"safetensors writer: {len(self._todo)} tensors never written (e.g. {self._todo[0][0]})")
-
-
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def write_config(directory: Path, model, tokenizer) -> None:

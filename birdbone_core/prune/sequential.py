@@ -66,6 +66,7 @@ def _decoder_prefix(model) -> str:
     return names[layers[0]].rsplit(".", 1)[0] if len(layers) else ""
 
 
+@torch.no_grad()    # else each layer's forward keeps its weights and inputs alive in an autograd graph
 def prune_sequential(model, blocks: torch.Tensor, cfg: Prune, description: str = "pruning",
                      before_layer: Callable[[int], None] | None = None,
                      after_layer: Callable[[int], None] | None = None) -> PruneReport:

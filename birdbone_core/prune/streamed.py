@@ -38,7 +38,9 @@ def prune_streamed(sm: StreamedModel, blocks: torch.Tensor, cfg: Prune, out_dir:
                                       before_layer=sm.load_layer, after_layer=finish_layer)
             for name, t in sm.rest_state().items():
                 writer.write(name, t)
-        finally:
-            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
         write_config(tmp, sm.model, tokenizer)
     return report

@@ -76,6 +76,13 @@ SHAPES: dict[str, dict] = {
         vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768, rms_norm_eps=1e-6,
         rope_theta=1000000.0, use_sliding_window=False, sliding_window=32768, max_window_layers=36,
         initializer_range=0.02),
+    # Not published: a 0.74B llama for the default suite's memory test (tests/model/test_stream_memory.py):
+    # big enough that holding it whole shows in peak RSS, small enough to build in seconds.
+    "stream-test": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=1536, intermediate_size=6144,
+        num_hidden_layers=20, num_attention_heads=12, num_key_value_heads=4, head_dim=128, hidden_act="silu",
+        vocab_size=32000, tie_word_embeddings=True, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        rope_theta=10000.0, attention_bias=False, mlp_bias=False, initializer_range=0.02),
     # Not published: small shapes for tests (every in_features a multiple of 256, vocab larger than the
     # fixture tokenizer's 1024 so the padding is exercised, untied / biased variants).
     "tiny": dict(
@@ -182,22 +189,17 @@ def write_shard(path: Path, items, std: float, seed: int) -> int:
     """Stream one safetensors file: header from the shapes, then each tensor as it is generated."""
     import torch
 
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, _ in items:
-        nbytes = _numel(shape) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    hbytes = json.dumps(header, separators=(",", ":")).encode()
-    hbytes += b" " * (-len(hbytes) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as f:
-        f.write(len(hbytes).to_bytes(8, "little"))
-        f.write(hbytes)
+    from birdbone_core.model.stream import SafetensorsWriter
+
+    writer = SafetensorsWriter(path, [(name, torch.bfloat16, shape) for name, shape, _ in items])
+    try:
         for name, shape, init in items:
-            t = make_tensor(name, shape, init, std, seed)
-            f.write(t.view(-1).view(torch.int16).numpy().data)  # numpy has no bf16: same bytes as int16
-            del t
-    return offset
+            writer.write(name, make_tensor(name, shape, init, std, seed))
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return sum(_numel(shape) * 2 for _, shape, _ in items)
 
 
 def _pre_tokenizer(model_type: str) -> tuple[dict | None, dict]:

@@ -180,3 +180,26 @@ def test_compose_chain_cancel_and_inconsistency():
     assert compose([ds[0], ds[0].inverse()]) is None
     with pytest.raises(DeltaMismatch, match="do not chain"):
         compose([ds[0], ds[0]])
+
+
+def test_delta_writer_streams_the_bytes_pack_makes(tmp_path):
+    """A wave recorded one tensor at a time (codec.DeltaWriter) is the very file pack() makes of all of them."""
+    g = torch.Generator().manual_seed(7)
+    deltas = {}
+    for name, dtype, shape in (("model.layers.0.mlp.down_proj.weight", torch.float32, (64, 128)),
+                               ("b", torch.bfloat16, (300,)), ("c.weight", torch.float16, (17, 9)),
+                               ("e", torch.float32, (5000,))):
+        w = torch.randn(*shape, generator=g).to(dtype)
+        new = w.clone()
+        new[new.abs() < 0.5] = 0                                       # a prune (fill / sparse values)
+        new[new.abs() > 1.5] *= 1.01                                   # and a few healed survivors
+        deltas[name] = compute_delta(w, new)
+    data, sizes = codec.pack(deltas)
+    writer = codec.DeltaWriter(tmp_path / "scratch")
+    for name, d in deltas.items():
+        writer.add(name, d)
+    sha = writer.finish(tmp_path / "delta.safetensors")
+    writer.close()
+    assert (tmp_path / "delta.safetensors").read_bytes() == data
+    assert sha == hashlib.sha256(data).hexdigest() and writer.sizes == sizes
+    assert not (tmp_path / "scratch").exists()

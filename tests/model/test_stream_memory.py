@@ -1,0 +1,61 @@
+"""The default suite's guard against a step that materializes the whole model: a streamed one-shot prune
+and GGUF export of a generated 0.74B llama (tests/benchmarks/make_models.py `stream-test`, bf16 on disk)
+must each peak below half the model's float32 bytes. Holding the model whole in bf16 alone would reach that
+bound, before the interpreter, torch and transformers (~0.5 GB) are counted."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from tiny_recipes import tiny_recipe
+
+from birdbone_core.model.tensors import SafetensorsState
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _make_models():
+    spec = importlib.util.spec_from_file_location("make_models", ROOT / "tests" / "benchmarks" / "make_models.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _peak_rss(*args: str) -> int:
+    """Run `birdbone ARGS` as a child process; its peak RSS in bytes (ru_maxrss of that very child)."""
+    env = {**os.environ, "BIRDBONE_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    p = subprocess.Popen([sys.executable, "-m", "birdbone_core.cli", *args], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    out, err = p.stdout.read().decode(), p.stderr.read().decode()
+    assert os.waitstatus_to_exitcode(status) == 0, err
+    return usage.ru_maxrss * 1024                     # Linux reports kilobytes
+
+
+def test_streamed_prune_and_export_stay_under_half_the_models_fp32_bytes(tmp_path):
+    model = tmp_path / "stream-test"
+    made = _make_models().make("stream-test", model)
+    fp32_bytes = 4 * made["parameters"]
+    recipe = yaml.safe_load(tiny_recipe("stream-memory", {"method": "magnitude", "pattern": "2:4"}))
+    recipe["runtime"] = {"dtype": "bfloat16"}           # what the model is stored in; cpu would default to fp32
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    _peak_rss("init", str(run), "--model", str(model), "-r", str(tmp_path / "recipe.yaml"))
+
+    prune_peak = _peak_rss("prune", str(run))
+    export_peak = _peak_rss("export", str(run))
+    print(f"{made['parameters']:,} parameters, fp32 {fp32_bytes / 2**30:.2f} GiB: peak RSS prune "
+          f"{prune_peak / 2**30:.2f} GiB, export {export_peak / 2**30:.2f} GiB")
+    assert prune_peak < fp32_bytes / 2 and export_peak < fp32_bytes / 2
+
+    # and the work was done: every decoder weight 2:4 sparse, the GGUF holds every tensor
+    pruned = SafetensorsState(run / "pruned")
+    w = pruned["model.layers.19.mlp.down_proj.weight"]
+    assert float((w == 0).float().mean()) == 0.5 and w.dtype.itemsize == 2
+    steps = json.loads((run / "run.json").read_text())["steps"]
+    assert steps["prune"]["sparsity"] == 0.5 and steps["export"]["bytes"] > made["parameters"] * 2
