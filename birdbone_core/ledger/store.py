@@ -27,6 +27,7 @@ from torch import Tensor
 
 from birdbone_core import atomic
 from birdbone_core.errors import BirdboneError
+from birdbone_core.runtime import release_freed_memory
 from birdbone_core.ledger import codec
 from birdbone_core.ledger.delta import (
     DeltaMismatch,
@@ -290,6 +291,7 @@ class Ledger:
                     writer.add(name, d)
                     after[name] = _record(new, changed=d.n_changed, hash_before=rec.hash)
                 del old, new, d
+                release_freed_memory(collect=False)   # a state read from disk: the peak stays one tensor
             return self._record(wave, kind, writer, after, before, metrics, decision, None, index)
 
     def revert_marker(self, to_wave: int, metrics: dict | None = None,

@@ -16,7 +16,6 @@ widths take the in-memory path (`streamable` says which).
 """
 from __future__ import annotations
 
-import gc
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -27,7 +26,7 @@ from birdbone_core.errors import BirdboneError
 from birdbone_core.model import checks
 from birdbone_core.model.layers import decoder_layers
 from birdbone_core.model.tensors import ST_NAMES, SafetensorsState
-from birdbone_core.runtime import Placement
+from birdbone_core.runtime import Placement, release_freed_memory
 
 STREAMED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -142,30 +141,6 @@ class StreamedModel:
         """Everything but the decoder layers, as the checkpoint names it (a tied head is not repeated)."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
         return {n: params[n].detach().cpu().contiguous() for n in self.state if not n.startswith("model.layers.")}
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc's malloc_trim). A layer's tensors are a few to a few
-    hundred MB; once glibc has seen one freed it serves such sizes from its heap, which it does not shrink
-    by itself. Measured on the 0.6B stream-test model (magnitude, bf16): peak RSS 1.52 GB without, 0.98 GB
-    with."""
-    gc.collect()               # tensors kept alive only by reference cycles (modules, hooks) go first
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return lib if hasattr(lib, "malloc_trim") else None
-    except OSError:            # not glibc (macOS, musl): nothing to trim
-        return None
-
-
-_LIBC = _libc()
 
 
 class ModelState(Mapping):
