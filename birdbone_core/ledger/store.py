@@ -27,7 +27,6 @@ from torch import Tensor
 
 from birdbone_core import atomic
 from birdbone_core.errors import BirdboneError
-from birdbone_core.runtime import release_freed_memory
 from birdbone_core.ledger import codec
 from birdbone_core.ledger.delta import (
     DeltaMismatch,
@@ -40,6 +39,7 @@ from birdbone_core.ledger.delta import (
     tensor_hash,
 )
 from birdbone_core.ledger.entries import TensorDiff, TensorRecord, WaveDiff, WaveEntry, change_digest
+from birdbone_core.runtime import release_freed_memory
 
 FORMAT = "birdbone-ledger/1"
 StateDict = Mapping[str, Tensor]

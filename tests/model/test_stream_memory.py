@@ -26,14 +26,15 @@ def _make_models():
     return mod
 
 
-def _peak_rss(*args: str) -> int:
-    """Run `birdbone ARGS` as a child process; its peak RSS in bytes (ru_maxrss of that very child)."""
+def _peak_rss(log: Path, *args: str) -> int:
+    """Run `birdbone ARGS` as a child process (output to `log`); its peak RSS in bytes (ru_maxrss of that
+    very child)."""
     env = {**os.environ, "BIRDBONE_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    p = subprocess.Popen([sys.executable, "-m", "birdbone_core.cli", *args], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
-    out, err = p.stdout.read().decode(), p.stderr.read().decode()
-    assert os.waitstatus_to_exitcode(status) == 0, err
+    with open(log, "w") as out:
+        p = subprocess.Popen([sys.executable, "-m", "birdbone_core.cli", *args], env=env, stdout=out,
+                             stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(p.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, log.read_text()
     return usage.ru_maxrss * 1024                     # Linux reports kilobytes
 
 
@@ -45,10 +46,10 @@ def test_streamed_prune_and_export_stay_under_half_the_models_fp32_bytes(tmp_pat
     recipe["runtime"] = {"dtype": "bfloat16"}           # what the model is stored in; cpu would default to fp32
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     run = tmp_path / "run"
-    _peak_rss("init", str(run), "--model", str(model), "-r", str(tmp_path / "recipe.yaml"))
+    _peak_rss(tmp_path / "init.log", "init", str(run), "--model", str(model), "-r", str(tmp_path / "recipe.yaml"))
 
-    prune_peak = _peak_rss("prune", str(run))
-    export_peak = _peak_rss("export", str(run))
+    prune_peak = _peak_rss(tmp_path / "prune.log", "prune", str(run))
+    export_peak = _peak_rss(tmp_path / "export.log", "export", str(run))
     print(f"{made['parameters']:,} parameters, fp32 {fp32_bytes / 2**30:.2f} GiB: peak RSS prune "
           f"{prune_peak / 2**30:.2f} GiB, export {export_peak / 2**30:.2f} GiB")
     assert prune_peak < fp32_bytes / 2 and export_peak < fp32_bytes / 2
