@@ -88,6 +88,11 @@ class StreamedModel:
         if missing or extra:
             raise BirdboneError(f"{directory}: weights {'missing' if missing else 'without a place'} for this "
                                 f"config.json (e.g. {(missing or extra)[0]})")
+        if placement.device.type != "cpu":           # buffers (RoPE frequencies, embedding scale) join the layers
+            for module in model.modules():
+                for k, buf in module._buffers.items():
+                    if buf is not None:
+                        module._buffers[k] = buf.to(placement.device)
         sm = cls(model, state, placement.device, dtype, directory)
         if materialize:
             sm._materialize([n for n in state if not n.startswith("model.layers.")])

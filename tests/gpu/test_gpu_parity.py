@@ -101,6 +101,33 @@ def test_masks_bfloat16_close_to_float32_cpu(_tiny_loaded, blocks, device, recor
     assert overall >= 0.90 and err <= 0.25, (overall, err)
 
 
+def test_streamed_prune_on_device_matches_in_memory_on_device(_tiny_loaded, tiny_path, blocks, device, record,
+                                                               tmp_path):
+    """The fixture streamed layer by layer onto the device (birdbone_core.model.stream) prunes as the whole
+    model on the device does: the same kernels see the same tensors (criterion: identical masks, weights
+    within 1e-6 of the largest |w|, layer errors within 1e-4 relative)."""
+    from birdbone_core.model.load import load_tokenizer
+    from birdbone_core.model.stream import StreamedModel
+    from birdbone_core.model.tensors import SafetensorsState
+    from birdbone_core.prune.streamed import prune_streamed
+    from birdbone_core.runtime import Placement
+
+    model = _copy(_tiny_loaded, device, torch.float32)
+    rep_mem = prune_sequential(model, blocks, Prune(method="sparsegpt", sparsity=0.5))
+    sm = StreamedModel.open(tiny_path, Placement(torch.device(device), "float32"))
+    rep = prune_streamed(sm, blocks, Prune(method="sparsegpt", sparsity=0.5), tmp_path / "out",
+                         load_tokenizer(tiny_path))
+    got = SafetensorsState(tmp_path / "out")
+    mem = {n: t.cpu() for n, t in model.state_dict().items()}
+    masks = all(torch.equal(got[n] != 0, mem[n] != 0) for n in got)
+    worst = max(float((got[n] - mem[n]).abs().max() / mem[n].abs().max().clamp_min(1e-30)) for n in got)
+    err = max(abs(y / x - 1) for x, y in zip(rep_mem.layer_rel_error, rep.layer_rel_error))
+    record("streamed sparsegpt, float32", "masks identical to in-memory on the device", masks, "True")
+    record("streamed sparsegpt, float32", "max |w - w_mem| / max |w_mem|", worst, "<= 1e-6")
+    record("streamed sparsegpt, float32", "max layer rel. error change", err, "<= 1e-4")
+    assert masks and worst <= 1e-6 and err <= 1e-4, (masks, worst, err)
+
+
 def _correlated_problem(rows=64, cols=512, seed=0):
     """W [rows, cols] and H = E[x x^T] [cols, cols] of correlated inputs of unequal scale (as tests/quant)."""
     g = torch.Generator().manual_seed(seed)
