@@ -335,14 +335,27 @@ def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
     run.require("prune", "evaluate")
     t0 = time.perf_counter()
     recipe = run.recipe()
-    lm = lm or _load(str(run.pruned_dir), "pruned model", placement=run.placement(), keep_dtype=True)
     ref = run.reference()
     base_eval = json.loads((run.baseline_dir / "eval.json").read_text())
-    result, _ = evaluate(lm.model, ref["chunks"], reference_hidden=ref["hidden"], description="scoring pruned model")
+    ev = recipe.evaluation
+    if lm is None and streamable(run.pruned_dir) and not (ev.tasks or ev.canaries):   # one layer at a time
+        from birdbone_core.eval.perplexity import score_hidden, streamed_hidden_states
+        from birdbone_core.model.stream import StreamedModel
+
+        sm = StreamedModel.open(run.pruned_dir, run.placement(), keep_dtype=True)
+        hidden = streamed_hidden_states(sm, ref["chunks"], "scoring pruned model")
+        result = score_hidden(sm.model, hidden, ref["chunks"], ref["hidden"])
+        zeros, total = count_zeros(sm.model, state=sm.checkpoint_state())
+        runtime = describe(sm.model)
+    else:
+        lm = lm or _load(str(run.pruned_dir), "pruned model", placement=run.placement(), keep_dtype=True)
+        result, _ = evaluate(lm.model, ref["chunks"], reference_hidden=ref["hidden"],
+                             description="scoring pruned model")
+        zeros, total = count_zeros(lm.model)
+        runtime = describe(lm.model)
     if not math.isfinite(result.ppl):
         raise BirdboneError(f"{run.pruned_dir}: the compressed model scores perplexity {result.ppl} (its outputs "
                             f"hold NaN/Inf); not writing metrics")
-    zeros, total = count_zeros(lm.model)
     m = run.manifest()
     gguf = run.gguf_path(recipe)
     llama_ppl = _llamacpp_ppl(gguf, ref["chunks"]) if gguf.is_file() else None
@@ -367,7 +380,7 @@ def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
     if accuracy is not None:
         metrics["accuracy"] = accuracy
     atomic.write_json(run.metrics_path, metrics)
-    run.mark_done("evaluate", {"ppl": result.ppl, "kld": result.kld, "runtime": describe(lm.model)})
+    run.mark_done("evaluate", {"ppl": result.ppl, "kld": result.kld, "runtime": runtime})
     _push(run, "evaluate", {"perplexity": result.ppl, "kld": result.kld, "top1": result.top1,
                             "sparsity": zeros / max(total, 1)}, time.perf_counter() - t0)
     return metrics

@@ -87,6 +87,9 @@ def test_steps_one_by_one_match_compress(tmp_path, compressed, tiny_path):
     la, lb = Ledger(run), Ledger(compressed)
     assert [la.entry(w).digest for w in (0, 1)] == [lb.entry(w).digest for w in (0, 1)]
     assert la.delta_bytes(1) == lb.delta_bytes(1)
+    # and the streamed evaluate scores exactly what the in-memory one does
+    ma, mb = (json.loads((d / "metrics.json").read_text())["compressed"] for d in (run, compressed))
+    assert {k: ma[k] for k in ("ppl", "kld", "top1", "sparsity")} == {k: mb[k] for k in ("ppl", "kld", "top1", "sparsity")}
     r = cli("init", run, "--model", tiny_path, "-r", _recipe(tmp_path, "wanda"))
     assert r.returncode == 2 and "different model or recipe" in r.stderr
 

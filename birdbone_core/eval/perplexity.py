@@ -69,6 +69,30 @@ def scored_hidden_states(model, chunks: torch.Tensor, description: str = "evalua
     return torch.stack(out)
 
 
+@torch.no_grad()
+def streamed_hidden_states(sm, chunks: torch.Tensor, description: str = "evaluating") -> torch.Tensor:
+    """scored_hidden_states for a model streamed layer by layer (birdbone_core.model.stream.StreamedModel):
+    every chunk goes through layer i before layer i+1 is read, so only one layer is ever in memory beside
+    the chunks' hidden states ([n_chunks, n_ctx, d_model]). The same layers on the same inputs: the same
+    states as the whole model's forward. Layers are released again as they are done."""
+    from birdbone_core.model.layers import decoder_layers, final_norm
+    from birdbone_core.model.walk import capture_layer_inputs, layer_out
+
+    n_chunks, n_ctx = chunks.shape
+    check_n_ctx(sm.model, n_ctx)
+    first = _first(n_ctx)
+    hidden, kwargs = capture_layer_inputs(sm.model, chunks, 1)        # per chunk: [1, n_ctx, d]
+    with progress_bar(description, total=sm.n_layers) as advance:
+        for i, layer in enumerate(decoder_layers(sm.model)):
+            sm.load_layer(i)
+            for c, h in enumerate(hidden):
+                hidden[c] = layer_out(layer, h, kwargs[i][c])
+            sm.release_layer(i)
+            advance()
+    norm = final_norm(sm.model)
+    return torch.stack([norm(h)[0, first : n_ctx - 1].float().cpu() for h in hidden])
+
+
 def head_logits(model, h: torch.Tensor) -> torch.Tensor:
     """LM head (+ final soft-capping where the architecture has it). h: [t, d] (any device) -> [t, vocab]
     float32 on the head's device."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -130,14 +131,16 @@ def prune_sequential(model, blocks: torch.Tensor, cfg: Prune, description: str =
     return report
 
 
-def count_zeros(model, pattern: str = r".") -> tuple[int, int]:
-    """(zeros, total) over the decoder layers' linear weights whose full name matches `pattern`."""
+def count_zeros(model, pattern: str = r".", state: Mapping[str, torch.Tensor] | None = None) -> tuple[int, int]:
+    """(zeros, total) over the decoder layers' linear weights whose full name matches `pattern`; with
+    `state`, the weights are read from it by name, one at a time (a streamed model on the meta device)."""
     zeros = total = 0
     rx = re.compile(pattern)
     names = {m: n for n, m in model.named_modules()}
     for layer in decoder_layers(model):
         for mod in linear_modules(layer).values():
             if rx.search(names[mod]):
-                zeros += int((mod.weight == 0).sum())
-                total += mod.weight.numel()
+                w = mod.weight if state is None else state[f"{names[mod]}.weight"]
+                zeros += int((w == 0).sum())
+                total += w.numel()
     return zeros, total
