@@ -3,7 +3,6 @@ outputs atomically, so any step can run in its own process (or container) and be
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import platform
@@ -14,10 +13,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from birdbone_core import __version__, atomic
+from birdbone_core import __version__, atomic, stream_steps
 from birdbone_core.data.text import calibration_blocks, evaluation_chunks, read_text
 from birdbone_core.errors import BirdboneError
-from birdbone_core.eval.perplexity import EvalResult, check_context, check_n_ctx, evaluate
+from birdbone_core.eval.perplexity import (
+    EvalResult,
+    check_context,
+    check_n_ctx,
+    evaluate,
+    score_hidden,
+    streamed_hidden_states,
+)
 from birdbone_core.ledger import Ledger, state_of
 from birdbone_core.model.gguf_header import gguf_context_length
 from birdbone_core.model.load import LoadedModel, load_model, preflight, resolve_source, skeleton
@@ -167,13 +173,24 @@ def _file_size(path: Path) -> int:
 def step_baseline(run: Run, lm: LoadedModel | None = None) -> EvalResult:
     """Tokenize the evaluation text and score the dense model; keep its hidden states for KL later."""
     recipe = run.recipe()
-    lm = lm or load_model_for(run)
     ev = recipe.evaluation
-    check_n_ctx(lm.model, ev.n_ctx)
-    check_pattern(lm.model, recipe.prune)          # the first step that has the model: refuse before any work
     text, text_desc = read_text(ev.text, "eval")
-    chunks = evaluation_chunks(lm.tokenizer, text, ev.n_ctx, ev.max_chunks)
-    result, hidden = evaluate(lm.model, chunks, description="scoring base model")
+    if lm is None:
+        ensure_structured(run)
+    if lm is None and streamable(run.base_spec()):      # one layer at a time
+        sm, tokenizer = stream_steps.open_base(run)
+        check_n_ctx(sm.model, ev.n_ctx)
+        check_pattern(sm.model, recipe.prune)
+        chunks = evaluation_chunks(tokenizer, text, ev.n_ctx, ev.max_chunks)
+        hidden = streamed_hidden_states(sm, chunks, "scoring base model")
+        result, runtime = score_hidden(sm.model, hidden, chunks), describe(sm.model)
+    else:
+        lm = lm or load_model_for(run)
+        check_n_ctx(lm.model, ev.n_ctx)
+        check_pattern(lm.model, recipe.prune)          # the first step that has the model: refuse before any work
+        chunks = evaluation_chunks(lm.tokenizer, text, ev.n_ctx, ev.max_chunks)
+        result, hidden = evaluate(lm.model, chunks, description="scoring base model")
+        runtime = describe(lm.model)
     if not math.isfinite(result.ppl):
         raise BirdboneError(f"{run.base_spec()}: the base model scores perplexity {result.ppl} (its outputs "
                             f"hold NaN/Inf); check its weights and config")
@@ -182,7 +199,7 @@ def step_baseline(run: Run, lm: LoadedModel | None = None) -> EvalResult:
         atomic.write_json(tmp / "eval.json", {"text": text_desc, **result.as_dict()})
     run.mark_done("baseline", {"ppl": result.ppl, "n_scored": result.n_scored, "text": text_desc,
                                "reference_sha256": atomic.sha256_file(run.reference_path),
-                               "runtime": describe(lm.model)})
+                               "runtime": runtime})
     return result
 
 
@@ -201,7 +218,7 @@ def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel | None:
     if lm is None:
         ensure_structured(run)
         if streamable(run.base_spec()):
-            return _step_prune_streamed(run, recipe)
+            return stream_steps.prune(run, recipe)
     lm = lm or load_model_for(run)
     cal = recipe.calibration
     text, text_desc = read_text(cal.text, "calib")
@@ -212,53 +229,14 @@ def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel | None:
     report = prune_sequential(lm.model, blocks, recipe.prune,
                               description=f"{recipe.prune.method} {recipe.prune.pattern}")
     _check_finite(lm)
-    info = _prune_info(report, cal, text_desc, describe(lm.model))
+    info = stream_steps.prune_info(report, cal, text_desc, describe(lm.model))
     # wave 1 of the ledger: the sparse change base -> pruned (a retried step records nothing new)
     ledger.record_wave(1, before, state_of(lm.model), metrics={"linear_sparsity": info["sparsity"]},
                        decision=f"one-shot {report.method} {report.pattern}")
     del before
     save_hf(lm.model, lm.tokenizer, run.pruned_dir)
-    _finish_prune(run, report, info)
+    stream_steps.finish_prune(run, report, info)
     return lm
-
-
-def _step_prune_streamed(run: Run, recipe: Recipe) -> None:
-    """step_prune for a checkpoint read one layer at a time (birdbone_core.model.stream): the same pruning,
-    ledger wave and report, in memory bounded by a layer rather than the model."""
-    from birdbone_core.model.load import load_tokenizer
-    from birdbone_core.model.stream import StreamedModel
-    from birdbone_core.prune.streamed import prune_streamed
-
-    spec = run.base_spec()
-    preflight(resolve_source(spec), **{k: v for k, v in run.load_options().items() if k != "online"})
-    console().print(f"streaming {spec} layer by layer")
-    sm = StreamedModel.open(spec, run.placement())
-    tokenizer = load_tokenizer(spec)
-    cal = recipe.calibration
-    text, text_desc = read_text(cal.text, "calib")
-    blocks = calibration_blocks(tokenizer, text, cal.n_samples, cal.seq_len, cal.seed)
-    ledger = Ledger(run.root)
-    ledger.init_base(sm.checkpoint_state(), meta={"source": run.manifest()["model"]})
-    report = prune_streamed(sm, blocks, recipe.prune, run.pruned_dir, tokenizer,
-                            description=f"{recipe.prune.method} {recipe.prune.pattern}")
-    info = _prune_info(report, cal, text_desc, describe(sm.model))
-    ledger.record_wave(1, sm.checkpoint_state(), sm.checkpoint_state(run.pruned_dir),
-                       metrics={"linear_sparsity": info["sparsity"]}, decision=f"one-shot {report.method} {report.pattern}")
-    _finish_prune(run, report, info)
-
-
-def _prune_info(report, cal, text_desc: str, runtime: dict) -> dict:
-    return {"method": report.method, "pattern": report.pattern, "sparsity": report.overall_sparsity(),
-            "seconds": report.seconds, "calibration": {"text": text_desc, "n_samples": cal.n_samples,
-                                                       "seq_len": cal.seq_len, "seed": cal.seed},
-            "runtime": runtime}
-
-
-def _finish_prune(run: Run, report, info: dict) -> None:
-    atomic.write_json(run.root / "prune_report.json", {
-        **info, "layer_rel_error": report.layer_rel_error,
-        "modules": [dataclasses.asdict(m) for m in report.modules]})
-    run.mark_done("prune", info)
 
 
 def step_export(run: Run, lm: LoadedModel | None = None):
@@ -339,7 +317,6 @@ def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
     base_eval = json.loads((run.baseline_dir / "eval.json").read_text())
     ev = recipe.evaluation
     if lm is None and streamable(run.pruned_dir) and not (ev.tasks or ev.canaries):   # one layer at a time
-        from birdbone_core.eval.perplexity import score_hidden, streamed_hidden_states
         from birdbone_core.model.stream import StreamedModel
 
         sm = StreamedModel.open(run.pruned_dir, run.placement(), keep_dtype=True)

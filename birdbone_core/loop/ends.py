@@ -28,17 +28,19 @@ import time
 
 from safetensors.torch import save_file
 
-from birdbone_core import atomic
+from birdbone_core import atomic, stream_steps
 from birdbone_core.data.text import calibration_blocks, read_text
 from birdbone_core.errors import BirdboneError
 from birdbone_core.loop import gradual
 from birdbone_core.loop.context import Context, finite_or_first_bad
 from birdbone_core.loop.layout import read_json, write_json
 from birdbone_core.loop.wave import num, push_metrics, targets
+from birdbone_core.model.load import load_tokenizer
 from birdbone_core.model.save import save_hf
+from birdbone_core.model.stream import streamable
 from birdbone_core.progress import console
 from birdbone_core.runtime import describe
-from birdbone_core.steps import step_baseline
+from birdbone_core.steps import ensure_structured, step_baseline
 
 
 def prepare(ctx: Context) -> dict | None:
@@ -49,11 +51,16 @@ def prepare(ctx: Context) -> dict | None:
                             f"step loop prunes a run itself: start it in a new run directory")
     t0 = time.perf_counter()
     run, lay, recipe = ctx.run, ctx.lay, ctx.recipe
+    ensure_structured(run, ctx.placement)
+    streamed = stream_steps.can_prepare(run, recipe, streamable(run.base_spec()))   # one layer at a time
     if not run.done("baseline"):
-        step_baseline(run, ctx.load_source())
+        step_baseline(run, None if streamed else ctx.load_source())
     if not (lay.base_dir / "config.json").is_file():
-        src = ctx.load_source()
-        save_hf(src.model, src.tokenizer, lay.base_dir)
+        if streamed:
+            stream_steps.copy_base(*stream_steps.open_base(run), lay.base_dir)
+        else:
+            src = ctx.load_source()
+            save_hf(src.model, src.tokenizer, lay.base_dir)
     cal = recipe.calibration
     text, text_desc = read_text(cal.text, "calib")
     heal_cal = cal
@@ -63,7 +70,7 @@ def prepare(ctx: Context) -> dict | None:
         heal_cal = healing_data(recipe.waves.heal, cal)
     if not lay.calibration_path.is_file():
         # the tokenizer the evaluation chunks were cut with (the run's model source)
-        tok = ctx.load_source().tokenizer
+        tok = load_tokenizer(run.base_spec()) if streamed else ctx.load_source().tokenizer
         blocks = calibration_blocks(tok, text, cal.n_samples, cal.seq_len, cal.seed)
         heal_blocks = (blocks.clone() if heal_cal == cal else
                        calibration_blocks(tok, text, heal_cal.n_samples, heal_cal.seq_len, heal_cal.seed))
@@ -84,15 +91,18 @@ def prepare(ctx: Context) -> dict | None:
         cfg = allocate(recipe.prune, ctx.base().model, ctx.calibration()["blocks"])
         write_json(lay.allocation_path, {"allocation": str(recipe.prune.allocation),
                                          "layer_sparsity": cfg.layer_sparsity})
-    ctx.ledger.init_base(ctx.base_state(), meta={"source": run.manifest()["model"]})
+    ctx.ledger.init_base(stream_steps.base_state(lay.base_dir) if streamed else ctx.base_state(),
+                         meta={"source": run.manifest()["model"]})
     ctx.source = None   # later steps use the base copy
     from birdbone_core.loop.wave import accuracy
 
-    base_acc = accuracy(ctx, ctx.base().model)      # what the accuracy guardrail compares waves with
+    # what the accuracy guardrail compares waves with (a streamed prepare has no tasks to score)
+    base_acc = None if streamed else accuracy(ctx, ctx.base().model)
     rec = {"n_waves": ctx.n_waves, "targets": targets(recipe), "base_ppl": ctx.base_ppl(),
            "calibration": {"text": text_desc, "n_samples": cal.n_samples, "seq_len": cal.seq_len, "seed": cal.seed},
            "healing_data": {"n_samples": heal_cal.n_samples, "seq_len": heal_cal.seq_len, "seed": heal_cal.seed},
-           "runtime": describe(ctx.base().model), "seconds": time.perf_counter() - t0}
+           "runtime": run.manifest()["steps"]["baseline"]["runtime"] if streamed else describe(ctx.base().model),
+           "seconds": time.perf_counter() - t0}
     if base_acc is not None:
         rec["accuracy"] = base_acc
     rec["calibration_sha256"] = atomic.sha256_file(lay.calibration_path)

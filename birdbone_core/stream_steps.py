@@ -1,0 +1,90 @@
+"""The parts of the run's steps (birdbone_core.steps, and `prepare` in birdbone_core.loop.ends) that work on
+a model streamed layer by layer (birdbone_core.model.stream) instead of one held whole: used whenever the
+model is a safetensors directory of a plain text causal LM and the step needs no whole-model work (task
+accuracy, OWL allocation, distillation). Each gives the bytes the in-memory path gives."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from birdbone_core import atomic
+from birdbone_core.data.text import calibration_blocks, read_text
+from birdbone_core.ledger import Ledger
+from birdbone_core.model.load import load_tokenizer, preflight, resolve_source
+from birdbone_core.model.stream import ModelState, SafetensorsWriter, StreamedModel, write_config
+from birdbone_core.progress import console
+from birdbone_core.prune.streamed import prune_streamed
+from birdbone_core.recipe import Recipe
+from birdbone_core.run import Run
+from birdbone_core.runtime import Placement, describe
+
+
+def open_base(run: Run) -> tuple[StreamedModel, object]:
+    """The run's base model (RUN/structured/ or its source), checked as a load would check it, streamed on
+    the run's placement; and its tokenizer."""
+    spec = run.base_spec()
+    preflight(resolve_source(spec), **{k: v for k, v in run.load_options().items() if k != "online"})
+    console().print(f"streaming {spec} layer by layer")
+    return StreamedModel.open(spec, run.placement()), load_tokenizer(spec)
+
+
+def can_prepare(run: Run, recipe: Recipe, streamable_base: bool) -> bool:
+    """Whether `prepare` can stream: a one-shot recipe whose evaluation asks for no tasks or canaries (those
+    score the whole model) and whose pruning allocates uniformly (OWL reads every layer's statistics)."""
+    ev = recipe.evaluation
+    return (streamable_base and recipe.waves is None and not ev.tasks and not ev.canaries
+            and getattr(recipe.prune, "allocation", "uniform") == "uniform")
+
+
+def copy_base(sm: StreamedModel, tokenizer, out_dir: Path) -> None:
+    """RUN/base/: the base model in the dtype the run computes in, written one tensor at a time (what
+    save_hf writes of the loaded model: the same tensors, config and tokenizer)."""
+    with atomic.staged_dir(out_dir) as tmp:
+        writer = SafetensorsWriter(tmp / "model.safetensors", sm.write_order())
+        try:
+            for name, _, _ in sm.write_order():
+                writer.write(name, sm.state[name])
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        write_config(tmp, sm.model, tokenizer)
+
+
+def base_state(base_dir: Path) -> ModelState:
+    """RUN/base/'s state, each tensor read when the ledger asks for it."""
+    return StreamedModel.open(base_dir, Placement(torch.device("cpu")), keep_dtype=True,
+                              materialize=False).checkpoint_state()
+
+
+def prune(run: Run, recipe: Recipe) -> None:
+    """step_prune, streamed: the same pruning, ledger wave and report, in memory bounded by a layer."""
+    sm, tokenizer = open_base(run)
+    cal = recipe.calibration
+    text, text_desc = read_text(cal.text, "calib")
+    blocks = calibration_blocks(tokenizer, text, cal.n_samples, cal.seq_len, cal.seed)
+    ledger = Ledger(run.root)
+    ledger.init_base(sm.checkpoint_state(), meta={"source": run.manifest()["model"]})
+    report = prune_streamed(sm, blocks, recipe.prune, run.pruned_dir, tokenizer,
+                            description=f"{recipe.prune.method} {recipe.prune.pattern}")
+    info = prune_info(report, cal, text_desc, describe(sm.model))
+    ledger.record_wave(1, sm.checkpoint_state(), sm.checkpoint_state(run.pruned_dir),
+                       metrics={"linear_sparsity": info["sparsity"]}, decision=f"one-shot {report.method} {report.pattern}")
+    finish_prune(run, report, info)
+
+
+def prune_info(report, cal, text_desc: str, runtime: dict) -> dict:
+    """The prune step's record in run.json (and the head of prune_report.json)."""
+    return {"method": report.method, "pattern": report.pattern, "sparsity": report.overall_sparsity(),
+            "seconds": report.seconds, "calibration": {"text": text_desc, "n_samples": cal.n_samples,
+                                                       "seq_len": cal.seq_len, "seed": cal.seed},
+            "runtime": runtime}
+
+
+def finish_prune(run: Run, report, info: dict) -> None:
+    atomic.write_json(run.root / "prune_report.json", {
+        **info, "layer_rel_error": report.layer_rel_error,
+        "modules": [dataclasses.asdict(m) for m in report.modules]})
+    run.mark_done("prune", info)
