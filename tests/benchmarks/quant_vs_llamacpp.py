@@ -29,9 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference as ref  # noqa: E402
 from run_reference import REPO, machine, make_base  # noqa: E402
 
-# the Gemma points that reference.VARIANTS lacks
+# the Gemma points that reference.VARIANTS lacks; the IQ4_NL ones are llama.cpp's strongest stock
+# files at those sizes (a non-linear 4-bit grid where q4_0 is linear)
 EXTRA_VARIANTS = {"Q3_K_M-emb_q4_0": ("Q3_K_M", ("--token-embedding-type", "q4_0")),
-                  "Q2_K-emb_q4_0": ("Q2_K", ("--token-embedding-type", "q4_0"))}
+                  "Q2_K-emb_q4_0": ("Q2_K", ("--token-embedding-type", "q4_0")),
+                  "Q4_K_M-emb_iq4_nl": ("Q4_K_M", ("--token-embedding-type", "iq4_nl")),
+                  "Q3_K_M-emb_iq4_nl": ("Q3_K_M", ("--token-embedding-type", "iq4_nl")),
+                  "IQ4_NL-pure": ("IQ4_NL", ("--pure",))}
 
 
 def _quantize_point(base, out, v, imx, threads):
