@@ -395,6 +395,9 @@ def revert(run: Run, wave: int, out_dir: Path) -> Path:
     # on the CPU, in the dtype the ledger recorded the base in (a run pruned on CUDA holds bf16 weights)
     floats = {r.dtype for r in ledger.entry(0).tensors.values()} & {"float32", "bfloat16", "float16"}
     cpu = Placement(torch.device("cpu"), floats.pop() if len(floats) == 1 else "float32")
+    if streamable(run.base_spec()):         # one tensor at a time
+        stream_steps.revert(run, ledger, wave, cpu, out_dir)
+        return out_dir
     lm = _load(run.base_spec(), "base model", run.load_options(), cpu)
     state = ledger.state_at(wave, state_of(lm.model))
     lm.model.load_state_dict(state, strict=True)

@@ -88,3 +88,24 @@ def finish_prune(run: Run, report, info: dict) -> None:
         **info, "layer_rel_error": report.layer_rel_error,
         "modules": [dataclasses.asdict(m) for m in report.modules]})
     run.mark_done("prune", info)
+
+
+def revert(run: Run, ledger: Ledger, wave: int, placement: Placement, out_dir: Path) -> None:
+    """steps.revert one tensor at a time: the base read from its checkpoint, each tensor taken through the
+    ledger's deltas up to `wave` (hash-checked) and written straight out (a marked output directory)."""
+    spec = run.base_spec()
+    console().print(f"rebuilding wave {wave} from {spec}, one tensor at a time")
+    sm = StreamedModel.open(spec, placement, materialize=False)
+    state = sm.checkpoint_state()
+    order = [(n, sm.dtype, sm.state.shapes[n]) for n in state if n in sm.state]   # a tied head is stored once
+    with atomic.staged_dir(out_dir, mark=True) as tmp:
+        writer = SafetensorsWriter(tmp / "model.safetensors", order)
+        try:
+            for name, t in ledger.tensors_at(wave, state):
+                if name in sm.state:
+                    writer.write(name, t)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        write_config(tmp, sm.model, load_tokenizer(spec))

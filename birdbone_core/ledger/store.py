@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +39,7 @@ from birdbone_core.ledger.delta import (
     tensor_hash,
 )
 from birdbone_core.ledger.entries import TensorDiff, TensorRecord, WaveDiff, WaveEntry, change_digest
+from birdbone_core.model.tensors import read_header, read_metadata, read_tensor
 from birdbone_core.runtime import release_freed_memory
 
 FORMAT = "birdbone-ledger/1"
@@ -397,6 +398,55 @@ class Ledger:
                     raise BirdboneError(f"ledger wave {w}: tensor '{n}' does not match its recorded hash "
                                         f"after applying the delta (damaged delta file)")
         return state
+
+    def tensors_at(self, wave: int, base_state: StateDict) -> Iterator[tuple[str, Tensor]]:
+        """state_at one tensor at a time (base order), for models bigger than memory: each tensor is the base's,
+        forward through every wave's delta for it (read from the delta files alone: one tensor's entries),
+        and checked against its recorded hash before it is yielded. Every delta file's sha256 is checked
+        first, as state_at's reads do."""
+        self._check_recorded(wave)
+        base = self.entry(0)
+        self._check_names(base_state, base.tensors, 0, "base state")
+        waves = []
+        for w in range(1, wave + 1):
+            self.delta_sha256_ok(w)
+            path = self.delta_path(w)
+            entries, metas = read_header(path), json.loads(read_metadata(path)["tensors"])
+            if set(metas) != set(self.entry(w).tensors):
+                raise BirdboneError(f"ledger wave {w}: delta file and entry.json list different tensors")
+            waves.append((w, self.entry(w), entries, metas))
+        for n, rec in base.tensors.items():
+            t = base_state[n].detach().cpu()
+            if tensor_hash(t) != rec.hash:
+                raise BirdboneError(f"ledger wave 0 (base): tensor '{n}' differs from the recorded base "
+                                    f"(the model source changed?)")
+            owned = False
+            for w, entry, entries, metas in waves:
+                if n not in metas:
+                    continue
+                parts = {k: read_tensor(e) for k, e in entries.items() if k.startswith(f"{n}.")
+                         and k[len(n) + 1:] in ("idx", "old", "new", "old.where", "new.where")}
+                try:
+                    t = apply_forward(t, codec.decode(n, parts, metas[n]), inplace=owned)
+                except (DeltaMismatch, ValueError, KeyError) as e:
+                    raise BirdboneError(f"ledger wave {w}: tensor '{n}': {e}") from None
+                owned = True
+                if tensor_hash(t) != entry.tensors[n].hash:
+                    raise BirdboneError(f"ledger wave {w}: tensor '{n}' does not match its recorded hash "
+                                        f"after applying the delta (damaged delta file)")
+            yield n, t
+
+    def delta_sha256_ok(self, wave: int) -> None:
+        """delta_bytes' check, reading the file in blocks (a wave's delta can be as big as the model)."""
+        index = self._index()
+        self._check_recorded(wave, index)
+        path = self.delta_path(wave)
+        if not path.is_file():
+            raise BirdboneError(f"{path}: missing from the ledger (wave {wave})")
+        expected = index["waves"][wave - 1].get("delta_sha256")
+        if expected is not None and atomic.sha256_file(path) != expected:
+            raise BirdboneError(f"{path}: its bytes differ from the sha256 ledger/index.json recorded for wave "
+                                f"{wave} (damaged or swapped delta file)")
 
     def _net(self, a: int, b: int) -> dict[str, TensorDelta]:
         """Net change from the state after wave a to the state after wave b, from the deltas alone."""

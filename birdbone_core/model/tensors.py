@@ -32,14 +32,23 @@ class Entry:
     end: int
 
 
-def read_header(file: Path) -> dict[str, Entry]:
-    """Every tensor's entry in one safetensors file (BirdboneError naming the file when it is not one)."""
+def read_metadata(file: Path) -> dict[str, str]:
+    """The file's `__metadata__` (string to string)."""
+    return _header(file)[1].get("__metadata__") or {}
+
+
+def _header(file: Path) -> tuple[int, dict]:
     try:
         with open(file, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
+            return n, json.loads(f.read(n))
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
         raise BirdboneError(f"{file}: not a readable safetensors file ({type(e).__name__})") from None
+
+
+def read_header(file: Path) -> dict[str, Entry]:
+    """Every tensor's entry in one safetensors file (BirdboneError naming the file when it is not one)."""
+    n, header = _header(file)
     out = {}
     for name, h in header.items():
         if name == "__metadata__":

@@ -65,6 +65,25 @@ def test_state_at_every_wave_is_exact(history):
     assert any(bits(t).eq(bits(torch.tensor(-0.0))).any() for t in led.state_at(2, snaps[0]).values())
 
 
+def test_tensors_at_streams_the_same_states_one_tensor_at_a_time(history, tmp_path):
+    """tensors_at (a revert of a model bigger than memory) yields exactly state_at's tensors, in base order,
+    through every wave including the revert marker; a damaged delta file is refused the same way."""
+    led, snaps = history
+    for k in (0, 2, 4, 5):
+        streamed = list(led.tensors_at(k, snaps[0]))
+        assert [n for n, _ in streamed] == list(led.entry(0).tensors)
+        assert same_state(dict(streamed), snaps[k]), k
+    damaged = Ledger(tmp_path)
+    shutil.copytree(led.dir, damaged.dir)
+    path = damaged.wave_dir(3) / "delta.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    assert same_state(dict(damaged.tensors_at(2, snaps[0])), snaps[2])
+    with pytest.raises(BirdboneError, match="differ from the sha256 ledger/index.json recorded for wave 3"):
+        list(damaged.tensors_at(3, snaps[0]))
+
+
 def test_rebuilt_state_loads_into_the_model(history, tiny):
     led, snaps = history
     tiny.model.load_state_dict(led.state_at(3, snaps[0]))
