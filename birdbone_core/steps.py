@@ -183,7 +183,7 @@ def step_baseline(run: Run, lm: LoadedModel | None = None) -> EvalResult:
         check_pattern(sm.model, recipe.prune)
         chunks = evaluation_chunks(tokenizer, text, ev.n_ctx, ev.max_chunks)
         hidden = streamed_hidden_states(sm, chunks, "scoring base model")
-        result, runtime = score_hidden(sm.model, hidden, chunks), describe(sm.model)
+        result, runtime = score_hidden(sm.model, hidden, chunks), {**describe(sm.model), "streamed": True}
     else:
         lm = lm or load_model_for(run)
         check_n_ctx(lm.model, ev.n_ctx)
@@ -323,7 +323,7 @@ def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
         hidden = streamed_hidden_states(sm, ref["chunks"], "scoring pruned model")
         result = score_hidden(sm.model, hidden, ref["chunks"], ref["hidden"])
         zeros, total = count_zeros(sm.model, state=sm.checkpoint_state())
-        runtime = describe(sm.model)
+        runtime = {**describe(sm.model), "streamed": True}
     else:
         lm = lm or _load(str(run.pruned_dir), "pruned model", placement=run.placement(), keep_dtype=True)
         result, _ = evaluate(lm.model, ref["chunks"], reference_hidden=ref["hidden"],

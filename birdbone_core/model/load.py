@@ -361,8 +361,11 @@ def _load_tokenizer(where: str, label: str, **kwargs):
 
 
 def load_tokenizer(directory: str | Path):
-    """The tokenizer of a local model directory (one `error:` line when it cannot be read)."""
-    return _load_tokenizer(str(directory), str(directory), local_files_only=True)
+    """The tokenizer of a local model directory or GGUF file (one `error:` line when it cannot be read)."""
+    p = Path(directory)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return _load_tokenizer(str(p.parent), str(p), gguf_file=p.name, local_files_only=True)
+    return _load_tokenizer(str(p), str(p), local_files_only=True)
 
 
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:

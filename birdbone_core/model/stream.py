@@ -29,6 +29,7 @@ from birdbone_core.model.tensors import ST_NAMES, SafetensorsState
 from birdbone_core.runtime import Placement, release_freed_memory
 
 STREAMED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+STREAMED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -39,8 +40,16 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def streamable(directory: str | Path) -> bool:
-    """Whether `directory` is a safetensors checkpoint of a plain text causal LM that StreamedModel opens."""
+    """Whether `directory` is a safetensors checkpoint of a plain text causal LM, or a GGUF file of one,
+    that StreamedModel opens."""
     d = Path(directory)
+    if d.is_file() and d.suffix.lower() == ".gguf":
+        from birdbone_core.model.gguf_header import GgufHeaderError, read_gguf_header
+
+        try:
+            return read_gguf_header(d).metadata.get("general.architecture") in STREAMED_GGUF_ARCHS
+        except (GgufHeaderError, OSError, ValueError):
+            return False
     if not d.is_dir() or not (d / "config.json").is_file() or not any(d.glob("*.safetensors")):
         return False
     config = checks.read_config(d / "config.json")
@@ -73,14 +82,22 @@ class StreamedModel:
 
         directory = Path(directory)
         placement = placement or Placement(torch.device("cpu"))
-        state = SafetensorsState(checks.safetensors_files(directory))
-        stored = next(iter(state.stored.values()))
-        dtype = placement.dtype_for(stored, keep=keep_dtype)
-        state.dtype = dtype
-        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        gguf_file = directory.suffix.lower() == ".gguf"
+        if gguf_file:       # dequantized tensor by tensor (model.gguf_state): float32 unless placed otherwise
+            config = AutoConfig.from_pretrained(str(directory.parent), gguf_file=directory.name, local_files_only=True)
+            dtype = placement.dtype_for(None)
+        else:
+            state = SafetensorsState(checks.safetensors_files(directory))
+            dtype = placement.dtype_for(next(iter(state.stored.values())), keep=keep_dtype)
+            state.dtype = dtype
+            config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
         with init_empty_weights(include_buffers=False):       # parameters on meta, buffers real
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.eval()
+        if gguf_file:
+            from birdbone_core.model.gguf_state import GGUFState
+
+            state = GGUFState(directory, model, dtype)
         expected = {n for n, _ in model.named_parameters(remove_duplicate=True)}
         tied = bool(getattr(config, "tie_word_embeddings", False))
         missing = sorted(expected - set(state) - ({"lm_head.weight"} if tied else set()))

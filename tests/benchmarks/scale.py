@@ -6,9 +6,9 @@ For each model, each job runs as its own child process (peak RSS = that child's 
 around it), one after another on this machine:
 
 - prune + export: `birdbone init` with a one-shot SparseGPT 50% recipe (calibration 16 x 256 tokens, Q8_0
-  export), then `birdbone prune RUN` and `birdbone export RUN`. A safetensors source streams layer by layer
-  (birdbone_core.model.stream) in its stored dtype (bf16 for the generated models); a GGUF source (Gemma)
-  is dequantized and held whole in fp32 (the in-memory path).
+  export), then `birdbone prune RUN` and `birdbone export RUN`, both streamed layer by layer
+  (birdbone_core.model.stream): a safetensors source in its stored dtype (bf16 for the generated models),
+  a GGUF source (Gemma) dequantized tensor by tensor to fp32.
 - `birdbone quantize SRC --bpw 4.5` (same calibration): the quantizer holds the whole model. It is run only
   where its memory, extrapolated from the smallest model's measured bytes per parameter, fits in 80% of
   this machine's RAM; otherwise the row says how much it would need.
@@ -114,6 +114,7 @@ def prune_export(name: str, src: Path, work: Path, logs: Path) -> dict:
     if ok:
         steps = json.loads((run / "run.json").read_text())["steps"]
         out["sparsity"], out["gguf_bytes"] = steps["prune"]["sparsity"], steps["export"]["bytes"]
+        out["streamed"] = bool(steps["prune"]["runtime"].get("streamed"))
         out["ledger_bytes"] = sum(f.stat().st_size for f in (run / "ledger").rglob("*") if f.is_file())
     shutil.rmtree(run, ignore_errors=True)           # the 3B run's pruned copy, delta and GGUF are ~20 GB
     return out
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/birdbone-scale"))
     ap.add_argument("--out", type=Path, default=RESULTS / "scale")
     ap.add_argument("--skip", default="", help="comma-separated jobs to skip: prune_export, quantize, llmc")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep OUT.json's other rows and jobs; replace only what this run measures")
     a = ap.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
     a.work.mkdir(parents=True, exist_ok=True)
@@ -168,10 +171,19 @@ def main(argv: list[str] | None = None) -> None:
     logs.mkdir(exist_ok=True)
     ram = mem_total()
     rows, per_param = [], None
+    old_json = Path(f"{a.out}.json")
+    if a.merge and old_json.is_file():
+        rows = json.loads(old_json.read_text())["rows"]
+        per_param = next((r["quantize"]["peak_rss_bytes"] / r["parameters"] for r in rows
+                          if r.get("quantize", {}).get("exit") == 0), None)
     for name in a.models.split(","):
         src, n_params, stored = source_for(name, a.work)
         print(f"{name}: {n_params:,} parameters ({stored}) at {src}", flush=True)
-        row = {"model": name, "parameters": n_params, "stored": stored, "fp32_bytes": 4 * n_params}
+        row = next((r for r in rows if r["model"] == name), None)
+        if row is None:
+            row = {"model": name}
+            rows.append(row)
+        row.update(parameters=n_params, stored=stored, fp32_bytes=4 * n_params)
         if "prune_export" not in skip:
             row["prune_export"] = prune_export(name, src, a.work, logs)
         if "quantize" not in skip:
@@ -187,7 +199,6 @@ def main(argv: list[str] | None = None) -> None:
         if "llmc" not in skip and name == "llama-3.2-1b":
             row["llmc_gptq_w4a16"] = llmc_gptq(name, src, a.work, logs) if LLMC_PY.is_file() else \
                 {"skipped": "no .venv-llmc (make -C tests/benchmarks/llmc)"}
-        rows.append(row)
         write(rows, a.out, ram)
     print(f"wrote {a.out}.json / .md / .png")
 

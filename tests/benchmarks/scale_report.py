@@ -36,7 +36,8 @@ def render_markdown(info: dict) -> str:
         pe = _job(r, "prune_export")
         jobs = []
         if pe is not None:
-            how = "streamed layer by layer, bf16" if pe.get("streamed") else "in memory, fp32 (GGUF source)"
+            how = (f"streamed layer by layer, {'bf16' if r['stored'] == 'bfloat16' else 'fp32'}"
+                   if pe.get("streamed") else "whole model in memory, fp32")
             note = f"{how}; sparsity {pe['sparsity']:.1%}, Q8_0 GGUF {pe['gguf_bytes'] / 1e9:.2f} GB" \
                 if pe.get("ok") else how
             for step in ("prune", "export"):

@@ -95,3 +95,24 @@ def test_what_does_not_stream_says_so(tiny_dir, tmp_path):
     (src / "config.json").write_text(cfg)
     assert not streamable(src)                                        # the multimodal wrapper: in memory
 
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
+def test_streamed_prune_from_a_gguf_equals_in_memory(arch, tiny_dir, tmp_path):
+    """A GGUF source streams too: each tensor dequantized on its own, with transformers' GGUF transforms (Llama
+    q/k rows, Gemma norms), gives the tensors `from_pretrained(gguf_file=...)` gives, pruned the same."""
+    src = tiny_dir(arch)
+    lm = load_model(str(src))
+    gguf = tmp_path / f"{arch}.gguf"
+    export_gguf(lm.model, lm.tokenizer, gguf, out_type="q8_0")       # rows of 64: Q8_0 blocks, F32 norms
+    assert streamable(gguf)
+    mem = load_model(str(gguf))
+    sm = StreamedModel.open(gguf)
+    state = sm.checkpoint_state()
+    assert list(state) == list(state_of(mem.model))
+    assert all(torch.equal(state[n], t) for n, t in state_of(mem.model).items())
+    cfg = Prune(method="wanda", sparsity=0.5)
+    prune_sequential(mem.model, _blocks(), cfg)
+    prune_streamed(sm, _blocks(), cfg, tmp_path / "pruned", load_tokenizer(gguf))
+    out = load_file(str(tmp_path / "pruned" / "model.safetensors"))
+    assert all(torch.equal(t, state_of(mem.model)[n]) for n, t in out.items())
