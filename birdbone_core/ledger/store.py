@@ -58,9 +58,9 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _record(t: Tensor, **kw) -> TensorRecord:
+def _record(t: Tensor, hash_: str | None = None, **kw) -> TensorRecord:
     t = t.detach().cpu()
-    return TensorRecord(hash=tensor_hash(t), shape=tuple(t.shape), dtype=dtype_name(t.dtype),
+    return TensorRecord(hash=hash_ or tensor_hash(t), shape=tuple(t.shape), dtype=dtype_name(t.dtype),
                         numel=t.numel(), zeros=count_zeros(t), **kw)
 
 
@@ -279,20 +279,23 @@ class Ledger:
         after: dict[str, TensorRecord] = {}
         with self._delta_writer() as writer:       # each delta encoded and set aside as it is computed
             for name, rec in before.items():
-                old = old_state[name].detach().cpu()
-                if tensor_hash(old) != rec.hash:
+                # a state read from disk holds one tensor at a time: the old one is checked and dropped, and
+                # read again only when the new one differs (an unchanged embedding is never held twice)
+                if tensor_hash(old_state[name].detach().cpu()) != rec.hash:
                     raise BirdboneError(f"ledger wave {wave}: old state's tensor '{name}' differs from the "
                                         f"recorded state after wave {wave - 1}")
                 new = new_state[name].detach().cpu()
-                try:
-                    d = compute_delta(old, new)
-                except DeltaMismatch as e:
-                    raise BirdboneError(f"ledger wave {wave}: tensor '{name}': {e}") from None
-                if d is not None:
+                new_hash = tensor_hash(new)
+                if new_hash != rec.hash:
+                    try:
+                        d = compute_delta(old_state[name].detach().cpu(), new)
+                    except DeltaMismatch as e:
+                        raise BirdboneError(f"ledger wave {wave}: tensor '{name}': {e}") from None
                     writer.add(name, d)
-                    after[name] = _record(new, changed=d.n_changed, hash_before=rec.hash)
-                del old, new, d
-                release_freed_memory(collect=False)   # a state read from disk: the peak stays one tensor
+                    after[name] = _record(new, changed=d.n_changed, hash_before=rec.hash, hash_=new_hash)
+                    del d
+                del new
+                release_freed_memory(collect=False)
             return self._record(wave, kind, writer, after, before, metrics, decision, None, index)
 
     def revert_marker(self, to_wave: int, metrics: dict | None = None,

@@ -154,6 +154,11 @@ class StreamedModel:
         decoder_layers(self.model)[i].to("meta")
         release_freed_memory()
 
+    def release(self) -> None:
+        """Every parameter back to the meta device (the embedding and head a walk kept), memory handed back."""
+        self.model.to("meta")
+        release_freed_memory()
+
     def layer_state(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's parameters as CPU tensors under their checkpoint names (detached)."""
         layer = decoder_layers(self.model)[i]
