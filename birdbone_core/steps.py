@@ -183,7 +183,7 @@ def step_baseline(run: Run, lm: LoadedModel | None = None) -> EvalResult:
         check_pattern(sm.model, recipe.prune)
         chunks = evaluation_chunks(tokenizer, text, ev.n_ctx, ev.max_chunks)
         hidden = streamed_hidden_states(sm, chunks, "scoring base model")
-        result, runtime = score_hidden(sm.model, hidden, chunks), {**describe(sm.model), "streamed": True}
+        result, runtime = score_hidden(sm.model, hidden, chunks), describe(sm.model)
     else:
         lm = lm or load_model_for(run)
         check_n_ctx(lm.model, ev.n_ctx)
@@ -269,7 +269,7 @@ def step_export(run: Run, lm: LoadedModel | None = None):
         result = export_gguf(sm.model, load_tokenizer(run.pruned_dir), run.gguf_path(recipe),
                              out_type=recipe.export.type, source_gguf=source_gguf, extra_metadata=meta,
                              state=sm.checkpoint_state())
-        info = {"runtime": {"device": "cpu", "dtype": str(sm.dtype).removeprefix("torch."), "streamed": True}}
+        info = {"runtime": {"device": "cpu", "dtype": str(sm.dtype).removeprefix("torch.")}, "streamed": True}
     else:
         lm = lm or _load(str(run.pruned_dir), "pruned model", placement=run.placement(), keep_dtype=True)
         result = export_gguf(lm.model, lm.tokenizer, run.gguf_path(recipe), out_type=recipe.export.type,
@@ -323,7 +323,7 @@ def step_evaluate(run: Run, lm: LoadedModel | None = None) -> dict:
         hidden = streamed_hidden_states(sm, ref["chunks"], "scoring pruned model")
         result = score_hidden(sm.model, hidden, ref["chunks"], ref["hidden"])
         zeros, total = count_zeros(sm.model, state=sm.checkpoint_state())
-        runtime = {**describe(sm.model), "streamed": True}
+        runtime = describe(sm.model)
     else:
         lm = lm or _load(str(run.pruned_dir), "pruned model", placement=run.placement(), keep_dtype=True)
         result, _ = evaluate(lm.model, ref["chunks"], reference_hidden=ref["hidden"],

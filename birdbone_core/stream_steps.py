@@ -69,7 +69,7 @@ def prune(run: Run, recipe: Recipe) -> None:
     ledger.init_base(sm.checkpoint_state(), meta={"source": run.manifest()["model"]})
     report = prune_streamed(sm, blocks, recipe.prune, run.pruned_dir, tokenizer,
                             description=f"{recipe.prune.method} {recipe.prune.pattern}")
-    info = prune_info(report, cal, text_desc, {**describe(sm.model), "streamed": True})
+    info = {**prune_info(report, cal, text_desc, describe(sm.model)), "streamed": True}
     sm.release()                           # the ledger reads both states from disk, a tensor at a time
     ledger.record_wave(1, sm.checkpoint_state(), sm.checkpoint_state(run.pruned_dir),
                        metrics={"linear_sparsity": info["sparsity"]}, decision=f"one-shot {report.method} {report.pattern}")

@@ -114,7 +114,7 @@ def prune_export(name: str, src: Path, work: Path, logs: Path) -> dict:
     if ok:
         steps = json.loads((run / "run.json").read_text())["steps"]
         out["sparsity"], out["gguf_bytes"] = steps["prune"]["sparsity"], steps["export"]["bytes"]
-        out["streamed"] = bool(steps["prune"]["runtime"].get("streamed"))
+        out["streamed"] = bool(steps["prune"].get("streamed"))
         out["ledger_bytes"] = sum(f.stat().st_size for f in (run / "ledger").rglob("*") if f.is_file())
     shutil.rmtree(run, ignore_errors=True)           # the 3B run's pruned copy, delta and GGUF are ~20 GB
     return out
