@@ -12,6 +12,7 @@ User mistakes (bad files, bad recipes, unsupported models) print one line `error
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -349,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug, not a user error: one line unless asked for the traceback
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):   # the machine's, not a bug
+            where = f" writing {e.filename}" if e.filename else ""
+            print(f"error: no space left on the device{where}; free some and run the step again (files are "
+                  f"written under temporary names and renamed when complete: nothing half-written remains)",
+                  file=sys.stderr)
+            return 2
         if os.environ.get("BIRDBONE_DEBUG"):
             raise
         print(f"internal error: {type(e).__name__}: {e} (set BIRDBONE_DEBUG=1 for the traceback)", file=sys.stderr)
