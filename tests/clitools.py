@@ -45,3 +45,27 @@ def tree(root: Path) -> dict:
     """Every file's bytes, but the run lock's holder line (rewritten by each command that takes it)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()
             and p.name != ".lock"}
+
+
+# Runs ARGV as its child, from a process of its own: Linux starts a process's ru_maxrss at the RSS of the
+# process it was forked from, so a child forked by a big pytest or benchmark process would report at least
+# that. This launcher is a few MB; the command it forks reports its own peak.
+_LAUNCH = ("import json, os, subprocess, sys\n"
+           "with open(sys.argv[1], 'w') as log:\n"
+           "    p = subprocess.Popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)\n"
+           "    _, status, usage = os.wait4(p.pid, 0)\n"
+           "print(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024]))")
+
+
+def run_measured(argv: list[str], log: Path, env: dict | None = None) -> tuple[int, int, float]:
+    """(exit code, peak RSS in bytes, wall seconds) of `argv`, its output in `log`."""
+    import json
+    import time
+
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", _LAUNCH, str(log), *map(str, argv)], capture_output=True, text=True,
+                       env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"launcher failed: {r.stderr}")
+    code, peak = json.loads(r.stdout.strip().splitlines()[-1])
+    return code, peak, time.perf_counter() - t0

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,19 +40,16 @@ N_SAMPLES, SEQ_LEN = 16, 256
 
 
 def child(args: list[str], log: Path) -> dict:
-    """Run a command; its wall time, peak RSS (bytes, that very child's ru_maxrss) and exit code."""
+    """Run a command; its wall time, peak RSS (bytes: that very process's, clitools.run_measured) and exit code."""
+    from clitools import run_measured
+
     env = {**os.environ, "BIRDBONE_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
-    t0 = time.perf_counter()
-    with open(log, "w") as out:
-        p = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
+    code, peak, wall = run_measured(args, log, env)
     tail = log.read_text().strip().splitlines()[-1:] if log.is_file() else []
-    print(f"  {' '.join(map(str, args[2:5]))}...: {wall:.0f} s, peak {usage.ru_maxrss / 2**20:.2f} GiB, "
+    print(f"  {' '.join(map(str, args[2:5]))}...: {wall:.0f} s, peak {peak / 2**30:.2f} GiB, "
           f"exit {code} {tail}", flush=True)
-    return {"seconds": round(wall, 1), "peak_rss_bytes": usage.ru_maxrss * 1024, "exit": code,
-            "log": str(log), "last_line": tail[0] if tail else ""}
+    return {"seconds": round(wall, 1), "peak_rss_bytes": peak, "exit": code, "log": str(log),
+            "last_line": tail[0] if tail else ""}
 
 
 def birdbone(*args) -> list[str]:
@@ -216,6 +212,7 @@ def write(rows: list[dict], out: Path, ram: int) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))       # tests/: clitools
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     main()

@@ -7,11 +7,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+from clitools import run_measured
 from tiny_recipes import tiny_recipe
 
 from birdbone_core.model.tensors import SafetensorsState
@@ -27,15 +27,11 @@ def _make_models():
 
 
 def _peak_rss(log: Path, *args: str) -> int:
-    """Run `birdbone ARGS` as a child process (output to `log`); its peak RSS in bytes (ru_maxrss of that
-    very child)."""
+    """Run `birdbone ARGS` as a process of its own (output to `log`); its peak RSS in bytes."""
     env = {**os.environ, "BIRDBONE_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    with open(log, "w") as out:
-        p = subprocess.Popen([sys.executable, "-m", "birdbone_core.cli", *args], env=env, stdout=out,
-                             stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(p.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, log.read_text()
-    return usage.ru_maxrss * 1024                     # Linux reports kilobytes
+    code, peak, _ = run_measured([sys.executable, "-m", "birdbone_core.cli", *args], log, env)
+    assert code == 0, log.read_text()
+    return peak
 
 
 def test_streamed_prune_and_export_stay_under_half_the_models_fp32_bytes(tmp_path):
