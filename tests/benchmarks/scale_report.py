@@ -28,14 +28,18 @@ def render_markdown(info: dict) -> str:
              f"Measured {info['date']} on {info['machine']}; `python tests/benchmarks/scale.py`. Each job is its "
              "own child process, one at a time; peak RSS is that process's `ru_maxrss`. Calibration "
              f"{info['calibration']} for every job. The 1B and 3B models are random-initialized with the "
-             "published shapes (`tests/benchmarks/make_models.py`), stored as bf16 safetensors.", "",
+             "published shapes (`tests/benchmarks/make_models.py`), stored as bf16 safetensors." +
+             (f" {info['note']}" if info.get("note") else ""), "",
              "| model | parameters | job | wall s | peak RSS GiB (of fp32 weights) | notes |",
              "|---|---|---|---|---|---|"]
     for r in info["rows"]:
         fp32 = r["fp32_bytes"]
-        pe = _job(r, "prune_export")
         jobs = []
-        if pe is not None:
+        # prune_export_in_memory: an earlier run of the same job on the whole-model path, kept for comparison
+        for key in ("prune_export_in_memory", "prune_export"):
+            pe = _job(r, key)
+            if pe is None:
+                continue
             how = (f"streamed layer by layer, {'bf16' if r['stored'] == 'bfloat16' else 'fp32'}"
                    if pe.get("streamed") else "whole model in memory, fp32")
             note = f"{how}; sparsity {pe['sparsity']:.1%}, Q8_0 GGUF {pe['gguf_bytes'] / 1e9:.2f} GB" \
