@@ -17,8 +17,10 @@ def _cells(j: dict | None, fp32: int) -> tuple[str, str, str]:
         return "-", "-", "-"
     if "skipped" in j:
         return "not run", "-", j["skipped"]
-    if j.get("exit", 0) != 0 or j.get("ok") is False:
-        return f"failed ({j.get('seconds', 0):.0f} s)", "-", j.get("last_line", "")
+    if j.get("exit", 0) != 0 or j.get("ok") is False:     # the peak up to the failure is still a measurement
+        peak = j.get("peak_rss_bytes")
+        return (f"failed after {j.get('seconds', 0):.0f} s", f"{peak / GIB:.2f} ({peak / fp32:.0%}) until then"
+                if peak else "-", j.get("last_line", ""))
     peak = j["peak_rss_bytes"]
     return f"{j['seconds']:.0f}", f"{peak / GIB:.2f} ({peak / fp32:.0%})", ""
 
