@@ -1,4 +1,5 @@
-"""Models too big to hold: a Hugging Face safetensors directory read one decoder layer at a time.
+"""Models too big to hold: a Hugging Face safetensors directory (or a GGUF file: model/gguf_state.py) read one
+decoder layer at a time.
 
     sm = StreamedModel.open(directory, placement)              # the model on the meta device, except the
                                                                # embedding, final norm and head (materialized)
@@ -128,11 +129,12 @@ class StreamedModel:
     def _materialize(self, names: list[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
+        params = dict(self.model.named_parameters(remove_duplicate=False))
         for name in names:
             t = self.state[name]
-            want = self.state.shapes[name]
+            want = tuple(params[name].shape)              # what config.json builds; the meta parameter's shape
             if tuple(t.shape) != want:
-                raise BirdboneError(f"{self.directory}: {name} has shape {tuple(t.shape)}, expected {want}")
+                raise BirdboneError(f"{self.directory}: {name} has shape {tuple(t.shape)}, config.json builds {want}")
             checks.check_values(name, t, str(self.directory))
             set_module_tensor_to_device(self.model, name, self.device, value=t)
 
