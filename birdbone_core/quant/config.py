@@ -8,6 +8,7 @@
       importance: true           # importance-weighted scale search (imatrix)
       imatrix: path/to/imatrix.gguf             # a llama-imatrix file (GGUF or .dat) instead of our own
       gptq: {enabled: true, act_order: true, block_size: 128, damp: 0.01}
+      shortlist: 1               # encode only the sizes near the budget's pick (quant/survey.py)
       measure_blocks: 4          # score the big tensors' type choices by measured KL (quant/trials.py)
 
 1-D tensors (norms) stay F32, as llama.cpp keeps them. A tensor whose rows do not fit a type's blocks
@@ -80,6 +81,10 @@ class Quantize(_Strict):
     measure_blocks: int = Field(4, ge=0, description="blocks (fresh windows of the calibration text) on which "
                                 "the allocations that differ in the big tensors' types are scored by measured KL; "
                                 "0 trusts the estimate")
+    shortlist: int | None = Field(1, ge=0, description="encode in full (GPTQ included) only the types a cheap "
+                                  "survey on a sample of each tensor's rows puts near the budget's choice: the "
+                                  "chosen size and this many sizes either side (big tensors one more); null "
+                                  "encodes every allowed type")
     keep_source: bool = Field(True, description="a tensor still equal to its GGUF source's blocks may keep them "
                                                 "(an exact candidate of the source type) instead of re-encoding")
 

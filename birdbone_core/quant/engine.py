@@ -26,6 +26,7 @@ from birdbone_core.progress import progress_bar
 from birdbone_core.quant import budget as budget_mod
 from birdbone_core.quant.codecs import decode, encode_torch
 from birdbone_core.quant.config import Quantize
+from birdbone_core.quant.error import estimated_loss
 from birdbone_core.quant.formats import can_apply, get_format
 from birdbone_core.quant.gptq import GPTQSettings, gptq_quantize_many
 from birdbone_core.quant.importance import Imatrix
@@ -249,86 +250,82 @@ def _plan(model: torch.nn.Module, cfg: Quantize):
 
 
 def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity | None,
-                       imatrix: Imatrix | None = None, source_gguf=None) -> Candidates:
-    """Encode every 2-D weight in every allowed type (GPTQ where statistics exist) and measure each."""
+                       imatrix: Imatrix | None = None, source_gguf=None, cache: dict | None = None) -> Candidates:
+    """Encode every 2-D weight in its candidate types (GPTQ where statistics exist) and measure each.
+    With `cfg.shortlist` set, a survey (`quant.survey`) first narrows each tensor's types to those the
+    budget could pick. cache: a dict kept between calls on the same model and statistics (a benchmark
+    trying several budgets); it holds the survey's estimates and every full encoding made."""
     t0 = time.time()
+    cache = {} if cache is None else cache
     plans, todo, fixed_types, n_weights = _plan(model, cfg)
     source: dict[str, tuple[str, np.ndarray]] = {}
     if source_gguf is not None and cfg.keep_source:
         from birdbone_core.quant.source import source_blocks
 
         source = source_blocks(source_gguf, plans, {p.gguf_name: types for p, types in todo})
-    spec = arch_for(model.config)
-    dims = model_dims(model.config, model.state_dict())
-    tied = not any(p.hf_name == "lm_head.weight" for p in plans)
+    stats = _Statistics(model, plans, cfg, sens, imatrix)
     settings = GPTQSettings(block_size=cfg.gptq.block_size, damp=cfg.gptq.damp, act_order=cfg.gptq.act_order,
                             static_scales=cfg.gptq.static_scales)
+    budgeted = sum(int(np.prod(p.shape)) for p, _ in todo)
+    fixed, fixed_bytes = _fixed(plans, fixed_types)
+    if cfg.shortlist is not None and len(todo) > 0:
+        todo = _shortlisted(todo, stats, cfg, source, cache, budget_bytes(cfg, n_weights) - fixed_bytes, budgeted)
     options: dict[str, dict[str, tuple[int, float]]] = {}
     candidates: dict[str, dict[str, np.ndarray]] = {}
     alternates: dict[str, dict[str, tuple[np.ndarray, float]]] = {}
-    budgeted = sum(int(np.prod(p.shape)) for p, _ in todo)
     won: dict[str, dict[str, bool]] = {}
     device = model_device(model)
     with progress_bar("quantizing tensors", total=sum(len(t) for _, t in todo)) as advance:
         for p, types in todo:
-            W = torch.from_numpy(p.load())
-            rows, cols = W.shape
-            mod = "lm_head" if (p.gguf_name == "token_embd.weight" and tied) else _module_of(p.hf_name)
-            H = F = None
-            if sens is not None and mod in sens.hessian:
-                H = sens.hessian[mod]
-                if H.shape[0] < cols:  # zero-padded FFN columns never see input
-                    H = torch.nn.functional.pad(H, (0, cols - H.shape[0], 0, cols - H.shape[0]))
-                F = _pad_to(sens.fisher.get(mod, torch.ones(rows)), rows)
-                if spec.permute_qk and ".self_attn.q_proj." in p.hf_name:
-                    F = torch.from_numpy(permute_for_rope(F.numpy().reshape(-1, 1), dims.n_head).reshape(-1))
-                elif spec.permute_qk and ".self_attn.k_proj." in p.hf_name:
-                    F = torch.from_numpy(permute_for_rope(F.numpy().reshape(-1, 1), dims.n_head_kv).reshape(-1))
-            emb_rows = ((sens.embed_ids, sens.embed_g2) if (sens is not None and sens.embed_ids is not None
-                                                             and p.gguf_name == "token_embd.weight") else None)
-            imp = None
-            if cfg.importance:
-                if imatrix is not None and imatrix.get(p.gguf_name) is not None:
-                    imp = torch.from_numpy(np.asarray(imatrix.get(p.gguf_name), dtype=np.float32).reshape(-1))
-                elif H is not None:
-                    imp = torch.diag(H).clamp_min(0)
-            options[p.gguf_name], candidates[p.gguf_name] = {}, {}
-            won[p.gguf_name] = {}
-            src_type = source.get(p.gguf_name, (None,))[0]
-            gptq = {}
-            if H is not None and cfg.gptq.applies_to(p.gguf_name):  # every format in one column pass
-                # the column loop on the model's device (float32; results come back as host bytes)
-                gptq = gptq_quantize_many(W.to(device), H.to(device), [t for t in types if t != src_type], settings,
-                                          importance=(imp if imp is not None else torch.ones(cols)).to(device))
+            name = p.gguf_name
+            options[name], candidates[name], won[name] = {}, {}, {}
+            src_type = source.get(name, (None,))[0]
+            missing = [t for t in types if (name, t) not in cache and t != src_type]
+            if missing:
+                W, H, F, emb_rows, imp = stats.of(p)
+                rows, cols = W.shape
+                gptq = {}
+                if H is not None and cfg.gptq.applies_to(name):  # every format in one column pass
+                    # the column loop on the model's device (float32; results come back as host bytes)
+                    gptq = gptq_quantize_many(W.to(device), H.to(device), missing, settings,
+                                              importance=(imp if imp is not None else torch.ones(cols)).to(device))
+                for t in missing:
+                    if t in gptq:
+                        r = gptq.pop(t)
+                        e_g = estimated_loss(r.W_hat - W, H, F, emb_rows)
+                        e_p = estimated_loss(decode(t, r.plain_packed, (rows, cols)) - W, H, F, emb_rows)
+                        first, other = (r.packed, e_g), (r.plain_packed, e_p)
+                        if e_p < e_g:
+                            first, other = other, first
+                        big = rows * cols >= ALTERNATE_SHARE * budgeted  # the measured choice will try both
+                        cache[name, t] = (first[1], first[0], first[0] is r.packed, other if big else None)
+                    else:
+                        pk, _ = encode_torch(t, W, imp)
+                        cache[name, t] = (estimated_loss(decode(t, pk.numpy(), (rows, cols)) - W, H, F, emb_rows),
+                                          pk.numpy(), False, None)
             for t in types:
                 fmt = get_format(t)
+                n_bytes = fmt.n_bytes(int(np.prod(p.shape)))
                 if src_type == t:   # the source's own blocks: exact, zero error
-                    options[p.gguf_name][t] = (fmt.n_bytes(rows * cols), 0.0)
-                    candidates[p.gguf_name][t] = source[p.gguf_name][1]
+                    options[name][t] = (n_bytes, 0.0)
+                    candidates[name][t] = source[name][1]
                     advance()
                     continue
-                if t in gptq:
-                    r = gptq.pop(t)
-                    packed, W_hat = r.packed, r.W_hat
-                    plain_hat = decode(t, r.plain_packed, (rows, cols))
-                    e_g, e_p = _sens(W_hat - W, H, F, emb_rows), _sens(plain_hat - W, H, F, emb_rows)
-                    other = (r.plain_packed, e_p)
-                    if e_p < e_g:
-                        other = (packed, e_g)
-                        packed, e_g = r.plain_packed, e_p
-                    won[p.gguf_name][t] = packed is r.packed
-                    err = e_g
-                    if rows * cols >= ALTERNATE_SHARE * budgeted:  # the measured choice will try both
-                        alternates.setdefault(p.gguf_name, {})[t] = (other[0], other[1] * cfg.stress_for(p.gguf_name))
-                else:
-                    pk, _ = encode_torch(t, W, imp)
-                    packed = pk.numpy()
-                    err = _sens(decode(t, packed, (rows, cols)) - W, H, F, emb_rows)
-                err *= cfg.stress_for(p.gguf_name)
-                options[p.gguf_name][t] = (fmt.n_bytes(rows * cols), err)
-                candidates[p.gguf_name][t] = packed
+                err, packed, gptq_won, other = cache[name, t]
+                stress = cfg.stress_for(name)
+                if other is not None:
+                    alternates.setdefault(name, {})[t] = (other[0], other[1] * stress)
+                if cfg.gptq.applies_to(name) and stats.has_hessian(p):
+                    won[name][t] = gptq_won
+                options[name][t] = (n_bytes, err * stress)
+                candidates[name][t] = packed
                 advance()
+    return Candidates(options, candidates, fixed, fixed_bytes, n_weights, won, time.time() - t0,
+                      {n: t for n, (t, _) in source.items()}, alternates)
 
+
+def _fixed(plans, fixed_types: dict[str, str]) -> tuple[dict[str, tuple[str, np.ndarray | None]], int]:
+    """Tensors outside the budget: (name -> (type, data for 2-D tensors kept in float)), their bytes."""
     fixed: dict[str, tuple[str, np.ndarray | None]] = {}
     fixed_bytes = 0
     for pl in plans:
@@ -339,24 +336,68 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
         # 2-D tensors kept in float (overrides, or no block type fits their rows) go in as data
         data = pl.load().astype(np.float16 if t == "F16" else np.float32) if len(pl.shape) >= 2 else None
         fixed[pl.gguf_name] = (t, data)
-    return Candidates(options, candidates, fixed, fixed_bytes, n_weights, won, time.time() - t0,
-                      {n: t for n, (t, _) in source.items()}, alternates)
+    return fixed, fixed_bytes
 
 
-def _sens(dW: torch.Tensor, H: torch.Tensor | None, F: torch.Tensor | None,
-          emb_rows: tuple[torch.Tensor, torch.Tensor] | None) -> float:
-    """Estimated loss increase (x2) of a weight change dW [rows, cols]: sum_r F_r (dW H dW^T)_rr, plus for an
-    embedding sum_v sum_i G_vi dW_vi^2 over looked-up rows v (G = embed_g2, the diagonal Fisher of the
-    lookup, the same diagonal approximation as F). Without statistics: plain squared error."""
-    dW = dW.float()
-    if H is None and emb_rows is None:
-        return float((dW.double() ** 2).sum())
-    total = 0.0
-    if H is not None:  # float32 matmul (the 262k-row embedding), double sums
-        per_row = ((dW @ H.float()) * dW).sum(1, dtype=torch.float64)
-        total += float((per_row * (F.double() if F is not None else 1.0)).sum())
-    if emb_rows is not None:
-        ids, g2 = emb_rows
-        d = dW[ids]
-        total += float((d * d * g2).sum(dtype=torch.float64))
-    return total
+def _shortlisted(todo, stats: "_Statistics", cfg: Quantize, source, cache: dict, budget: int, budgeted: int):
+    """todo with each tensor's types narrowed to its shortlist (quant.survey)."""
+    from birdbone_core.quant.survey import shortlist, survey_errors
+
+    estimates: dict[str, dict[str, tuple[int, float]]] = {}
+    with progress_bar("survey (sampled rows, every type)", total=len(todo)) as advance:
+        for p, types in todo:
+            name = p.gguf_name
+            if ("survey", name) not in cache:
+                W, H, F, emb_rows, imp = stats.of(p)
+                cache["survey", name] = survey_errors(W, types, H, F, emb_rows, imp)
+            src_type = source.get(name, (None,))[0]
+            n = int(np.prod(p.shape))
+            estimates[name] = {t: (get_format(t).n_bytes(n), 0.0 if t == src_type else
+                                   cache["survey", name][t] * cfg.stress_for(name)) for t in types}
+            advance()
+    wide = {p.gguf_name for p, _ in todo if int(np.prod(p.shape)) >= ALTERNATE_SHARE * budgeted}
+    keep = shortlist(estimates, budget, cfg.shortlist, wide)
+    return [(p, [t for t in types if t in keep[p.gguf_name]]) for p, types in todo]
+
+
+class _Statistics:
+    """Per-tensor calibration statistics in the exported layout: W [rows, cols] float32 (GGUF rows), its
+    Hessian H [cols, cols], output Fisher F [rows] (q/k rows permuted as the export permutes them), the
+    embedding's lookup rows, and the importance the codecs weigh columns by."""
+
+    def __init__(self, model, plans, cfg: Quantize, sens: Sensitivity | None, imatrix: Imatrix | None):
+        self.spec = arch_for(model.config)
+        self.dims = model_dims(model.config, model.state_dict())
+        self.tied = not any(p.hf_name == "lm_head.weight" for p in plans)
+        self.cfg, self.sens, self.imatrix = cfg, sens, imatrix
+
+    def module(self, p) -> str:
+        return "lm_head" if (p.gguf_name == "token_embd.weight" and self.tied) else _module_of(p.hf_name)
+
+    def has_hessian(self, p) -> bool:
+        return self.sens is not None and self.module(p) in self.sens.hessian
+
+    def of(self, p):
+        sens, spec, dims = self.sens, self.spec, self.dims
+        W = torch.from_numpy(p.load())
+        rows, cols = W.shape
+        mod = self.module(p)
+        H = F = None
+        if self.has_hessian(p):
+            H = sens.hessian[mod]
+            if H.shape[0] < cols:  # zero-padded FFN columns never see input
+                H = torch.nn.functional.pad(H, (0, cols - H.shape[0], 0, cols - H.shape[0]))
+            F = _pad_to(sens.fisher.get(mod, torch.ones(rows)), rows)
+            if spec.permute_qk and ".self_attn.q_proj." in p.hf_name:
+                F = torch.from_numpy(permute_for_rope(F.numpy().reshape(-1, 1), dims.n_head).reshape(-1))
+            elif spec.permute_qk and ".self_attn.k_proj." in p.hf_name:
+                F = torch.from_numpy(permute_for_rope(F.numpy().reshape(-1, 1), dims.n_head_kv).reshape(-1))
+        emb_rows = ((sens.embed_ids, sens.embed_g2) if (sens is not None and sens.embed_ids is not None
+                                                         and p.gguf_name == "token_embd.weight") else None)
+        imp = None
+        if self.cfg.importance:
+            if self.imatrix is not None and self.imatrix.get(p.gguf_name) is not None:
+                imp = torch.from_numpy(np.asarray(self.imatrix.get(p.gguf_name), dtype=np.float32).reshape(-1))
+            elif H is not None:
+                imp = torch.diag(H).clamp_min(0)
+        return W, H, F, emb_rows, imp

@@ -7,7 +7,8 @@ import torch
 
 from birdbone_core.data.text import calibration_blocks, read_text
 from birdbone_core.quant.codecs import decode, encode_torch
-from birdbone_core.quant.engine import _sens, collect_sensitivity
+from birdbone_core.quant.engine import collect_sensitivity
+from birdbone_core.quant.error import estimated_loss as _sens
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,7 @@ def encode_torch(name, W, importance=None) -> tuple[torch.Tensor, tuple[int, ...
     qw = _as_importance(importance, cols, X.device, codec.name)
     qw = None if qw is None else qw.view(nb, codec.block_size)
     out = torch.empty((rows, nb * codec.type_size), dtype=torch.uint8, device=X.device)
-    step = max(1, CHUNK_WEIGHTS // cols)
+    step = max(1, (codec.chunk_weights or CHUNK_WEIGHTS) // cols)
     with torch.inference_mode(), _threads():
         for r0 in range(0, rows, step):
             chunk = X[r0:r0 + step].reshape(-1, nb, codec.block_size)
