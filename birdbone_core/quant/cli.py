@@ -9,9 +9,22 @@ MODEL_OR_RUN: an HF dir or .gguf, or a run directory (its RUN/pruned model, its 
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from birdbone_core.cliargs import add_runtime_flags, positive_int, runtime_of
+
+
+def _shortlist(v: str) -> int | str:
+    if v == "all":
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'all', got {v!r}")
+    return n
 
 
 def _split_types(s: str) -> list[str]:
@@ -70,6 +83,8 @@ def _cmd_quantize(a) -> int:
         base["keep_source"] = False
     if a.measure_blocks is not None:
         base["measure_blocks"] = a.measure_blocks
+    if a.shortlist is not None:
+        base["shortlist"] = None if a.shortlist == "all" else a.shortlist
     try:
         cfg = Quantize.model_validate(base)
     except ValidationError as e:
@@ -135,6 +150,8 @@ def add_commands(sub) -> None:
                    help="re-encode every tensor, even those still equal to the source GGUF's blocks")
     q.add_argument("--measure-blocks", type=int, metavar="N",
                    help="score the big tensors' type choices by measured KL on N calibration blocks (0: off)")
+    q.add_argument("--shortlist", type=_shortlist, metavar="N|all",
+                   help="encode in full only the sizes within N of the survey's pick (default 1); all: every type")
     q.add_argument("--report", help="write a JSON report (types, per-type sensitivity)")
     add_runtime_flags(q)
     q.set_defaults(fn=_cmd_quantize)

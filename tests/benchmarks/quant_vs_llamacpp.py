@@ -104,33 +104,34 @@ def birdbone_phase(a, work: Path, state: dict) -> None:
     sens = collect_sensitivity(lm.model, blocks, batch_size=a.batch)
     t_sens = time.perf_counter() - t1
     rss_after_sens = round(_peak_rss_mib(), 1)
-    cfg = Quantize(target_bpw=8.0, gptq=GPTQConfig(act_order=True),
-                   **({"types": [t.strip() for t in a.types.split(",")]} if a.types else {}))
-    t2 = time.perf_counter()
+    types = {"types": [t.strip() for t in a.types.split(",")]} if a.types else {}
+    shortlist = None if a.shortlist == "all" else int(a.shortlist)
     src = Path(a.model) if a.model.endswith(".gguf") and not a.no_keep_source else None
-    cands = measure_candidates(lm.model, cfg, sens, source_gguf=src)
-    t_cand = time.perf_counter() - t2
-    state["birdbone_run"] = {"load_s": round(t_load, 1), "calibration": f"{n} x {L} tokens of {desc}",
-                             "sensitivity_s": round(t_sens, 1), "candidates_s": round(t_cand, 1),
-                             "n_candidate_encodings": sum(len(o) for o in cands.options.values()),
-                             "gptq_beat_plain": sum(v for d in cands.gptq_won.values() for v in d.values()),
-                             "source_candidates": len(cands.from_source),
-                             "peak_rss_mib": round(_peak_rss_mib(), 1),
-                             "settings": cfg.model_dump(mode="json")}
-    state["birdbone_run"]["peak_rss_after_sensitivity_mib"] = rss_after_sens
-    state["birdbone_run"]["measure_blocks"] = a.measure_blocks
-    print(f"birdbone: sensitivity {t_sens:.0f} s, candidates {t_cand:.0f} s, peak RSS {_peak_rss_mib():.0f} MiB",
-          flush=True)
     # the header (metadata, tokenizer, tensor table) costs the same whatever the types; measure it once
-    probe = choose(cands, 10**15)
+    probe_cfg = Quantize(target_bpw=8.5, types=["Q8_0"], gptq=GPTQConfig(enabled=False), shortlist=None)
+    probe = choose(measure_candidates(lm.model, probe_cfg, None), 10**15)
     res = export_gguf(lm.model, lm.tokenizer, work / "bb-probe.gguf", out_type="f16", quantized=probe.quantized,
                       source_gguf=Path(a.model) if a.model.endswith(".gguf") else None,
                       extra_metadata={"birdbone.quant.types": json.dumps(probe.types)})
     overhead = res.n_bytes - probe.n_bytes + 4096  # + margin for a longer types string and alignment
     (work / "bb-probe.gguf").unlink()
+    state["birdbone_run"] = {"load_s": round(t_load, 1), "calibration": f"{n} x {L} tokens of {desc}",
+                             "sensitivity_s": round(t_sens, 1), "peak_rss_after_sensitivity_mib": rss_after_sens,
+                             "measure_blocks": a.measure_blocks, "shortlist": a.shortlist,
+                             "settings": Quantize(target_bpw=8.0, gptq=GPTQConfig(act_order=True), shortlist=shortlist,
+                                                  **types).model_dump(mode="json")}
+    print(f"birdbone: load {t_load:.0f} s, sensitivity {t_sens:.0f} s, peak RSS {_peak_rss_mib():.0f} MiB", flush=True)
+    # encodings (and the survey's estimates) do not depend on the budget: shared between the points, so a
+    # point's candidates_s counts only the encodings it added (the first point's is the run's full cost)
+    cache: dict = {}
     held = calibration_blocks(lm.tokenizer, text, a.measure_blocks, L, 1) if a.measure_blocks else None
     for v in a.points:
         target = state["llama"][v]["stats"]["file_bytes"]
+        cfg = Quantize(target_bytes=target - overhead, gptq=GPTQConfig(act_order=True), shortlist=shortlist, **types)
+        before = len(cache)
+        t2 = time.perf_counter()
+        cands = measure_candidates(lm.model, cfg, sens, source_gguf=src, cache=cache)
+        t_cand = time.perf_counter() - t2
         t3 = time.perf_counter()
         estimate_only = choose(cands, target - overhead)
         trials = []
@@ -138,7 +139,10 @@ def birdbone_phase(a, work: Path, state: dict) -> None:
         if held is not None:
             r, trials = choose_measured(lm.model, cands, target - overhead, held)
         t_choose = time.perf_counter() - t3
-        rec = {"target_file_bytes": target, "choose_s": round(t_choose, 1),
+        rec = {"target_file_bytes": target, "choose_s": round(t_choose, 1), "candidates_s": round(t_cand, 1),
+               "n_candidates": sum(len(o) for o in cands.options.values()), "new_cache_entries": len(cache) - before,
+               "gptq_beat_plain": sum(v for d in cands.gptq_won.values() for v in d.values()),
+               "source_candidates": len(cands.from_source), "peak_rss_mib": round(_peak_rss_mib(), 1),
                "trials": [{"types": t.big_types, "estimate": t.estimate, "measured_kl": t.measured_kl,
                            "chosen": t.chosen} for t in trials]}
         # the allocation birdbone ships, and (when the measured choice differs) the estimate's own optimum
@@ -179,7 +183,10 @@ def markdown(state: dict) -> str:
              f"{state['birdbone_run']['calibration']}, grid-aware GPTQ (act-order) + Fisher-weighted bit budget"
              + (f" + measured choice of the big tensors' types ({state['birdbone_run']['measure_blocks']} fresh "
                 f"calibration windows) " if state['birdbone_run'].get('measure_blocks') else " ")
-             + "over all its block types, file no larger than llama.cpp's. KLD by llama-perplexity --kl-divergence.", "",
+             + (f"over each tensor's shortlist (survey of sampled rows, then the sizes within {state['birdbone_run']['shortlist']} "
+                "of its pick encoded in full)" if str(state['birdbone_run'].get('shortlist', 'all')) != "all"
+                else "over all its block types")
+             + ", file no larger than llama.cpp's. KLD by llama-perplexity --kl-divergence.", "",
              "| point | llama.cpp bytes | llama.cpp bpw | llama.cpp KLD | birdbone bytes | birdbone bpw | birdbone KLD "
              "| ratio | estimate-only KLD | llama ppl | birdbone ppl | birdbone types | kept source blocks |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -209,15 +216,18 @@ def markdown(state: dict) -> str:
                   f"{s_['kld']['mean_kld']:.5f}, ppl {s_['kld']['ppl']:.4f}. Its weights are exactly the base's "
                   "(before F16 rounding), so this KLD is llama.cpp's own floor for that mix of types (its quantized "
                   "matmuls round activations too); no file of those types can score much below it."]
-    if br.get("source_candidates"):
+    points = state.get("birdbone", {})
+    n_src = max((b.get("source_candidates", 0) for b in points.values()), default=0)
+    if n_src:
         lines += ["", f"kept source blocks: tensors written with the source GGUF's own blocks (weights unchanged and "
-                  f"the budget chose the source's type: exact, no re-rounding); {br['source_candidates']} tensors "
+                  f"the budget chose the source's type: exact, no re-rounding); {n_src} tensors "
                   "qualified. llama.cpp re-quantizes the F16 base and cannot know the original grid."]
-    lines += ["", f"birdbone time: load {br['load_s']} s, calibration pass (forward+backward) {br['sensitivity_s']} s, "
-              f"{br['n_candidate_encodings']} candidate encodings {br['candidates_s']} s (GPTQ beat plain rounding in "
-              f"{br['gptq_beat_plain']}), peak RSS {br['peak_rss_mib']} MiB; choosing with measured trials: "
-              + ", ".join(f"{v} {b.get('choose_s', '-')} s" for v, b in state.get("birdbone", {}).items())
-              + ". llama-quantize: "
+    lines += ["", f"birdbone time: load {br['load_s']} s, calibration pass (forward+backward) {br['sensitivity_s']} s; "
+              "per point, candidates (survey and encodings; encodings are shared between points, so a later point "
+              "pays only for the ones it adds) + choosing with measured trials: "
+              + ", ".join(f"{v} {b.get('candidates_s', '-')} + {b.get('choose_s', '-')} s ({b.get('n_candidates', '-')} "
+                          f"candidates)" for v, b in points.items())
+              + f"; peak RSS {max((b.get('peak_rss_mib', 0) for b in points.values()), default=0)} MiB. llama-quantize: "
               + ", ".join(f"{v} {l['quantize']['run']['wall_s']} s / {l['quantize']['run']['peak_rss_mib']} MiB"
                           for v, l in state["llama"].items()) + ".", ""]
     return "\n".join(lines)
@@ -239,6 +249,8 @@ def main() -> None:
                          "by measured KL (quantize.measure_blocks); 0: the estimate's allocation only")
     ap.add_argument("--types", default=None, help="birdbone candidate types (default: all ten)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shortlist", default="1", help="quantize.shortlist: sizes either side of the survey's pick "
+                    "encoded in full; 'all': every type (the exhaustive search)")
     ap.add_argument("--no-keep-source", action="store_true",
                     help="re-encode every tensor (no exact candidates from the source GGUF's own blocks)")
     ap.add_argument("--phase", choices=["all", "llama", "birdbone"], default="all")
