@@ -106,12 +106,8 @@ def collect_sensitivity(model: torch.nn.Module, blocks: torch.Tensor, batch_size
             for b in batches:
                 shared.clear()
                 b = b.to(device)
-                logits = model(input_ids=b, use_cache=False).logits[:, :-1].float()
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
-                                                         reduction="sum")
-                loss.backward()
+                next_token_loss_backward(model, b)
                 n_tok += b.numel()
-                del logits, loss
                 adv()
     finally:
         for h in handles:
@@ -131,6 +127,41 @@ def collect_sensitivity(model: torch.nn.Module, blocks: torch.Tensor, batch_size
         acc.index_add_(0, inverse, torch.cat(emb_g2))
         sens.embed_ids, sens.embed_g2 = embed_ids.cpu(), (acc / n_pred).float().cpu()
     return sens
+
+
+# logits computed (and differentiated) at once in the calibration pass: [tokens, vocab] float32 of this size
+HEAD_CHUNK_ELEMENTS = 1 << 24
+
+
+def next_token_loss_backward(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    """Backward of the summed next-token cross-entropy of `ids` [b, T]. The head runs on chunks of
+    positions (HEAD_CHUNK_ELEMENTS logits each) into the gradient of the final hidden states, then one
+    backward through the decoder: the same gradients as the whole-sequence loss, without [b, T, vocab]
+    logits and their gradients held at once (6 GB for 8 x 256 tokens of a 262k vocabulary).
+    Models without a separate decoder and head (`model.model`, `get_output_embeddings()`) take the plain path."""
+    decoder, head = getattr(model, "model", None), model.get_output_embeddings()
+    targets = ids[:, 1:]
+    if decoder is None or head is None:
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                          reduction="sum").backward()
+        return
+    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state  # [b, T, d]
+    h = hidden.detach().requires_grad_(True)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    T = ids.shape[1]
+    step = max(1, HEAD_CHUNK_ELEMENTS // (ids.shape[0] * head.weight.shape[0]))
+    for s in range(0, T, step):  # every position goes through the head (its Hessian counts all T tokens)
+        logits = head(h[:, s:s + step]).float()
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        n = min(s + step, T - 1) - s  # positions that predict a next token
+        if n <= 0:  # the last position alone: no loss; backward of zero keeps its gradient hooks consistent
+            logits.sum().mul(0).backward()
+            continue
+        torch.nn.functional.cross_entropy(logits[:, :n].reshape(-1, logits.shape[-1]),
+                                          targets[:, s:s + n].reshape(-1), reduction="sum").backward()
+    hidden.backward(h.grad)
 
 
 @dataclass
@@ -269,7 +300,8 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
     budgeted = sum(int(np.prod(p.shape)) for p, _ in todo)
     fixed, fixed_bytes = _fixed(plans, fixed_types)
     if cfg.shortlist is not None and len(todo) > 0:
-        todo = _shortlisted(todo, stats, cfg, source, cache, budget_bytes(cfg, n_weights) - fixed_bytes, budgeted)
+        todo = _shortlisted(todo, stats, cfg, settings, source, cache, budget_bytes(cfg, n_weights) - fixed_bytes,
+                            budgeted)
     options: dict[str, dict[str, tuple[int, float]]] = {}
     candidates: dict[str, dict[str, np.ndarray]] = {}
     alternates: dict[str, dict[str, tuple[np.ndarray, float]]] = {}
@@ -339,7 +371,8 @@ def _fixed(plans, fixed_types: dict[str, str]) -> tuple[dict[str, tuple[str, np.
     return fixed, fixed_bytes
 
 
-def _shortlisted(todo, stats: "_Statistics", cfg: Quantize, source, cache: dict, budget: int, budgeted: int):
+def _shortlisted(todo, stats: "_Statistics", cfg: Quantize, settings: GPTQSettings, source, cache: dict, budget: int,
+                 budgeted: int):
     """todo with each tensor's types narrowed to its shortlist (quant.survey)."""
     from birdbone_core.quant.survey import shortlist, survey_errors
 
@@ -349,7 +382,8 @@ def _shortlisted(todo, stats: "_Statistics", cfg: Quantize, source, cache: dict,
             name = p.gguf_name
             if ("survey", name) not in cache:
                 W, H, F, emb_rows, imp = stats.of(p)
-                cache["survey", name] = survey_errors(W, types, H, F, emb_rows, imp)
+                cache["survey", name] = survey_errors(W, types, H, F, emb_rows, imp,
+                                                      settings if cfg.gptq.applies_to(name) else None)
             src_type = source.get(name, (None,))[0]
             n = int(np.prod(p.shape))
             estimates[name] = {t: (get_format(t).n_bytes(n), 0.0 if t == src_type else

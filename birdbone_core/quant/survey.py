@@ -3,13 +3,14 @@
 Encoding each tensor in every allowed block type is most of a quantization run's time, yet under a
 given budget a tensor only ever lands on one of a few neighbouring sizes. So first each tensor's
 error is estimated for every type on a strided sample of its rows (`SURVEY_SHARE` of its weights, at
-least `SURVEY_MIN_WEIGHTS`) with the codec's plain importance-weighted rounding, scaled up to the
-whole tensor (the error model sums over rows). The budget is allocated on those estimates, and each
+least `SURVEY_MIN_WEIGHTS`), encoded as the full search would encode them (GPTQ's rows are independent
+problems under one H, so GPTQ of a row sample is exactly those rows of the whole tensor's GPTQ), the
+better of GPTQ and plain rounding, scaled up to the whole tensor (the error model sums over rows). The budget is allocated on those estimates, and each
 tensor's shortlist is the size levels around its allocated one; only the shortlist is then encoded
 in full (GPTQ included) and allocated again on exact figures.
 
     sample_rows(rows, cols) -> row indices [n] (None: every row)
-    survey_errors(W, types, H, F, emb_rows, importance) -> {type: estimated loss of the whole tensor}
+    survey_errors(W, types, H, F, emb_rows, importance, gptq) -> {type: estimated loss of the whole tensor}
     shortlist(options, budget_bytes, width, wide) -> {tensor: [types]}
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from birdbone_core.quant.budget import Options, allocate
 from birdbone_core.quant.codecs import decode, encode_torch
 from birdbone_core.quant.error import estimated_loss
+from birdbone_core.quant.gptq import GPTQSettings, gptq_quantize_many
 
 SURVEY_SHARE = 1 / 64  # share of a tensor's weights encoded by the survey
 SURVEY_MIN_WEIGHTS = 1 << 15  # ... but at least this many (whole rows); small tensors are surveyed whole
@@ -39,8 +41,9 @@ def sample_rows(rows: int, cols: int) -> torch.Tensor | None:
 
 def survey_errors(W: torch.Tensor, types: list[str], H: torch.Tensor | None, F: torch.Tensor | None,
                   emb_rows: tuple[torch.Tensor, torch.Tensor] | None,
-                  importance: torch.Tensor | None) -> dict[str, float]:
-    """Estimated loss (`error.estimated_loss`) of W [rows, cols] rounded to each type, from a row sample.
+                  importance: torch.Tensor | None, gptq: GPTQSettings | None = None) -> dict[str, float]:
+    """Estimated loss (`error.estimated_loss`) of W [rows, cols] encoded in each type, from a row sample:
+    with `gptq` settings (and H) the lower of GPTQ's and plain rounding's, else plain rounding.
     F [rows]: output Fisher per row; emb_rows: (looked-up row ids [m], their lookup Fisher [m, cols])."""
     rows, cols = W.shape
     idx = sample_rows(rows, cols)
@@ -53,6 +56,12 @@ def survey_errors(W: torch.Tensor, types: list[str], H: torch.Tensor | None, F: 
             ids, g2 = emb_rows
             hit = torch.isin(ids, idx)
             emb_rows = (torch.searchsorted(idx, ids[hit]), g2[hit])
+    if gptq is not None and H is not None:
+        imp = importance if importance is not None else torch.ones(cols)
+        runs = gptq_quantize_many(W.to(H.device), H, types, gptq, importance=imp.to(H.device))
+        return {t: min(estimated_loss(r.W_hat - W, H, F, emb_rows),
+                       estimated_loss(decode(t, r.plain_packed, tuple(W.shape)) - W, H, F, emb_rows)) * scale
+                for t, r in runs.items()}
     out = {}
     for t in types:
         packed, _ = encode_torch(t, W, importance)

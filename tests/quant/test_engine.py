@@ -69,3 +69,36 @@ def test_lookup_term_only_counts_rows_seen(calibrated):
     assert _sens(dW, None, None, (sens.embed_ids, sens.embed_g2)) == 0.0
     dW[blocks[0, 5]] = 1.0
     assert _sens(dW, None, None, (sens.embed_ids, sens.embed_g2)) > 0.0
+
+
+def test_chunked_head_gives_the_whole_sequence_statistics(calibrated, monkeypatch):
+    """The calibration pass runs the LM head on chunks of positions; its statistics equal those of one
+    whole-sequence loss (the pre-chunking path, forced here by hiding the decoder)."""
+    from birdbone_core.quant import engine
+
+    model, blocks, sens, _ = calibrated
+    monkeypatch.setattr(engine, "HEAD_CHUNK_ELEMENTS", 37 * model.config.vocab_size)  # 9 chunks of 128 positions
+    chunked = collect_sensitivity(model, blocks[:4], batch_size=1)
+
+    class Whole(torch.nn.Module):  # the same model, seen without `.model`: the plain path
+        def __init__(self, m):
+            super().__init__()
+            self.m, self.config = m, m.config
+
+        def forward(self, **kw):
+            return self.m(**kw)
+
+        def get_output_embeddings(self):
+            return self.m.get_output_embeddings()
+
+        def get_input_embeddings(self):
+            return self.m.get_input_embeddings()
+
+    whole = collect_sensitivity(Whole(model), blocks[:4], batch_size=1)
+    assert set(chunked.hessian) == {k.removeprefix("m.") for k in whole.hessian}
+    for k, H in whole.hessian.items():
+        torch.testing.assert_close(chunked.hessian[k.removeprefix("m.")], H, rtol=1e-5, atol=1e-7)
+    for k, F in whole.fisher.items():
+        torch.testing.assert_close(chunked.fisher[k.removeprefix("m.")], F, rtol=1e-4, atol=1e-10)
+    assert torch.equal(chunked.embed_ids, whole.embed_ids)
+    torch.testing.assert_close(chunked.embed_g2, whole.embed_g2, rtol=1e-4, atol=1e-12)
