@@ -17,7 +17,8 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
     from birdbone_core import atomic
     from birdbone_core.data.text import calibration_blocks, read_text
     from birdbone_core.export.gguf_file import export_gguf
-    from birdbone_core.quant.engine import budget_bytes, check_budget, choose, collect_sensitivity, measure_candidates
+    from birdbone_core.quant.calibration import collect_sensitivity
+    from birdbone_core.quant.engine import budget_bytes, check_budget, choose, measure_candidates
     from birdbone_core.quant.importance import read_imatrix
     from birdbone_core.quant.trials import choose_measured
     from birdbone_core.runtime import describe

@@ -89,8 +89,9 @@ def birdbone_phase(a, work: Path, state: dict) -> None:
     from birdbone_core.data.text import calibration_blocks, read_text
     from birdbone_core.export import export_gguf
     from birdbone_core.model.load import load_model
+    from birdbone_core.quant.calibration import collect_sensitivity
     from birdbone_core.quant.config import GPTQConfig, Quantize
-    from birdbone_core.quant.engine import choose, collect_sensitivity, measure_candidates
+    from birdbone_core.quant.engine import choose, measure_candidates
     from birdbone_core.quant.trials import choose_measured
 
     torch.set_num_threads(a.threads)

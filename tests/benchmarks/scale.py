@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = json.loads(old_json.read_text())["rows"]
         per_param = next((r["quantize"]["peak_rss_bytes"] / r["parameters"] for r in rows
                           if r.get("quantize", {}).get("exit") == 0), None)
+    measured_here = False
     for name in a.models.split(","):
         src, n_params, stored = source_for(name, a.work)
         print(f"{name}: {n_params:,} parameters ({stored}) at {src}", flush=True)
@@ -190,8 +191,9 @@ def main(argv: list[str] | None = None) -> None:
                                               f"has {ram / GIB:.0f} GiB"}
             else:
                 row["quantize"] = quantize(name, src, a.work, logs)
-                if row["quantize"]["exit"] == 0 and per_param is None:
+                if row["quantize"]["exit"] == 0 and not measured_here:  # this run's figure beats an old one
                     per_param = row["quantize"]["peak_rss_bytes"] / n_params
+                    measured_here = True
         if "llmc" not in skip and name == "llama-3.2-1b":
             row["llmc_gptq_w4a16"] = llmc_gptq(name, src, a.work, logs) if LLMC_PY.is_file() else \
                 {"skipped": "no .venv-llmc (make -C tests/benchmarks/llmc)"}

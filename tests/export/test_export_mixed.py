@@ -25,7 +25,7 @@ EVERY_TYPE = {r"blk\.0\.attn_q\.": "Q2_K", r"blk\.0\.attn_k\.": "Q3_K", r"blk\.0
 @pytest.fixture(scope="module")
 def sensitivity(tiny_llama):
     from birdbone_core.data.text import calibration_blocks, read_text
-    from birdbone_core.quant.engine import collect_sensitivity
+    from birdbone_core.quant.calibration import collect_sensitivity
 
     model, tok = tiny_llama
     text, _ = read_text(None, "calib")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from birdbone_core.data.text import calibration_blocks, read_text
+from birdbone_core.quant.calibration import collect_sensitivity
 from birdbone_core.quant.codecs import decode, encode_torch
-from birdbone_core.quant.engine import collect_sensitivity
 from birdbone_core.quant.error import estimated_loss as _sens
 
 
@@ -74,10 +74,10 @@ def test_lookup_term_only_counts_rows_seen(calibrated):
 def test_chunked_head_gives_the_whole_sequence_statistics(calibrated, monkeypatch):
     """The calibration pass runs the LM head on chunks of positions; its statistics equal those of one
     whole-sequence loss (the pre-chunking path, forced here by hiding the decoder)."""
-    from birdbone_core.quant import engine
+    from birdbone_core.quant import calibration
 
     model, blocks, sens, _ = calibrated
-    monkeypatch.setattr(engine, "HEAD_CHUNK_ELEMENTS", 37 * model.config.vocab_size)  # 9 chunks of 128 positions
+    monkeypatch.setattr(calibration, "HEAD_CHUNK_ELEMENTS", 37 * model.config.vocab_size)  # 9 chunks of 128 positions
     chunked = collect_sensitivity(model, blocks[:4], batch_size=1)
 
     class Whole(torch.nn.Module):  # the same model, seen without `.model`: the plain path

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from birdbone_core.data.text import calibration_blocks, read_text
+from birdbone_core.quant.calibration import collect_sensitivity
 from birdbone_core.quant.codecs import decode, encode_torch
 from birdbone_core.quant.config import Quantize
-from birdbone_core.quant.engine import choose, collect_sensitivity, measure_candidates
+from birdbone_core.quant.engine import choose, measure_candidates
 from birdbone_core.quant.error import estimated_loss
 from birdbone_core.quant.survey import SURVEY_MIN_WEIGHTS, sample_rows, shortlist, survey_errors
 

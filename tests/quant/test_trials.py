@@ -9,9 +9,10 @@ import torch
 from birdbone_core.data.text import calibration_blocks, read_text
 from birdbone_core.export.arch import permute_for_rope, unpermute_for_rope
 from birdbone_core.quant import engine
+from birdbone_core.quant.calibration import collect_sensitivity
 from birdbone_core.quant.codecs import decode
 from birdbone_core.quant.config import Quantize
-from birdbone_core.quant.engine import choose, collect_sensitivity, measure_candidates
+from birdbone_core.quant.engine import choose, measure_candidates
 from birdbone_core.quant.trials import _log_probs, _WeightSwap, allocations, big_tensors, choose_measured, measured_kl
 
 
