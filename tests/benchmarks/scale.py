@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/birdbone-scale"))
     ap.add_argument("--out", type=Path, default=RESULTS / "scale")
     ap.add_argument("--skip", default="", help="comma-separated jobs to skip: prune_export, quantize, llmc")
+    ap.add_argument("--no-memory-guard", action="store_true",
+                    help="run `birdbone quantize` even where the smallest model's bytes per parameter say it would not fit")
     ap.add_argument("--merge", action="store_true",
                     help="keep OUT.json's other rows and jobs; replace only what this run measures")
     a = ap.parse_args(argv)
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
             row["prune_export"] = prune_export(name, src, a.work, logs)
         if "quantize" not in skip:
             need = per_param * n_params if per_param else None
-            if need is not None and need > 0.8 * ram:
+            if need is not None and need > 0.8 * ram and not a.no_memory_guard:
                 row["quantize"] = {"skipped": f"would need about {need / GIB:.0f} GiB ({per_param:.0f} bytes per "
                                               f"parameter, as measured on the smallest model); this machine "
                                               f"has {ram / GIB:.0f} GiB"}
