@@ -27,9 +27,9 @@ from birdbone_core.export.arch import arch_for, model_dims, permute_for_rope, pl
 from birdbone_core.progress import progress_bar
 from birdbone_core.quant import budget as budget_mod
 from birdbone_core.quant.calibration import Sensitivity
-from birdbone_core.quant.codecs import decode, encode_torch
+from birdbone_core.quant.codecs import encode_torch
 from birdbone_core.quant.config import Quantize
-from birdbone_core.quant.error import estimated_loss
+from birdbone_core.quant.error import encoded_loss
 from birdbone_core.quant.formats import can_apply, get_format
 from birdbone_core.quant.gptq import GPTQSettings, gptq_quantize_many
 from birdbone_core.quant.importance import Imatrix
@@ -200,8 +200,8 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
                 for t in missing:
                     if t in gptq:
                         r = gptq.pop(t)
-                        e_g = estimated_loss(r.W_hat - W, H, F, emb_rows)
-                        e_p = estimated_loss(decode(t, r.plain_packed, (rows, cols)) - W, H, F, emb_rows)
+                        e_g = encoded_loss(t, r.packed, W, H, F, emb_rows)
+                        e_p = encoded_loss(t, r.plain_packed, W, H, F, emb_rows)
                         first, other = (r.packed, e_g), (r.plain_packed, e_p)
                         if e_p < e_g:
                             first, other = other, first
@@ -209,8 +209,7 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
                         cache[name, t] = (first[1], first[0], first[0] is r.packed, other if big else None)
                     else:
                         pk, _ = encode_torch(t, W, imp)
-                        cache[name, t] = (estimated_loss(decode(t, pk.numpy(), (rows, cols)) - W, H, F, emb_rows),
-                                          pk.numpy(), False, None)
+                        cache[name, t] = (encoded_loss(t, pk.numpy(), W, H, F, emb_rows), pk.numpy(), False, None)
             for t in types:
                 fmt = get_format(t)
                 n_bytes = fmt.n_bytes(int(np.prod(p.shape)))

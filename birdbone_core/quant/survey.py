@@ -20,8 +20,8 @@ import math
 import torch
 
 from birdbone_core.quant.budget import Options, allocate
-from birdbone_core.quant.codecs import decode, encode_torch
-from birdbone_core.quant.error import estimated_loss
+from birdbone_core.quant.codecs import encode_torch
+from birdbone_core.quant.error import encoded_loss
 from birdbone_core.quant.gptq import GPTQSettings, gptq_quantize_many
 
 SURVEY_SHARE = 1 / 64  # share of a tensor's weights encoded by the survey
@@ -42,7 +42,7 @@ def sample_rows(rows: int, cols: int) -> torch.Tensor | None:
 def survey_errors(W: torch.Tensor, types: list[str], H: torch.Tensor | None, F: torch.Tensor | None,
                   emb_rows: tuple[torch.Tensor, torch.Tensor] | None,
                   importance: torch.Tensor | None, gptq: GPTQSettings | None = None) -> dict[str, float]:
-    """Estimated loss (`error.estimated_loss`) of W [rows, cols] encoded in each type, from a row sample:
+    """Estimated loss (`error.encoded_loss`) of W [rows, cols] encoded in each type, from a row sample:
     with `gptq` settings (and H) the lower of GPTQ's and plain rounding's, else plain rounding.
     F [rows]: output Fisher per row; emb_rows: (looked-up row ids [m], their lookup Fisher [m, cols])."""
     rows, cols = W.shape
@@ -59,14 +59,9 @@ def survey_errors(W: torch.Tensor, types: list[str], H: torch.Tensor | None, F: 
     if gptq is not None and H is not None:
         imp = importance if importance is not None else torch.ones(cols)
         runs = gptq_quantize_many(W.to(H.device), H, types, gptq, importance=imp.to(H.device))
-        return {t: min(estimated_loss(r.W_hat - W, H, F, emb_rows),
-                       estimated_loss(decode(t, r.plain_packed, tuple(W.shape)) - W, H, F, emb_rows)) * scale
-                for t, r in runs.items()}
-    out = {}
-    for t in types:
-        packed, _ = encode_torch(t, W, importance)
-        out[t] = estimated_loss(decode(t, packed.numpy(), tuple(W.shape)) - W, H, F, emb_rows) * scale
-    return out
+        return {t: min(encoded_loss(t, r.packed, W, H, F, emb_rows),
+                       encoded_loss(t, r.plain_packed, W, H, F, emb_rows)) * scale for t, r in runs.items()}
+    return {t: encoded_loss(t, encode_torch(t, W, importance)[0], W, H, F, emb_rows) * scale for t in types}
 
 
 def shortlist(options: Options, budget_bytes: int, width: int, wide: set[str] = frozenset()) -> dict[str, list[str]]:

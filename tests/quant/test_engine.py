@@ -102,3 +102,23 @@ def test_chunked_head_gives_the_whole_sequence_statistics(calibrated, monkeypatc
         torch.testing.assert_close(chunked.fisher[k.removeprefix("m.")], F, rtol=1e-4, atol=1e-10)
     assert torch.equal(chunked.embed_ids, whole.embed_ids)
     torch.testing.assert_close(chunked.embed_g2, whole.embed_g2, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_stats", [True, False])
+def test_encoded_loss_scores_row_chunks_as_the_whole(monkeypatch, with_stats):
+    """Candidates are scored from their packed bytes a chunk of rows at a time (no decoded copy of a
+    262k-row embedding): the same figure as the whole-matrix estimate."""
+    from birdbone_core.quant import error
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(1000, 64, generator=g)
+    X = torch.randn(256, 64, generator=g)
+    H, F = (X.T @ X / 256, torch.rand(1000, generator=g)) if with_stats else (None, None)
+    ids = torch.tensor([997, 3, 500, 12, 640])  # unsorted, as the calibration pass may give them
+    lookups = (ids, torch.rand(5, 64, generator=g))
+    packed, _ = encode_torch("Q4_0", W)
+    whole = _sens(decode("Q4_0", packed.numpy(), W.shape) - W, H, F, lookups)
+    monkeypatch.setattr(error, "LOSS_CHUNK_WEIGHTS", 64 * 37)  # 28 chunks, the last one short
+    assert error.encoded_loss("Q4_0", packed.numpy(), W, H, F, lookups) == pytest.approx(whole, rel=1e-9)
+    plain = _sens(decode("Q4_0", packed.numpy(), W.shape) - W, H, F, None)
+    assert error.encoded_loss("Q4_0", packed.numpy(), W, H, F, None) == pytest.approx(plain, rel=1e-9)
