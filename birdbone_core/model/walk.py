@@ -36,7 +36,7 @@ class InputStats:
         self.n_tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (the quantizer's calibration pass runs with grad)
         if self.full:
             self.xtx.addmm_(x.T, x)
         self.sq += (x.double() ** 2).sum(0)

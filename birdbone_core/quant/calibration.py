@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from birdbone_core.model.walk import InputStats, attach_stats
 from birdbone_core.progress import progress_bar
 
 
@@ -26,33 +27,19 @@ class Sensitivity:
 
 def collect_sensitivity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 1) -> Sensitivity:
     """Hessians and output Fisher diagonals of every nn.Linear, from calibration blocks [n, seq_len].
-    Accumulated in float64 on the model's device; the returned statistics are float32 CPU tensors (the
-    candidates are measured on the host)."""
-    xtx: dict[str, torch.Tensor] = {}
+    X^T X comes from the layer walk's collector (`model.walk.attach_stats`, float32; q/k/v and gate/up
+    share one); the gradient statistics accumulate in float64. All on the model's device; the returned
+    statistics are float32 CPU tensors (the candidates are measured on the host)."""
     g2: dict[str, torch.Tensor] = {}
     mods = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     emb = model.get_input_embeddings()
     scale = float(getattr(emb, "scalar_embed_scale", 1.0) or 1.0)  # Gemma scales lookups by sqrt(d)
     emb_ids: list[torch.Tensor] = []
     emb_g2: list[torch.Tensor] = []
-    shared: list[tuple[torch.Tensor, str]] = []
+    stats, seen, stat_handles = attach_stats(mods, full=True)
 
     def fwd(name):
         def hook(mod, inp, out):
-            x = inp[0].detach()
-            # q/k/v (gate/up) see the same tensor: one H. Compared by identity with the tensor kept alive
-            # for the batch (a bare id() could be reused by a later tensor once the first is freed)
-            key = next((n for ref, n in shared if ref is inp[0]), None)
-            if key is None:
-                shared.append((inp[0], name))
-                key = name
-            if key == name:
-                x2 = x.reshape(-1, x.shape[-1]).double()
-                acc = xtx.setdefault(name, torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64,
-                                                       device=x2.device))
-                acc.addmm_(x2.T, x2)
-            else:
-                xtx.setdefault(name, xtx[key])
             if out.requires_grad:
                 out.register_hook(lambda g: _add_g2(name, g))
         return hook
@@ -72,7 +59,7 @@ def collect_sensitivity(model: torch.nn.Module, blocks: torch.Tensor, batch_size
     was = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
-    handles = [m.register_forward_hook(fwd(n)) for n, m in mods.items()]
+    handles = stat_handles + [m.register_forward_hook(fwd(n)) for n, m in mods.items()]
     handles.append(emb.register_forward_hook(lambda m, i, o: (o.requires_grad_(True), emb_hook(m, i, o))[0]))
     n_tok = 0
     device = emb.weight.device
@@ -80,7 +67,7 @@ def collect_sensitivity(model: torch.nn.Module, blocks: torch.Tensor, batch_size
         batches = list(blocks.split(batch_size))
         with torch.enable_grad(), progress_bar("calibration (activations, gradients)", total=len(batches)) as adv:
             for b in batches:
-                shared.clear()
+                seen.clear()
                 b = b.to(device)
                 next_token_loss_backward(model, b)
                 n_tok += b.numel()
@@ -92,22 +79,16 @@ def collect_sensitivity(model: torch.nn.Module, blocks: torch.Tensor, batch_size
             p.requires_grad_(w)
     n_pred = max(1, blocks.shape[0] * (blocks.shape[1] - 1))
     sens = Sensitivity(n_tokens=n_tok)
-    # q/k/v (gate/up) share one accumulator: convert each once, one at a time (float64 [in, in] per module
-    # group; a 1B model's 16 down_proj accumulators alone are 8.6 GB), and share the float32 result
-    groups: list[tuple[torch.Tensor, list[str]]] = []
-    for name, acc in xtx.items():
-        group = next((g for g in groups if g[0] is acc), None)
-        if group is None:
-            groups.append((acc, [name]))
-        else:
-            group[1].append(name)
-    xtx.clear()
-    while groups:
-        acc, names = groups.pop()
-        H = (acc / n_tok).float().cpu()
-        del acc
-        for name in names:
-            sens.hessian[name] = H
+    # E[x x^T] = X^T X / n in place, once per shared accumulator (a 1B model's 16 down_proj ones are
+    # 4.3 GB), each group's CPU tensor shared by its modules
+    host: list[tuple[InputStats, torch.Tensor]] = []
+    for name, acc in stats.items():
+        H = next((h for a, h in host if a is acc), None)
+        if H is None:
+            H = acc.xtx.div_(max(acc.n_tokens, 1)).cpu()
+            host.append((acc, H))
+        sens.hessian[name] = H
+    stats.clear()
     for name, acc in g2.items():
         sens.fisher[name] = (acc / n_pred).float().cpu()
     if emb_ids:
