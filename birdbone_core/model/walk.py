@@ -45,6 +45,10 @@ class InputStats:
     def hessian(self) -> torch.Tensor:
         return 2.0 / max(self.n_tokens, 1) * self.xtx
 
+    def mean_square(self) -> torch.Tensor:
+        """E[x_j^2] per input column [d_in] float32 (llama.cpp's imatrix value)."""
+        return (self.sq / max(self.n_tokens, 1)).float()
+
     def act_norm(self) -> torch.Tensor:
         return self.sq.sqrt().float()
 

@@ -1,7 +1,7 @@
-"""Importance of input channels (llama.cpp's imatrix) and full input Hessians from calibration text.
+"""Importance of input channels (llama.cpp's imatrix) from calibration text, and its file formats.
 
-    collect_hessians(model, blocks)  -> {hf module name: Stats(xtx [in, in], sq [in], n_tokens)}
-    Imatrix.from_hessians(stats, name_of)   per GGUF tensor name: mean of x^2 per input column
+    collect_input_stats(model, blocks) -> {hf module name: model.walk.InputStats (sum x^2 per column)}
+    model_imatrix(model, blocks, dataset) -> Imatrix   per GGUF tensor name: mean of x^2 per input column
     read_imatrix(path) / write_imatrix(path, imatrix)
 
 File formats, as llama-imatrix (llama.cpp b11312) writes them:
@@ -149,50 +149,19 @@ def write_imatrix(path: str | Path, im: Imatrix) -> Path:
 # collecting from calibration activations
 
 
-@dataclass
-class Stats:
-    xtx: torch.Tensor  # float64 [in, in], sum of x x^T
-    n_tokens: int
-
-    @property
-    def hessian(self) -> torch.Tensor:
-        """E[x x^T] [in, in] float32."""
-        return (self.xtx / max(self.n_tokens, 1)).float()
-
-    @property
-    def importance(self) -> torch.Tensor:
-        """E[x^2] per input column [in] (llama.cpp's imatrix value)."""
-        return torch.diag(self.hessian).clone()
-
-
 @torch.no_grad()
-def collect_hessians(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4,
-                     description: str = "collecting activations") -> dict[str, Stats]:
-    """Run calibration blocks [n, seq_len] through the model and accumulate x x^T of the input of every
-    nn.Linear (modules fed the same tensor share one Stats). The output head's inputs (final hidden
-    states) are recorded under "lm_head" without computing the vocabulary logits."""
+def collect_input_stats(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4,
+                        description: str = "collecting activations") -> dict:
+    """Run calibration blocks [n, seq_len] through the model and accumulate sum x^2 per input column of
+    every nn.Linear (the layer walk's collector, `model.walk.attach_stats`, diagonal only; modules fed the
+    same tensor share one). The output head's inputs (final hidden states) are recorded under "lm_head"
+    without computing the vocabulary logits. Returns {hf module name: model.walk.InputStats}."""
+    from birdbone_core.model.walk import InputStats, attach_stats
     from birdbone_core.progress import progress_bar
 
-    stats: dict[str, Stats] = {}
-    seen: list[tuple[torch.Tensor, Stats]] = []
-
-    def add(name: str, x: torch.Tensor) -> None:
-        for ref, acc in seen:
-            if ref is x:
-                stats.setdefault(name, acc)
-                return
-        x2 = x.reshape(-1, x.shape[-1]).double()
-        acc = stats.get(name)
-        if acc is None:
-            acc = stats[name] = Stats(torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64,
-                                                  device=x2.device), 0)   # float64 on the inputs' device
-        acc.xtx.addmm_(x2.T, x2)
-        acc.n_tokens += x2.shape[0]
-        seen.append((x, acc))
-
     head = model.get_output_embeddings()
-    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: add(n, inp[0]))
-               for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    stats, seen, handles = attach_stats(modules, full=False)
     try:
         decoder = model.get_decoder()
         device = model.get_input_embeddings().weight.device
@@ -200,8 +169,8 @@ def collect_hessians(model: torch.nn.Module, blocks: torch.Tensor, batch_size: i
         with progress_bar(description, total=len(batches)) as advance:
             for b in batches:
                 seen.clear()
-                out = decoder(input_ids=b.to(device), use_cache=False)
-                add("lm_head", out.last_hidden_state)
+                hidden = decoder(input_ids=b.to(device), use_cache=False).last_hidden_state
+                stats.setdefault("lm_head", InputStats(hidden.shape[-1], False, hidden.device)).add(hidden)
                 advance()
     finally:
         for h in handles:
@@ -215,7 +184,7 @@ def model_imatrix(model: torch.nn.Module, blocks: torch.Tensor, dataset: str) ->
     llama-imatrix writes it: mean x^2 per input column of every 2-D weight but the token embedding)."""
     from birdbone_core.export.arch import arch_for, model_dims, plan_tensors
 
-    stats = collect_hessians(model, blocks)
+    stats = collect_input_stats(model, blocks)
     state = model.state_dict()
     plans = plan_tensors(model, arch_for(model.config), model_dims(model.config, state), model.config, state)
     im = Imatrix(datasets=[dataset], chunk_count=int(blocks.shape[0]), chunk_size=int(blocks.shape[1]))
@@ -224,7 +193,7 @@ def model_imatrix(model: torch.nn.Module, blocks: torch.Tensor, dataset: str) ->
         s = stats.get(mod)
         if s is None or len(p.shape) < 2:
             continue  # llama-imatrix also leaves out the token embedding (a lookup) and 1-D tensors
-        v = s.importance
+        v = s.mean_square()
         if v.shape[0] < p.shape[-1]:  # zero-padded FFN columns
             v = torch.nn.functional.pad(v, (0, p.shape[-1] - v.shape[0]))
         im.values[p.gguf_name] = v.cpu().numpy()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from birdbone_core.errors import BirdboneError
-from birdbone_core.quant.importance import Imatrix, collect_hessians, read_imatrix, write_imatrix
+from birdbone_core.quant.importance import Imatrix, collect_input_stats, read_imatrix, write_imatrix
 
 DATA = Path(__file__).parent / "data"
 GGUF_FILE, DAT_FILE = DATA / "tiny-llama-imatrix.gguf", DATA / "tiny-llama-imatrix.dat"
@@ -60,12 +60,12 @@ def test_collected_importance_matches_llama_imatrix(tiny_path):
     ids = tok(text)["input_ids"]
     chunks = torch.tensor(ids[: 20 * 128]).view(20, 128).clone()
     chunks[:, 0] = tok.bos_token_id
-    stats = collect_hessians(model, chunks, batch_size=10)
+    stats = collect_input_stats(model, chunks, batch_size=10)
     ref = read_imatrix(GGUF_FILE)
     for il in range(4):
         for gguf_name, hf in (("attn_q", "self_attn.q_proj"), ("attn_output", "self_attn.o_proj"),
                               ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")):
-            ours = stats[f"model.layers.{il}.{hf}"].importance.numpy()
+            ours = stats[f"model.layers.{il}.{hf}"].mean_square().numpy()
             theirs = ref.values[f"blk.{il}.{gguf_name}.weight"]
             np.testing.assert_allclose(ours, theirs, rtol=2e-3, atol=1e-6 * theirs.max())
     assert stats["lm_head"].n_tokens == 2560
