@@ -177,7 +177,7 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
     fixed, fixed_bytes = _fixed(plans, fixed_types)
     if cfg.shortlist is not None and len(todo) > 0:
         todo = _shortlisted(todo, stats, cfg, settings, source, cache, budget_bytes(cfg, n_weights) - fixed_bytes,
-                            budgeted)
+                            budgeted, model_device(model))
     options: dict[str, dict[str, tuple[int, float]]] = {}
     candidates: dict[str, dict[str, np.ndarray]] = {}
     alternates: dict[str, dict[str, tuple[np.ndarray, float]]] = {}
@@ -247,7 +247,7 @@ def _fixed(plans, fixed_types: dict[str, str]) -> tuple[dict[str, tuple[str, np.
 
 
 def _shortlisted(todo, stats: "_Statistics", cfg: Quantize, settings: GPTQSettings, source, cache: dict, budget: int,
-                 budgeted: int):
+                 budgeted: int, device: torch.device):
     """todo with each tensor's types narrowed to its shortlist (quant.survey)."""
     from birdbone_core.quant.survey import shortlist, survey_errors
 
@@ -255,11 +255,14 @@ def _shortlisted(todo, stats: "_Statistics", cfg: Quantize, settings: GPTQSettin
     with progress_bar("survey (sampled rows, every type)", total=len(todo)) as advance:
         for p, types in todo:
             name = p.gguf_name
-            if ("survey", name) not in cache:
-                W, H, F, emb_rows, imp = stats.of(p)
-                cache["survey", name] = survey_errors(W, types, H, F, emb_rows, imp,
-                                                      settings if cfg.gptq.applies_to(name) else None)
             src_type = source.get(name, (None,))[0]
+            surveyed = [t for t in types if t != src_type]  # the source's own type is exact: nothing to estimate
+            if ("survey", name) not in cache:
+                cache["survey", name] = {}
+                if surveyed:
+                    W, H, F, emb_rows, imp = stats.of(p)
+                    cache["survey", name] = survey_errors(W, surveyed, H, F, emb_rows, imp,
+                                                          settings if cfg.gptq.applies_to(name) else None, device)
             n = int(np.prod(p.shape))
             estimates[name] = {t: (get_format(t).n_bytes(n), 0.0 if t == src_type else
                                    cache["survey", name][t] * cfg.stress_for(name)) for t in types}

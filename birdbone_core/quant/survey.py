@@ -41,9 +41,11 @@ def sample_rows(rows: int, cols: int) -> torch.Tensor | None:
 
 def survey_errors(W: torch.Tensor, types: list[str], H: torch.Tensor | None, F: torch.Tensor | None,
                   emb_rows: tuple[torch.Tensor, torch.Tensor] | None,
-                  importance: torch.Tensor | None, gptq: GPTQSettings | None = None) -> dict[str, float]:
+                  importance: torch.Tensor | None, gptq: GPTQSettings | None = None,
+                  device: torch.device | str = "cpu") -> dict[str, float]:
     """Estimated loss (`error.encoded_loss`) of W [rows, cols] encoded in each type, from a row sample:
-    with `gptq` settings (and H) the lower of GPTQ's and plain rounding's, else plain rounding.
+    with `gptq` settings (and H) the lower of GPTQ's and plain rounding's, else plain rounding. GPTQ's
+    column loop runs on `device` (as the full search's does); the results are scored on the host.
     F [rows]: output Fisher per row; emb_rows: (looked-up row ids [m], their lookup Fisher [m, cols])."""
     rows, cols = W.shape
     idx = sample_rows(rows, cols)
@@ -58,7 +60,7 @@ def survey_errors(W: torch.Tensor, types: list[str], H: torch.Tensor | None, F: 
             emb_rows = (torch.searchsorted(idx, ids[hit]), g2[hit])
     if gptq is not None and H is not None:
         imp = importance if importance is not None else torch.ones(cols)
-        runs = gptq_quantize_many(W.to(H.device), H, types, gptq, importance=imp.to(H.device))
+        runs = gptq_quantize_many(W.to(device), H.to(device), types, gptq, importance=imp.to(device))
         return {t: min(encoded_loss(t, r.packed, W, H, F, emb_rows),
                        encoded_loss(t, r.plain_packed, W, H, F, emb_rows)) * scale for t, r in runs.items()}
     return {t: encoded_loss(t, encode_torch(t, W, importance)[0], W, H, F, emb_rows) * scale for t in types}
