@@ -11,7 +11,8 @@ The decide step's decision reaches the stop-loss branch as an XCom, so no task r
 on the Airflow worker. `publish` tasks push what is new to S3-backed DVC; with the `publish` param false
 they do nothing (`birdbone publish --enabled=False`).
 
-The recipe decides how many waves run (at most MAX_WAVES slots; unused slots are skipped by the branch).
+The recipe decides how many waves run (at most MAX_WAVES slots, $BIRDBONE_WAVE_SLOTS or 10;
+unused slots are skipped by the branch).
 Each task calls one step of the CLI contract on RUN = <Variable birdbone_runs_root>/<run id>, locally or in
 a Kubernetes pod (operators/settings.py). Steps are idempotent and atomic, so retries are safe. Every task
 pushes its state to the Pushgateway (operators/signals.py); a finished run's groups are cleaned up.
@@ -33,7 +34,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 from operators import BirdboneStepOperator, StopLossBranchOperator, settings, signals
 
 DAG_ID = "birdbone_compress"
-MAX_WAVES = 10        # wave slots in the graph; a recipe needing more fails at the last slot's branch
+MAX_WAVES = settings.wave_slots()   # wave slots in the graph; a recipe needing more fails at the last slot's branch
 WAVE_STEPS = ("prune", "heal", "regrow", "evaluate", "decide")
 _RUN_ID_OK = r"^[A-Za-z0-9._-]{0,100}$"
 # publishing retries longer and apart: it is off the critical path, and an S3 outage usually passes

@@ -18,6 +18,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def recipe_has_waves(path: Path) -> bool:
+    """Whether a recipe prunes in waves (a `waves:` section); one without runs as a single wave."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return True                  # the init step reports a bad recipe; keep every slot meanwhile
+    return not isinstance(doc, dict) or doc.get("waves") is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="", help="HF dir, .gguf or hub id (default: birdbone's built-in model)")
@@ -38,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         "AIRFLOW_VAR_BIRDBONE_CLI": a.cli, "AIRFLOW_VAR_BIRDBONE_RUNS_ROOT": str(runs_root),
     })
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.recipe and "BIRDBONE_WAVE_SLOTS" not in os.environ and not recipe_has_waves(Path(a.recipe)):
+        os.environ["BIRDBONE_WAVE_SLOTS"] = "1"     # a one-shot recipe runs as one wave: no slots to skip
     if not Path(a.cli).is_file():
         print(f"error: {a.cli}: birdbone CLI not found (make venv, or pass --cli)", file=sys.stderr)
         return 2

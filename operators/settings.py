@@ -71,6 +71,16 @@ def runs_root() -> Path:
     return Path(str(variable("birdbone_runs_root", os.environ.get("BIRDBONE_RUNS_ROOT", "runs")))).absolute()
 
 
+def wave_slots() -> int:
+    """How many wave slots birdbone_compress has: $BIRDBONE_WAVE_SLOTS, else 10. Read when the DAG file is
+    parsed (no Variable lookup there); a one-shot recipe needs one, and every unused slot costs a
+    scheduler pass to skip (about a second each in `dag.test()`)."""
+    raw = os.environ.get("BIRDBONE_WAVE_SLOTS", "10")
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ValueError(f"BIRDBONE_WAVE_SLOTS must be a whole number of waves >= 1, not {raw!r}")
+    return int(raw)
+
+
 def gpu_device() -> str:
     """The --device of GPU steps: Variable birdbone_gpu_device, else cuda on Kubernetes, auto locally."""
     default = "cuda" if executor() == "kubernetes" else "auto"

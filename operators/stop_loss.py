@@ -48,6 +48,6 @@ class StopLossBranchOperator(BaseBranchOperator):
             if self.next_wave is None:
                 raise AirflowFailException(
                     f"wave {self.wave} says continue, but this DAG has only {self.wave} wave slots: "
-                    "raise MAX_WAVES in dags/birdbone_compress.py or use fewer waves")
+                    "set BIRDBONE_WAVE_SLOTS higher where the DAG is parsed, or use fewer waves")
             return self.next_wave
         return self.rollback if d["action"] == "rollback" else self.finish

@@ -22,7 +22,6 @@ if TYPE_CHECKING:  # transformers is imported lazily, when a model is actually l
 from birdbone_core.errors import BirdboneError
 from birdbone_core.model import checks
 from birdbone_core.model.layers import decoder_layers
-from birdbone_core.model.save import strip_gguf_traces
 from birdbone_core.runtime import Placement
 
 # HF model_type -> llama.cpp GGUF architecture. llama.cpp has no separate mistral graph: it serves
@@ -197,25 +196,19 @@ def _load(source: ModelSource, dtype, allow_pickle: bool, trust_remote_code: boo
 
 
 def _load_gguf(path: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, GgufConfig
+    """The GGUF's tensors dequantized one by one (model.gguf_state: transformers' own GGUF transforms), into
+    the model its converted metadata describes; config and tokenizer from that conversion's cache."""
+    from birdbone_core.model.stream import StreamedModel
 
-    checks.check_gguf(Path(path), SUPPORTED_GGUF_ARCHS)
-    _require_accelerate(path)
     file = Path(path)
-    # Ask for full dequantization explicitly: newer transformers can keep GGUF blocks packed when the
-    # optional `kernels` package is present, and pruning/quantization code needs plain float weights.
-    model = _checked_load(
-        AutoModelForCausalLM,
-        str(file.parent),
-        path,
-        gguf_file=file.name,
-        dtype=dtype,
-        quantization_config=GgufConfig(dequantize=True),
-        local_files_only=True,
-    )
-    strip_gguf_traces(model)
-    tokenizer = _load_tokenizer(str(file.parent), path, gguf_file=file.name, local_files_only=True)
-    return model, tokenizer
+    checks.check_gguf(file, SUPPORTED_GGUF_ARCHS)
+    _require_accelerate(path)
+    sm = StreamedModel.open(file, Placement(torch.device("cpu"), str(dtype).removeprefix("torch.")))
+    for i in range(sm.n_layers):
+        sm.load_layer(i)
+    tokenizer = _gguf_tokenizer(file)
+    sm.model.config._name_or_path = str(file.parent)        # as transformers' own GGUF load names it
+    return sm.model, tokenizer
 
 
 def _load_hf_dir(path: str, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool):
@@ -360,11 +353,25 @@ def _load_tokenizer(where: str, label: str, **kwargs):
         raise BirdboneError(f"{label}: failed to load tokenizer ({_one_line(exc)})") from exc
 
 
+def _gguf_tokenizer(path: Path):
+    """A GGUF's tokenizer from its converted metadata (model.gguf_state.converted_metadata), read as the
+    tokenizer.json it is: a model-specific class (GemmaTokenizer) would rebuild its own normalizer and
+    pre-tokenizer over it, which is wrong for a byte-level BPE vocabulary in a gemma3 GGUF."""
+    from transformers import PreTrainedTokenizerFast
+
+    from birdbone_core.model.gguf_state import converted_metadata
+
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(converted_metadata(path)), local_files_only=True)
+    except Exception as exc:  # tokenizer files are parsed by several libraries, each with its own errors
+        raise BirdboneError(f"{path}: failed to load tokenizer ({_one_line(exc)})") from exc
+
+
 def load_tokenizer(directory: str | Path):
     """The tokenizer of a local model directory or GGUF file (one `error:` line when it cannot be read)."""
     p = Path(directory)
     if p.is_file() and p.suffix.lower() == ".gguf":
-        return _load_tokenizer(str(p.parent), str(p), gguf_file=p.name, local_files_only=True)
+        return _gguf_tokenizer(p)
     return _load_tokenizer(str(p), str(p), local_files_only=True)
 
 

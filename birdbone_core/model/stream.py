@@ -85,7 +85,9 @@ class StreamedModel:
         placement = placement or Placement(torch.device("cpu"))
         gguf_file = directory.suffix.lower() == ".gguf"
         if gguf_file:       # dequantized tensor by tensor (model.gguf_state): float32 unless placed otherwise
-            config = AutoConfig.from_pretrained(str(directory.parent), gguf_file=directory.name, local_files_only=True)
+            from birdbone_core.model.gguf_state import converted_metadata
+
+            config = AutoConfig.from_pretrained(converted_metadata(directory), local_files_only=True)
             dtype = placement.dtype_for(None)
         else:
             state = SafetensorsState(checks.safetensors_files(directory))

@@ -3,7 +3,7 @@ The DAG runs end to end (a killed step retried, the rollback branch, the web UI)
 test_airflow_server.py."""
 from __future__ import annotations
 
-from airflow_testlib import FIXTURE, birdbone, needs_cli
+from airflow_testlib import FIXTURE, REPO, birdbone, needs_cli
 from tiny_recipes import TOO_AGGRESSIVE
 
 pytestmark = needs_cli
@@ -63,6 +63,34 @@ def test_graph_shape(dagbag):
         assert dag.get_task(t).trigger_rule == "none_failed_min_one_success"
     assert dag.get_task("evaluate").downstream_task_ids == {"report"}
     assert dag.get_task("report").downstream_task_ids == {"publish"}
+
+
+def test_wave_slots_follow_the_environment(monkeypatch, tmp_path):
+    """BIRDBONE_WAVE_SLOTS sizes the graph (one slot: its branch has no next wave); a bad value fails the
+    parse with a message naming it; run_local gives a one-shot recipe one slot and a wave recipe all."""
+    import importlib.util
+    import sys
+
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("BIRDBONE_WAVE_SLOTS", "1")
+    dag = DagBag(dag_folder=str(REPO / "dags" / "birdbone_compress.py")).dags["birdbone_compress"]
+    assert sorted({t.split(".")[0] for t in dag.task_dict if t.startswith("wave_")}) == ["wave_01"]
+    assert dag.get_task("wave_01.stop_loss").downstream_task_ids == {"wave_01.to_rollback", "wave_01.to_finish"}
+    monkeypatch.setenv("BIRDBONE_WAVE_SLOTS", "0")
+    bag = DagBag(dag_folder=str(REPO / "dags" / "birdbone_compress.py"))
+    assert "birdbone_compress" not in bag.dags
+    assert "BIRDBONE_WAVE_SLOTS" in str(bag.import_errors)
+
+    spec = importlib.util.spec_from_file_location("run_local", REPO / "dags" / "run_local.py")
+    run_local = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "argv", ["run_local"])
+    spec.loader.exec_module(run_local)
+    (tmp_path / "one.yaml").write_text("prune: {method: magnitude, sparsity: 0.5}\n")
+    (tmp_path / "waves.yaml").write_text("prune: {sparsity: 0.5}\nwaves: {max_per_wave: 0.1}\n")
+    assert not run_local.recipe_has_waves(tmp_path / "one.yaml")
+    assert run_local.recipe_has_waves(tmp_path / "waves.yaml")
+    assert not run_local.recipe_has_waves(REPO / "birdbone_core" / "recipes" / "demo.yaml")
 
 
 def test_step_kinds_pools_and_timeouts(dagbag):

@@ -106,7 +106,17 @@ def test_streamed_prune_from_a_gguf_equals_in_memory(arch, tiny_dir, tmp_path):
     gguf = tmp_path / f"{arch}.gguf"
     export_gguf(lm.model, lm.tokenizer, gguf, out_type="q8_0")       # rows of 64: Q8_0 blocks, F32 norms
     assert streamable(gguf)
-    mem = load_model(str(gguf))
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    where = dict(gguf_file=gguf.name, local_files_only=True)
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True), **where)
+    mem = load_model(str(gguf))                      # the same per-tensor reader, into a whole model
+    assert type(mem.model) is type(reference)
+    assert list(state_of(mem.model)) == list(state_of(reference))
+    assert all(torch.equal(state_of(mem.model)[n], t) for n, t in state_of(reference).items())
+    text = "def f(x):\n    return x * 2  # Grüße, 日本"
+    assert mem.tokenizer(text).input_ids == AutoTokenizer.from_pretrained(str(tmp_path), **where)(text).input_ids
     sm = StreamedModel.open(gguf)
     state = sm.checkpoint_state()
     assert list(state) == list(state_of(mem.model))
