@@ -96,7 +96,7 @@ def _cmd_compress(a) -> int:
 
 
 def _cmd_init(a) -> int:
-    from birdbone_core.steps import init_run
+    from birdbone_core.run_init import init_run
 
     targets = None
     if a.targets:
@@ -190,8 +190,8 @@ def _cmd_revert(a) -> int:
 def _cmd_eval(a) -> int:
     from birdbone_core.data.text import evaluation_chunks, read_text
     from birdbone_core.eval.perplexity import check_n_ctx, evaluate
+    from birdbone_core.run_init import load_with_options
     from birdbone_core.runtime import place
-    from birdbone_core.steps import load_with_options
 
     spec, placement = a.model, place(runtime_of(a))
     own = (Path(spec) / "run.json").is_file()         # a run's pruned weights keep their stored dtype

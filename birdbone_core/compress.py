@@ -10,8 +10,9 @@ from birdbone_core.loop.driver import prune_in_waves
 from birdbone_core.model.load import LoadedModel
 from birdbone_core.recipe import load_recipe
 from birdbone_core.run import Run
+from birdbone_core.run_init import init_run, load_model_for
 from birdbone_core.runtime import Runtime, place
-from birdbone_core.steps import init_run, load_model_for, step_baseline, step_evaluate, step_export, step_prune
+from birdbone_core.steps import step_baseline, step_evaluate, step_export, step_prune
 
 
 def prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel:

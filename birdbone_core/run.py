@@ -135,7 +135,7 @@ class Run:
 
     def base_spec(self) -> str:
         """The model every step after the structural cuts works from: RUN/structured/ when the recipe has a
-        `structure:` section (steps.ensure_structured writes it), else the model the run started from."""
+        `structure:` section (run_init.ensure_structured writes it), else the model the run started from."""
         return str(self.structured_dir) if self.recipe().structure is not None else self.model_spec()
 
     def tokenizer_gguf(self) -> Path | None:

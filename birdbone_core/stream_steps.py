@@ -12,7 +12,8 @@ import torch
 from birdbone_core import atomic
 from birdbone_core.data.text import calibration_blocks, read_text
 from birdbone_core.ledger import Ledger
-from birdbone_core.model.load import load_tokenizer, preflight, resolve_source
+from birdbone_core.model.load import load_tokenizer
+from birdbone_core.model.source import preflight, resolve_source
 from birdbone_core.model.stream import ModelState, SafetensorsWriter, StreamedModel, write_config
 from birdbone_core.progress import console
 from birdbone_core.prune.streamed import prune_streamed

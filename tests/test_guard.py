@@ -61,7 +61,8 @@ def test_accuracy_guard_trips_on_fixture_run(tiny):
     scored through the task machinery; the guardrail stops the run and names the task."""
     import torch
 
-    from birdbone_core.eval.tasks import TorchLM, accuracy_report
+    from birdbone_core.eval.adapters import TorchLM
+    from birdbone_core.eval.tasks import accuracy_report
     from birdbone_core.model.layers import decoder_layers, linear_modules
     from birdbone_core.prune.magnitude import magnitude_prune
     from birdbone_core.recipe import parse_recipe

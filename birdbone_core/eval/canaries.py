@@ -56,7 +56,7 @@ def rank_choices(logliks: list[float], answer: int) -> tuple[bool, int]:
 
 
 def check_canaries(adapter, canaries: list[Canary]) -> list[CanaryResult]:
-    """Score every canary with an adapter from birdbone_core.eval.tasks (TorchLM or LlamaCppLM)."""
+    """Score every canary with an adapter from birdbone_core.eval.adapters (TorchLM or LlamaCppLM)."""
     out = []
     for c in canaries:
         if c.choices is not None:

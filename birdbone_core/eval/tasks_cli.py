@@ -18,7 +18,7 @@ from birdbone_core.cliargs import add_runtime_flags, positive_int
 def _adapter(spec: str, a, placement, own: bool = False):
     """A scoring adapter for a model spec: .gguf -> llama.cpp, anything else -> torch, on `placement`
     (own: a run's pruned weights, which keep their stored dtype)."""
-    from birdbone_core.eval.tasks import LlamaCppLM, TorchLM
+    from birdbone_core.eval.adapters import LlamaCppLM, TorchLM
     from birdbone_core.model.load import load_model
 
     if spec.lower().endswith(".gguf") and Path(spec).is_file() and a.engine != "torch":

@@ -18,10 +18,12 @@ from birdbone_core import atomic
 from birdbone_core.errors import BirdboneError
 from birdbone_core.ledger import Ledger, state_of
 from birdbone_core.loop.layout import WEIGHT_STEPS, Layout, read_json
-from birdbone_core.model.load import LoadedModel, ModelSource, stored_dtype
+from birdbone_core.model.load import LoadedModel
+from birdbone_core.model.source import ModelSource, stored_dtype
 from birdbone_core.progress import console
+from birdbone_core.run import Run
+from birdbone_core.run_init import ensure_structured, load_with_options
 from birdbone_core.runtime import Placement
-from birdbone_core.steps import Run, ensure_structured, load_with_options
 
 
 class Context:

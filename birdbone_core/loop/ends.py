@@ -39,8 +39,9 @@ from birdbone_core.model.load import load_tokenizer
 from birdbone_core.model.save import save_hf
 from birdbone_core.model.stream import streamable
 from birdbone_core.progress import console
+from birdbone_core.run_init import ensure_structured
 from birdbone_core.runtime import describe
-from birdbone_core.steps import ensure_structured, step_baseline
+from birdbone_core.steps import step_baseline
 
 
 def prepare(ctx: Context) -> dict | None:

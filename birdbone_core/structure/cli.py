@@ -37,8 +37,8 @@ def _cmd_structure(a) -> int:
     from birdbone_core.export.gguf_file import export_gguf
     from birdbone_core.export.vocab import TOKENIZER_GGUF
     from birdbone_core.model.gguf_header import written_by_birdbone
+    from birdbone_core.run_init import load_with_options
     from birdbone_core.runtime import place
-    from birdbone_core.steps import load_with_options
     from birdbone_core.structure.apply import apply_structure, save_structured
     from birdbone_core.structure.config import Structure
 

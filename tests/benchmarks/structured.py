@@ -221,7 +221,8 @@ TASK_POINTS = ("dense Q8_0", "dense Q4_K_M-emb_q4_0", "vocab 16k Q4_K_M", "vocab
 def add_task_accuracy(out: Path, name: str, limit: int, threads: int) -> int:
     """Task accuracy of TASK_POINTS' GGUFs (kept in --work by the run) in llama.cpp, each with its own
     tokenizer; deltas against the dense Q8_0 file, paired per document."""
-    from birdbone_core.eval.tasks import LlamaCppLM, paired_delta, run_tasks
+    from birdbone_core.eval.adapters import LlamaCppLM
+    from birdbone_core.eval.tasks import paired_delta, run_tasks
 
     path = out / f"structured-{name}.json"
     data = json.loads(path.read_text())

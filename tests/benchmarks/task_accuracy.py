@@ -27,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from birdbone_core import atomic  # noqa: E402
-from birdbone_core.eval.tasks import OFFLINE_TASKS, LlamaCppLM, TorchLM, paired_delta, run_tasks  # noqa: E402
+from birdbone_core.eval.adapters import LlamaCppLM, TorchLM  # noqa: E402
+from birdbone_core.eval.tasks import OFFLINE_TASKS, paired_delta, run_tasks  # noqa: E402
 from birdbone_core.model.default import default_model_path  # noqa: E402
 from birdbone_core.model.load import load_model  # noqa: E402
 

@@ -2,8 +2,8 @@
 import pytest
 
 from birdbone_core.errors import BirdboneError
+from birdbone_core.eval.adapters import TorchLM
 from birdbone_core.eval.canaries import Canary, check_canaries, failed, rank_choices, summary
-from birdbone_core.eval.tasks import TorchLM
 from birdbone_core.recipe import parse_recipe
 
 

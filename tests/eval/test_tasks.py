@@ -9,10 +9,10 @@ import torch
 
 from birdbone_core.data import build_tasks
 from birdbone_core.errors import BirdboneError
+from birdbone_core.eval.adapters import TorchLM
 from birdbone_core.eval.tasks import (
     OFFLINE_TASKS,
     TASK_DIR,
-    TorchLM,
     compare,
     load_tasks,
     offline_task_config,
@@ -125,7 +125,7 @@ def test_cli_json_on_fixture_with_base(tiny_path, tmp_path, capsys):
 @pytest.mark.llamacpp
 def test_llamacpp_adapter_agrees_with_torch(tmp_path, adapter, _tiny_loaded):
     pytest.importorskip("llama_cpp")
-    from birdbone_core.eval.tasks import LlamaCppLM
+    from birdbone_core.eval.adapters import LlamaCppLM
     from birdbone_core.export.gguf_file import export_gguf
 
     gguf = tmp_path / "tiny-f32.gguf"
@@ -153,7 +153,7 @@ def test_committed_jsonl_hash_is_stable():
 def test_gemma_beats_chance_on_offline_tasks():
     """Gemma 3 270M (the built-in GGUF, llama.cpp) is far above chance on both shipped tasks."""
     pytest.importorskip("llama_cpp")
-    from birdbone_core.eval.tasks import LlamaCppLM
+    from birdbone_core.eval.adapters import LlamaCppLM
     from birdbone_core.model.default import default_model_path
 
     path = default_model_path()

@@ -110,7 +110,7 @@ def test_the_heal_step_under_torchrun_writes_what_one_process_writes(tmp_path):
 
     from birdbone_core.loop.context import Context
     from birdbone_core.loop.driver import run_step
-    from birdbone_core.steps import init_run
+    from birdbone_core.run_init import init_run
 
     recipe = {"calibration": {"n_samples": 8, "seq_len": 64}, "evaluation": {"n_ctx": 128, "max_chunks": 2},
               "prune": {"method": "magnitude", "sparsity": 0.5}, "export": {"type": "f16"},

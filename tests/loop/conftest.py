@@ -4,7 +4,7 @@ import json
 import pytest
 import yaml
 
-from birdbone_core.steps import init_run
+from birdbone_core.run_init import init_run
 
 
 def _make_recipe(prune: dict, waves: dict | None = None, name: str = "loop") -> dict:

@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 
 from birdbone_core.ledger import Ledger, tensor_hash
 from birdbone_core.loop.driver import run_all, status
-from birdbone_core.steps import Run, init_run, revert
+from birdbone_core.run import Run
+from birdbone_core.run_init import init_run
+from birdbone_core.steps import revert
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from birdbone_core.loop import gradual
 from birdbone_core.loop.context import Context
 from birdbone_core.loop.driver import run_all, run_step, status
 from birdbone_core.recipe import dump_recipe, load_recipe, parse_recipe
-from birdbone_core.steps import Run, init_run
+from birdbone_core.run import Run
+from birdbone_core.run_init import init_run
 
 # ---- the kernel ---------------------------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from birdbone_core.cli import main
 from birdbone_core.loop.driver import run_all, status
-from birdbone_core.steps import Run, init_run
+from birdbone_core.run import Run
+from birdbone_core.run_init import init_run
 
 ENV = {**os.environ, "BIRDBONE_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from tinymodels import ARCHS, build_model
 
 from birdbone_core.errors import BirdboneError
-from birdbone_core.model.load import SUPPORTED_ARCHITECTURES, ModelSource, load_model, preflight, resolve_source
+from birdbone_core.model.load import load_model
+from birdbone_core.model.source import SUPPORTED_ARCHITECTURES, ModelSource, preflight, resolve_source
 
 EXPECTED = {  # arch -> (class name, gguf arch)
     "llama": ("LlamaForCausalLM", "llama"),

@@ -171,7 +171,7 @@ def test_decision_json_is_read(healed_run, tmp_path):
 
 
 def test_bare_run_still_reports(tmp_path, tiny_path):
-    from birdbone_core.steps import init_run
+    from birdbone_core.run_init import init_run
 
     run = tmp_path / "bare"
     init_run(run, str(tiny_path), None)

@@ -15,16 +15,15 @@ from birdbone_core.errors import BirdboneError
 from birdbone_core.export import export_gguf
 from birdbone_core.model.layers import decoder_layers
 from birdbone_core.structure.width import (
-    Dims,
     apply_width,
     ffn_keep_count,
     head_rows,
     kv_keep_count,
-    model_dims,
     prune_width,
     restore_width,
     top_units,
 )
+from birdbone_core.structure.width_scores import Dims, model_dims
 
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                      reason="llama-cpp-python is not installed")
