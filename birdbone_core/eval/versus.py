@@ -35,11 +35,11 @@ MIXES = (("Q2_K, q2_K embedding", "Q2_K", "Q2_K"), ("Q2_K, iq4_nl embedding", "Q
 
 def embedding_row(source: Path) -> int:
     """Weights per row of the source's token embedding (its hidden size)."""
-    import gguf
+    from birdbone_core.model.gguf_header import read_gguf_header
 
-    for t in gguf.GGUFReader(str(source)).tensors:
+    for t in read_gguf_header(Path(source)).tensors:
         if t.name == "token_embd.weight":
-            return int(t.shape[0])
+            return int(t.shape[0])             # GGUF order: the row (hidden size) first
     raise BirdboneError(f"{source}: no token_embd.weight")
 
 

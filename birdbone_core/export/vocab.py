@@ -19,6 +19,7 @@ import gguf
 from gguf import GGUFValueType, TokenType
 
 from birdbone_core.errors import BirdboneError
+from birdbone_core.model.gguf_header import read_gguf_fields
 
 # Pre-tokenizer regexes as they appear in tokenizer.json (llama.cpp's llama-vocab.cpp quotes the same
 # "original regex from tokenizer.json" for each pre-tokenizer type it implements).
@@ -88,29 +89,18 @@ def _merge_kept(merge: bytes, tokens: set[bytes]) -> bool:
 def read_gguf_tokenizer(source: Path) -> GGUFTokenizer:
     """The `tokenizer.*` fields of `source`, or BirdboneError."""
     try:
-        reader = gguf.GGUFReader(str(source))
-    except (OSError, ValueError) as e:
+        raw = read_gguf_fields(Path(source), ("tokenizer.", gguf.Keys.General.NAME))
+    except (OSError, ValueError) as e:            # GgufHeaderError is a ValueError
         raise BirdboneError(f"cannot read tokenizer from source GGUF {source}: {e}") from None
-    name_field = reader.fields.get(gguf.Keys.General.NAME)
     fields: dict[str, tuple[GGUFValueType, GGUFValueType | None, Any]] = {}
-    for key, field in reader.fields.items():
+    name = raw.pop(gguf.Keys.General.NAME, None)
+    for key, (vtype, sub, value) in raw.items():
         if not key.startswith("tokenizer."):
             continue
-        vtype = field.types[0]
-        if vtype == GGUFValueType.ARRAY:
-            sub = field.types[-1]
-            if sub == GGUFValueType.STRING:
-                value: Any = [bytes(field.parts[i]) for i in field.data]
-            elif sub == GGUFValueType.ARRAY:
-                raise BirdboneError(f"{source}: nested array in {key} is not supported")
-            else:
-                value = field.contents()
-            fields[key] = (vtype, sub, value)
-        elif vtype == GGUFValueType.STRING:
-            fields[key] = (vtype, None, bytes(field.parts[field.data[0]]))
-        else:
-            fields[key] = (vtype, None, field.contents())
-    tok = GGUFTokenizer(fields, name_field.contents() if name_field is not None else None)
+        if sub == GGUFValueType.ARRAY:
+            raise BirdboneError(f"{source}: nested array in {key} is not supported")
+        fields[key] = (GGUFValueType(vtype), None if sub is None else GGUFValueType(sub), value)
+    tok = GGUFTokenizer(fields, name[2].decode("utf-8", errors="replace") if name is not None else None)
     if tok.n_tokens == 0:
         raise BirdboneError(f"source GGUF {source} has no tokenizer.ggml.tokens")
     return tok

@@ -151,6 +151,56 @@ def _parse(buf, size: int) -> GgufHeader:
     return header
 
 
+_NUMPY = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "?", 10: "u8", 11: "i8", 12: "f8"}
+
+
+def read_gguf_fields(path: Path, prefix: str | tuple[str, ...]) -> dict[str, tuple[int, int | None, object]]:
+    """The metadata keys that start with `prefix` (or one of several), whole: key -> (value type, array element type or None,
+    value), strings as raw bytes, arrays as lists: what gguf.GGUFReader's fields hold, read in a fraction of
+    its time (Gemma 3's 262,144-token vocabulary: about 10 s there). Raises GgufHeaderError (or OSError)."""
+    import numpy as np
+
+    def whole(cur: _Cursor, vtype: int, key: str):
+        if vtype == _STRING:
+            n = cur.take("Q")
+            raw = bytes(cur.buf[cur.pos:cur.pos + n])
+            if len(raw) != n:
+                raise GgufHeaderError(f"metadata {key}: string runs past the end of the file")
+            cur.pos += n
+            return raw
+        if vtype != _ARRAY:
+            return cur.value(vtype, key)
+        elem, n = cur.take("I"), cur.take("Q")
+        if elem in _SCALAR:
+            width = struct.calcsize(_SCALAR[elem])
+            if cur.pos + n * width > len(cur.buf):
+                raise GgufHeaderError(f"metadata {key}: array of {n} runs past the end of the file")
+            a = np.frombuffer(cur.buf, dtype=np.dtype(_NUMPY[elem]).newbyteorder(cur.order), count=n, offset=cur.pos)
+            cur.pos += n * width
+            return a.tolist()
+        if elem != _STRING:
+            raise GgufHeaderError(f"metadata {key}: bad array element type {elem}")
+        return [whole(cur, _STRING, key) for _ in range(n)]
+
+    out: dict[str, tuple[int, int | None, object]] = {}
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if bytes(buf[:4]) != b"GGUF":
+            raise GgufHeaderError(f"bad magic {bytes(buf[:4])!r}, expected b'GGUF'")
+        order = "<" if struct.unpack_from("<I", buf, 4)[0] in SUPPORTED_VERSIONS else ">"
+        cur = _Cursor(buf, order)
+        cur.pos = 8
+        _, n_kv = cur.take("Q"), cur.take("Q")
+        for _ in range(min(n_kv, _MAX_COUNT)):
+            key = cur.string()
+            vtype = cur.take("I")
+            if not key.startswith(prefix):
+                cur.value(vtype, key)
+                continue
+            sub = struct.unpack_from(order + "I", buf, cur.pos)[0] if vtype == _ARRAY else None
+            out[key] = (vtype, sub, whole(cur, vtype, key))
+    return out
+
+
 def written_by_birdbone(path: Path) -> bool:
     """A readable GGUF whose metadata carries birdbone.version (exports, quantized files, imatrix files)."""
     try:

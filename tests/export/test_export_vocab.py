@@ -153,3 +153,26 @@ def test_source_gguf_with_other_vocab_size_is_rejected(tiny_exports, tiny_llama,
     with pytest.raises(BirdboneError, match="has 1024 tokens but the model's embedding has 2048 rows"):
         export_gguf(_small_llama(2048), None, tmp_path / "x.gguf", source_gguf=tiny_exports["f32"].path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_fields_read_as_gguf_reader_reads_them(tiny_exports, spm_model, tmp_path):
+    """read_gguf_tokenizer (birdbone's header walk) gives every tokenizer.* field exactly as gguf.GGUFReader
+    does: types, strings as bytes, per-token scores and types, merges; for a BPE and a sentencepiece vocab."""
+    from birdbone_core.export.vocab import read_gguf_tokenizer
+
+    spm_gguf = export_gguf(_small_llama(416), _SpmTokenizer(spm_model), tmp_path / "s.gguf", out_type="f32").path
+    for path in (tiny_exports["f32"].path, spm_gguf):
+        fields = gguf.GGUFReader(path).fields
+        want = {}
+        for k, f in fields.items():
+            if not k.startswith("tokenizer."):
+                continue
+            vtype, sub = f.types[0], (f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+            strings = gguf.GGUFValueType.STRING in (vtype, sub)
+            want[k] = (vtype, sub, [bytes(f.parts[i]) for i in f.data] if strings else f.contents())
+            if vtype == gguf.GGUFValueType.STRING:
+                want[k] = (vtype, None, want[k][2][0])
+        got = read_gguf_tokenizer(path)
+        assert got.fields == want
+        assert got.source_name == fields["general.name"].contents()
+        assert len(want["tokenizer.ggml.token_type"][2]) == got.n_tokens > 0
