@@ -63,7 +63,10 @@ venv: $(VENV)/.core
 # The main job: the birdbone_compress Airflow DAG, run locally (dag.test(), every step a `birdbone` process)
 # on Gemma 3 270M with the demo recipe (vocabulary cut to 32k tokens, Q8_0 GGUF), then compares the GGUF with
 # llama.cpp's own quantizer at the same file size; prints where everything is.
-demo: demo-airflow
+demo:
+	@# the two venvs install side by side (Airflow's mostly downloads; the main one compiles llama-cpp-python)
+	$(MAKE) -j2 $(VENV_AIRFLOW)/.stamp $(VENV)/.demo
+	$(MAKE) demo-airflow
 
 # The same job in one process, without Airflow.
 demo-cli: $(VENV)/.demo
