@@ -98,13 +98,13 @@ def step_prune(run: Run, lm: LoadedModel | None = None) -> LoadedModel | None:
     report = prune_sequential(lm.model, blocks, recipe.prune,
                               description=f"{recipe.prune.method} {recipe.prune.pattern}")
     _check_finite(lm)
-    info = stream_steps.prune_info(report, cal, text_desc, describe(lm.model))
+    rep = stream_steps.prune_record(run, recipe, report, text_desc, describe(lm.model), streamed=False)
     # wave 1 of the ledger: the sparse change base -> pruned (a retried step records nothing new)
-    ledger.record_wave(1, before, state_of(lm.model), metrics={"linear_sparsity": info["sparsity"]},
+    ledger.record_wave(1, before, state_of(lm.model), metrics={"linear_sparsity": rep.sparsity},
                        decision=f"one-shot {report.method} {report.pattern}")
     del before
     save_hf(lm.model, lm.tokenizer, run.pruned_dir)
-    stream_steps.finish_prune(run, report, info)
+    stream_steps.finish_prune(run, rep)
     return lm
 
 

@@ -4,7 +4,6 @@ model is a safetensors directory of a plain text causal LM and the step needs no
 accuracy, OWL allocation, distillation). Each gives the bytes the in-memory path gives."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from birdbone_core.model.stream import ModelState, SafetensorsWriter, StreamedMo
 from birdbone_core.progress import console
 from birdbone_core.prune.streamed import prune_streamed
 from birdbone_core.recipe import Recipe
+from birdbone_core.report.prune_report import PruneReport, one_shot_report, write_prune_report
 from birdbone_core.run import Run
 from birdbone_core.runtime import Placement, describe
 
@@ -70,26 +70,25 @@ def prune(run: Run, recipe: Recipe) -> None:
     ledger.init_base(sm.checkpoint_state(), meta={"source": run.manifest()["model"]})
     report = prune_streamed(sm, blocks, recipe.prune, run.pruned_dir, tokenizer,
                             description=f"{recipe.prune.method} {recipe.prune.pattern}")
-    info = {**prune_info(report, cal, text_desc, describe(sm.model)), "streamed": True}
+    rep = prune_record(run, recipe, report, text_desc, describe(sm.model), streamed=True)
     sm.release()                           # the ledger reads both states from disk, a tensor at a time
     ledger.record_wave(1, sm.checkpoint_state(), sm.checkpoint_state(run.pruned_dir),
-                       metrics={"linear_sparsity": info["sparsity"]}, decision=f"one-shot {report.method} {report.pattern}")
-    finish_prune(run, report, info)
+                       metrics={"linear_sparsity": rep.sparsity}, decision=f"one-shot {report.method} {report.pattern}")
+    finish_prune(run, rep)
 
 
-def prune_info(report, cal, text_desc: str, runtime: dict) -> dict:
-    """The prune step's record in run.json (and the head of prune_report.json)."""
-    return {"method": report.method, "pattern": report.pattern, "sparsity": report.overall_sparsity(),
-            "seconds": report.seconds, "calibration": {"text": text_desc, "n_samples": cal.n_samples,
-                                                       "seq_len": cal.seq_len, "seed": cal.seed},
-            "runtime": runtime}
+def prune_record(run: Run, recipe: Recipe, report, text_desc: str, runtime: dict, streamed: bool) -> PruneReport:
+    """The one-shot prune step's prune_report.json (report.prune_report: the loop's schema, one wave)."""
+    cal = recipe.calibration
+    base = run.manifest()["steps"].get("baseline")
+    return one_shot_report(report, targets=[recipe.prune.sparsity], base_ppl=base["ppl"] if base else None,
+                           calibration={"text": text_desc, "n_samples": cal.n_samples, "seq_len": cal.seq_len,
+                                        "seed": cal.seed}, runtime=runtime, streamed=streamed)
 
 
-def finish_prune(run: Run, report, info: dict) -> None:
-    atomic.write_json(run.root / "prune_report.json", {
-        **info, "layer_rel_error": report.layer_rel_error,
-        "modules": [dataclasses.asdict(m) for m in report.modules]})
-    run.mark_done("prune", info)
+def finish_prune(run: Run, rep: PruneReport) -> None:
+    write_prune_report(run.root, rep)
+    run.mark_done("prune", rep.summary())
 
 
 def revert(run: Run, ledger: Ledger, wave: int, placement: Placement, out_dir: Path) -> None:

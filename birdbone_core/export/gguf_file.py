@@ -9,6 +9,7 @@ the temporary file is removed and an existing file at `out_path` is left untouch
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -96,7 +97,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out_path: str | os.PathL
                 source_gguf: Path | None = None,
                 extra_metadata: dict[str, str | int | float] | None = None,
                 quantized: dict[str, tuple[str, np.ndarray]] | None = None,
-                state: Mapping[str, torch.Tensor] | None = None) -> ExportResult:
+                state: Mapping[str, torch.Tensor] | None = None, header_only: bool = False) -> ExportResult:
     """Write `model` (a transformers causal LM in memory) as a GGUF file stock llama.cpp can run.
 
     out_type: f32 | f16 | bf16 | q8_0 for 2-D weights; 1-D tensors stay F32; a weight whose row length
@@ -108,6 +109,8 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out_path: str | os.PathL
     others per out_type. general.file_type then names the type holding the most bytes.
     state: the model's tensors when they are not in `model` (a streamed model on the meta device:
     birdbone_core.model.stream.StreamedModel.checkpoint_state), read one at a time as they are written.
+    header_only: write nothing; `n_bytes` is what the file would hold before its tensor data (header,
+    metadata, tensor table): a file-size budget minus it is what the tensors may take.
     """
     out_type = out_type.lower()
     if out_type not in OUT_TYPES:
@@ -130,6 +133,13 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out_path: str | os.PathL
     spec = for_widths(spec, dims)        # llama with per-layer FFN widths -> llama.cpp's deci
     plans = plan_tensors(model, spec, dims, config, state)
 
+    if header_only:
+        with tempfile.TemporaryDirectory(dir=out_dir) as d:
+            result = _write(model, tokenizer, Path(d) / "header.gguf", spec, dims, config, plans, out_type,
+                            source_gguf, extra_metadata, quantized or {}, header_only=True)
+            align = gguf.GGUF_DEFAULT_ALIGNMENT              # the data starts at the next aligned offset
+            result.n_bytes = -(-(Path(d) / "header.gguf").stat().st_size // align) * align
+        return result
     try:
         with staged_file(out_path) as tmp:  # renamed onto out_path only if the block completes
             result = _write(model, tokenizer, tmp, spec, dims, config, plans, out_type, source_gguf, extra_metadata,
@@ -143,7 +153,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out_path: str | os.PathL
 
 def _write(model: torch.nn.Module, tokenizer: Any, path: Path, spec, dims, config, plans: list[TensorPlan],
            out_type: str, source_gguf: Path | None, extra_metadata: dict | None,
-           quantized: dict[str, tuple[str, np.ndarray]]) -> ExportResult:
+           quantized: dict[str, tuple[str, np.ndarray]], header_only: bool = False) -> ExportResult:
     _, file_type, _ = OUT_TYPES[out_type]
     _check_quantized(quantized, plans)
     if quantized:
@@ -195,6 +205,8 @@ def _write(model: torch.nn.Module, tokenizer: Any, path: Path, spec, dims, confi
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        if header_only:
+            plans = []
         with progress_bar(f"writing GGUF ({out_type})", total=len(plans)) as advance:
             for p in plans:
                 q = quantized.get(p.gguf_name)

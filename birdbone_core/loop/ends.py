@@ -39,6 +39,7 @@ from birdbone_core.model.load import load_tokenizer
 from birdbone_core.model.save import save_hf
 from birdbone_core.model.stream import streamable
 from birdbone_core.progress import console
+from birdbone_core.report.prune_report import PruneReport, write_prune_report
 from birdbone_core.run_init import ensure_structured
 from birdbone_core.runtime import describe
 from birdbone_core.steps import step_baseline
@@ -245,7 +246,7 @@ def _record_gradual(ctx: Context, d: dict, sl):
         f"weights restored; ppl {k['ppl']:.4g} within {sl.threshold:+.0%} of {d['accepted_ppl']:.4g})"))
 
 
-def summary(ctx: Context) -> dict:
+def summary(ctx: Context) -> PruneReport:
     """prune_report.json for a run through the loop: every wave's metrics and verdict, and the rollback."""
     recipe = ctx.recipe
     prep = read_json(ctx.lay.prepare_marker)
@@ -265,10 +266,10 @@ def summary(ctx: Context) -> dict:
         history.append({"wave": rb["ledger_wave"], "rollback_to": rb["to_wave"], "ppl": rb["ppl"],
                         **({"gradual": rb["gradual"]} if "gradual" in rb else {})})
     zeros = ctx.ledger.entry(ctx.ledger.last_wave)
-    return {"mode": "waves" if recipe.waves is not None else "one-shot", "method": recipe.prune.method,
-            "pattern": recipe.prune.pattern, "targets": targets(recipe), "sparsity": None,
-            "seconds": seconds, "base_ppl": prep["base_ppl"], "accepted_wave": accepted,
-            "ledger_wave": zeros.wave, "waves": history, "calibration": prep["calibration"]}
+    return PruneReport(mode="waves" if recipe.waves is not None else "one-shot", method=recipe.prune.method,
+                       pattern=recipe.prune.pattern, targets=targets(recipe), sparsity=None, seconds=seconds,
+                       base_ppl=prep["base_ppl"], accepted_wave=accepted, ledger_wave=zeros.wave, waves=history,
+                       calibration=prep["calibration"])
 
 
 def finish(ctx: Context):
@@ -289,14 +290,12 @@ def finish(ctx: Context):
     if bad is not None:
         raise BirdboneError(f"{run.root}: the final state has NaN/Inf in {bad}; nothing was saved")
     save_hf(model, ctx.base().tokenizer, run.pruned_dir)
-    rep = summary(ctx)
     z, total = count_zeros(model)
-    rep["sparsity"] = z / max(total, 1)
-    atomic.write_json(run.root / "prune_report.json", rep)
-    info = {k: rep[k] for k in ("mode", "method", "pattern", "sparsity", "seconds", "accepted_wave", "calibration")}
-    run.mark_done("prune", info)      # what `export` and `evaluate` check for
-    run.mark_done("finish", {"ledger_wave": rep["ledger_wave"], "accepted_wave": rep["accepted_wave"],
-                             "sparsity": rep["sparsity"], "runtime": describe(model)})
-    push_metrics(ctx, "finish", None, {"sparsity": rep["sparsity"], "accepted_wave": rep["accepted_wave"]},
+    rep = summary(ctx).model_copy(update={"sparsity": z / max(total, 1), "runtime": describe(model)})
+    write_prune_report(run.root, rep)
+    run.mark_done("prune", rep.summary())      # what `export` and `evaluate` check for
+    run.mark_done("finish", {"ledger_wave": rep.ledger_wave, "accepted_wave": rep.accepted_wave,
+                             "sparsity": rep.sparsity, "runtime": rep.runtime})
+    push_metrics(ctx, "finish", None, {"sparsity": rep.sparsity, "accepted_wave": rep.accepted_wave},
                  time.perf_counter() - t0)
     return model

@@ -67,8 +67,8 @@ def _cmd_quantize(a) -> int:
     spec, recipe, run_dir = _model_and_recipe(a.model, a.recipe)
     placement = place(runtime_of(a), recipe.runtime)   # a missing device: refused before any work
     base = recipe.quantize.model_dump() if recipe.quantize is not None else {}
-    if a.bpw is not None or a.bytes is not None:
-        base["target_bpw"], base["target_bytes"] = a.bpw, a.bytes
+    if a.bpw is not None or a.bytes is not None or a.size is not None:
+        base["target_bpw"], base["target_bytes"], base["target_size"] = a.bpw, a.bytes, a.size
     if a.types:
         base["types"] = _split_types(a.types)
     if a.override:
@@ -90,8 +90,8 @@ def _cmd_quantize(a) -> int:
     except ValidationError as e:
         first = e.errors()[0]
         raise BirdboneError(f"quantize settings: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    if cfg.target_bpw is None and cfg.target_bytes is None:
-        raise BirdboneError("quantize: give --bpw or --bytes (or a recipe with quantize.target_bpw)")
+    if not cfg.has_target():
+        raise BirdboneError("quantize: give --size, --bpw or --bytes (or a recipe with quantize.target_size)")
     if cfg.imatrix and not Path(cfg.imatrix).is_file():  # before minutes of model loading
         raise BirdboneError(f"imatrix file {cfg.imatrix} does not exist")
     out = Path(a.out) if a.out else (run_dir / "model-mixed.gguf" if run_dir else None)
@@ -141,6 +141,7 @@ def add_commands(sub) -> None:
     q.add_argument("-r", "--recipe", help="recipe for calibration and quantize: settings")
     q.add_argument("--bpw", type=float, help="target bits per weight (all tensor data)")
     q.add_argument("--bytes", type=int, help="target bytes of tensor data")
+    q.add_argument("--size", help="target size of the GGUF file: 160MB, 1.5GB, or a share of the source: 60%%")
     q.add_argument("--types", help="comma-separated candidate block types, e.g. Q4_0,Q4_K,Q6_K")
     q.add_argument("--override", action="append", metavar="REGEX=TYPE", help="fixed type for matching tensors")
     q.add_argument("--imatrix", help="llama-imatrix file (GGUF or .dat) for the scale search")

@@ -1,7 +1,7 @@
 """The recipe's `quantize:` section: mixed-type GGUF under a bit budget.
 
     quantize:
-      target_bpw: 4.5            # average bits per weight over all tensor data (or target_bytes)
+      target_bpw: 4.5            # average bits per weight over all tensor data (or target_bytes, target_size)
       types: [Q4_0, Q5_0, Q8_0, Q4_K, Q6_K]     # candidate block types of 2-D weights
       overrides: {'token_embd': Q4_0}           # regex over GGUF tensor names -> fixed type
       stress: {'blk\\.0\\.': 2.0}               # regex -> multiplier on a tensor's measured error
@@ -23,6 +23,26 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # the block types birdbone encodes (quant/grid.py TOP; kept literal so recipes load without torch)
 BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL")
 OVERRIDE_TYPES = (*BLOCK_TYPES, "F16", "F32")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> tuple[float, bool]:
+    """"160MB" -> (160e6, False): bytes; "60%" or "0.6" -> (0.6, True): a share of the source file."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*(%|[KMG]i?B|B)?\s*", str(text), re.IGNORECASE)
+    if m is None:
+        raise ValueError(f"size {text!r}: give bytes with a unit (160MB, 1.5GB, 700MiB) or a share of the "
+                         "source (60% or 0.6)")
+    value, unit = float(m.group(1)), (m.group(2) or "").upper()
+    if unit == "%" or (not unit and value < 1):
+        share = value / 100 if unit == "%" else value
+        if not 0 < share < 1:
+            raise ValueError(f"size {text!r}: a share of the source must be between 0 and 100%")
+        return share, True
+    if value < 1:
+        raise ValueError(f"size {text!r}: must be at least one byte")
+    return value * _UNITS[unit], False
 
 
 class _Strict(BaseModel):
@@ -69,6 +89,8 @@ class GPTQConfig(_Strict):
 class Quantize(_Strict):
     target_bpw: float | None = Field(None, gt=1.5, le=32, description="average bits per weight, all tensor data")
     target_bytes: int | None = Field(None, gt=0, description="bytes of tensor data (the file adds its header)")
+    target_size: str | None = Field(None, description="the GGUF file's size, header included: 160MB, 1.5GB, "
+                                    "160000000 (bytes), or a share of the source file: 60% or 0.6")
     types: list[str] = Field(default_factory=lambda: ["Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1",
                                                       "Q5_K", "Q6_K", "Q8_0", "IQ4_NL"],
                              description="candidate block types of 2-D weights")
@@ -109,11 +131,22 @@ class Quantize(_Strict):
                 raise ValueError(f"stress factor for {k!r} must be > 0, got {f}")
         return v
 
+    @field_validator("target_size")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_size(v)
+        return v
+
     @model_validator(mode="after")
     def _one_target(self) -> "Quantize":
-        if self.target_bpw is not None and self.target_bytes is not None:
-            raise ValueError("give target_bpw or target_bytes, not both")
+        given = [k for k in ("target_bpw", "target_bytes", "target_size") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of target_bpw, target_bytes, target_size, not {' and '.join(given)}")
         return self
+
+    def has_target(self) -> bool:
+        return any(v is not None for v in (self.target_bpw, self.target_bytes, self.target_size))
 
     def override_for(self, gguf_name: str) -> str | None:
         for pat, t in self.overrides.items():

@@ -23,6 +23,7 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
     from birdbone_core.quant.trials import choose_measured
     from birdbone_core.runtime import describe
 
+    cfg = resolve_size(model, tokenizer, cfg, out_path, source_gguf, extra_metadata)
     check_budget(model, cfg)  # before the calibration pass
     imatrix = read_imatrix(cfg.imatrix) if cfg.imatrix else None
     text, text_desc = read_text(calibration.text, "calib")
@@ -42,7 +43,7 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
         "birdbone.quant.types": json.dumps(q.types, separators=(",", ":")),
         "birdbone.quant.budget_bytes": int(q.budget_bytes),
         "birdbone.quant.tensor_bytes": int(q.n_bytes),
-        "birdbone.quant.target": (f"{cfg.target_bpw} bpw" if cfg.target_bpw is not None else f"{cfg.target_bytes} B"),
+        "birdbone.quant.target": target_text(cfg),
         "birdbone.quant.method": ("gptq" + (" act-order" if cfg.gptq.act_order else "") if cfg.gptq.enabled
                                   else "rounding") + (" imatrix-file" if imatrix else ""),
         "birdbone.quant.calibration": f"{text_desc}, {n} x {calibration.seq_len}",
@@ -61,3 +62,42 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
             "trials": [dict(vars(t)) for t in trials], "settings": cfg.model_dump(mode="json"),
             "runtime": describe(model)})
     return result, q
+
+
+def target_text(cfg: Quantize) -> str:
+    if cfg.target_size is not None:
+        return f"file size {cfg.target_size} ({cfg.target_bytes} B of tensor data)"
+    return f"{cfg.target_bpw} bpw" if cfg.target_bpw is not None else f"{cfg.target_bytes} B"
+
+
+def resolve_size(model, tokenizer, cfg: Quantize, out_path: Path, source_gguf: Path | None,
+                 extra_metadata: dict | None) -> Quantize:
+    """A file-size target (`target_size`) as the bytes its tensors may take: the size (a share of it: of the
+    source GGUF, else of the model in F16) less the file's header, metadata and tensor table, measured by
+    writing them (export_gguf(header_only=True)) with this run's metadata and the longest quantizer records
+    (every tensor's type as IQ4_NL), and less each tensor's alignment padding."""
+    from birdbone_core.errors import BirdboneError
+    from birdbone_core.export.gguf_file import export_gguf
+    from birdbone_core.quant.config import parse_size
+
+    if cfg.target_size is None:
+        return cfg
+    value, share = parse_size(cfg.target_size)
+    names = [n for n, _ in model.named_parameters()]
+    if share:
+        whole = Path(source_gguf).stat().st_size if source_gguf else 2 * sum(p.numel() for p in model.parameters())
+        value *= whole
+    records = {"birdbone.quant.types": json.dumps({f"blk.{i}.{n}": "IQ4_NL" for i, n in enumerate(names)},
+                                                  separators=(",", ":")),
+               "birdbone.quant.trials": "x" * 2048, "birdbone.quant.budget_bytes": 0,
+               "birdbone.quant.tensor_bytes": 0, "birdbone.quant.target": "x" * 96,
+               "birdbone.quant.method": "x" * 64, "birdbone.quant.calibration": "x" * 256,
+               "birdbone.quant.kept_source_blocks": 0}
+    header = export_gguf(model, tokenizer, out_path, out_type="f16", source_gguf=source_gguf,
+                         extra_metadata={**(extra_metadata or {}), **records}, header_only=True).n_bytes
+    padding = 32 * (len(names) + 8)              # GGUF aligns every tensor's data to 32 bytes
+    tensor_bytes = int(value) - header - padding
+    if tensor_bytes <= 0:
+        raise BirdboneError(f"quantize: target_size {cfg.target_size} ({int(value):,} B) is below the file's "
+                            f"header and metadata alone ({header:,} B)")
+    return cfg.model_copy(update={"target_bytes": tensor_bytes})

@@ -12,8 +12,9 @@ around it), one after another on this machine:
 - `birdbone quantize SRC --bpw 4.5` (same calibration): the quantizer holds the whole model. It is run only
   where its memory, extrapolated from the smallest model's measured bytes per parameter, fits in 80% of
   this machine's RAM; otherwise the row says how much it would need.
-- llm-compressor's GPTQ W4A16 one-shot (its own venv, `make -C tests/benchmarks/llmc`) on the 1B model, when
-  that venv exists, with the very same calibration tokens.
+- llm-compressor's GPTQ W4A16 one-shot (its own venv, `make -C tests/benchmarks/llmc`) on Gemma and the 1B
+  model, when that venv exists, with the very same calibration tokens (Gemma: from a safetensors copy of the
+  dequantized GGUF, made once and not timed, since llm-compressor loads Hugging Face directories).
 
 The generated models are random-initialized with published shapes (tests/benchmarks/make_models.py; nothing
 is downloaded), built into WORK once. Results: tests/benchmarks/results/scale.{json,md,png}.
@@ -138,6 +139,16 @@ def llmc_gptq(name: str, src: Path, work: Path, logs: Path) -> dict:
     ids = calibration_blocks(load_tokenizer(src), text, N_SAMPLES, SEQ_LEN, 0)
     calib = work / f"{name}-calib.safetensors"
     save_file({"input_ids": ids.contiguous()}, str(calib))
+    if not src.is_dir():                 # a GGUF: llm-compressor loads HF directories; convert once, untimed
+        hf = work / f"{name}-hf"
+        if not (hf / "config.json").is_file():
+            from birdbone_core.model.load import load_model
+            from birdbone_core.model.save import save_hf
+
+            lm = load_model(str(src))
+            save_hf(lm.model, lm.tokenizer, hf)
+            del lm
+        src = hf
     out = work / f"{name}-llmc-gptq.safetensors"
     r = child([str(LLMC_PY), str(ROOT / "tests" / "benchmarks" / "llmc" / "run_llmc.py"), "--model", str(src),
                "--calib", str(calib), "--method", "gptq", "--out", str(out)], logs / f"{name}-llmc-gptq.log")
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
                 if row["quantize"]["exit"] == 0 and not measured_here:  # this run's figure beats an old one
                     per_param = row["quantize"]["peak_rss_bytes"] / n_params
                     measured_here = True
-        if "llmc" not in skip and name == "llama-3.2-1b":
+        if "llmc" not in skip and name in ("gemma-3-270m", "llama-3.2-1b"):
             row["llmc_gptq_w4a16"] = llmc_gptq(name, src, a.work, logs) if LLMC_PY.is_file() else \
                 {"skipped": "no .venv-llmc (make -C tests/benchmarks/llmc)"}
         write(rows, a.out, ram)

@@ -42,7 +42,10 @@ def test_imatrix_then_quantize_with_it(run_cli, tmp_path, tiny_path):
 
 
 @pytest.mark.parametrize("args, msg", [
-    ([], "give --bpw or --bytes"),
+    ([], "give --size, --bpw or --bytes"),
+    (["--size", "12 parsecs"], "give bytes with a unit"),
+    (["--size", "2KB"], "below the file's header and metadata alone"),
+    (["--size", "1MB", "--bpw", "4"], "give one of target_bpw, target_bytes, target_size"),
     (["--bpw", "4", "--override", "noequals"], "expected REGEX=TYPE"),
     (["--bpw", "4", "--types", "Q9_K"], "unknown tensor type"),
     (["--bpw", "4", "--imatrix", "/nonexistent/im.gguf"], "does not exist"),
@@ -102,3 +105,37 @@ def test_export_step_with_quantize_section(run_cli, tmp_path, tiny_path):
     assert info["path"] == str(ggufs[0]) and info["bytes"] == ggufs[0].stat().st_size
     assert info["types"] == {t: n for t, n in ((t, list(types.values()).count(t)) for t in set(types.values()))}
     assert 0 < info["bits_per_weight"] <= 4.6 and info["budget_bytes"] > 0
+
+
+@pytest.mark.parametrize("size", ["1.9MB", "45%"])
+def test_size_is_the_file_size(run_cli, tmp_path, tiny_path, size):
+    """--size is the whole file's size (header, metadata and tensor table included), in bytes with a unit or
+    as a share of the model (F16 bytes for a directory): the file lands at or under it, and close to it."""
+    from birdbone_core.model.load import load_model
+
+    out = tmp_path / "q.gguf"
+    code, _, err = run_cli("quantize", tiny_path, "-o", out, "--size", size, "--no-gptq", "--n-samples", "2",
+                           "--measure-blocks", "0", "--types", "Q4_0,Q5_0,Q8_0,Q4_K,Q6_K")
+    assert code == 0, err
+    if size.endswith("%"):
+        target = 0.45 * 2 * sum(p.numel() for p in load_model(str(tiny_path)).model.parameters())
+    else:
+        target = 1.9e6
+    assert target * 0.97 < out.stat().st_size <= target
+    assert "file size " + size in gguf.GGUFReader(out).fields["birdbone.quant.target"].contents()
+
+
+def test_header_only_export_measures_the_real_header(tmp_path, tiny_path):
+    """export_gguf(header_only=True) writes nothing and gives the bytes before the tensor data of the file
+    the same call writes (what a --size budget subtracts)."""
+    from birdbone_core.export.gguf_file import export_gguf
+    from birdbone_core.model.gguf_header import read_gguf_header
+    from birdbone_core.model.load import load_model
+
+    lm = load_model(str(tiny_path))
+    meta = {"birdbone.recipe": "x" * 300}
+    head = export_gguf(lm.model, lm.tokenizer, tmp_path / "m.gguf", out_type="q8_0", extra_metadata=meta,
+                       header_only=True)
+    assert list(tmp_path.iterdir()) == []
+    full = export_gguf(lm.model, lm.tokenizer, tmp_path / "m.gguf", out_type="q8_0", extra_metadata=meta)
+    assert head.n_bytes == read_gguf_header(full.path).data_offset

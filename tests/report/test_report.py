@@ -227,3 +227,22 @@ def test_cli_report_and_errors(healed_run, tmp_path, capsys, monkeypatch):
 def test_not_a_run(tmp_path):
     with pytest.raises(BirdboneError, match="no run.json"):
         collect(tmp_path)
+
+
+def test_one_shot_and_wave_runs_write_one_prune_report_schema(oneshot_run, healed_run, rollback_run):
+    """prune_report.json has one schema (report.prune_report.PruneReport, extra keys refused) whichever way
+    the run was pruned: a one-shot prune reads as one accepted wave, with its per-layer errors."""
+    from birdbone_core.report.prune_report import PruneReport
+
+    reps = {name: json.loads((run / "prune_report.json").read_text())
+            for name, run in (("oneshot", oneshot_run), ("healed", healed_run), ("rollback", rollback_run))}
+    parsed = {name: PruneReport.model_validate(rep) for name, rep in reps.items()}
+    assert len({tuple(rep) for rep in reps.values()}) == 1                  # the same keys, in the same order
+    one = parsed["oneshot"]
+    assert (one.mode, one.accepted_wave, one.ledger_wave, one.targets) == ("one-shot", 1, 1, [0.5])
+    assert one.waves == [{"wave": 1, "sparsity": one.sparsity, "seconds": one.seconds, "action": "finish"}]
+    assert one.layers is not None and len(one.layers.layer_rel_error) > 0 and one.base_ppl is not None
+    assert parsed["healed"].mode == "waves" and len(parsed["healed"].waves) > 1
+    assert any("rollback_to" in w for w in parsed["rollback"].waves)
+    run_json = json.loads((oneshot_run / "run.json").read_text())["steps"]["prune"]
+    assert {k: run_json[k] for k in one.summary()} == json.loads(json.dumps(one.summary()))
