@@ -25,7 +25,9 @@ def test_defaults_and_normalisation():
     ({"target_bpw": 4, "types": []}, "at least one candidate type"),
     ({"target_bpw": 4, "overrides": {"(": "Q4_0"}}, "invalid regex"),
     ({"target_bpw": 4, "stress": {"x": 0}}, "must be > 0"),
-    ({"target_bpw": 4, "target_bytes": 10}, "not both"),
+    ({"target_bpw": 4, "target_bytes": 10}, "give one of target_bpw, target_bytes, target_size, not target_bpw and target_bytes"),
+    ({"target_size": "12 parsecs"}, "quantize.target_size: .*give bytes with a unit"),
+    ({"target_size": "120%"}, "between 0 and 100%"),
     ({"target_bpw": 4, "gptq": {"act_order": True, "x": 1}}, "quantize.gptq.x: unknown field"),
     ({"target_bpw": 0.5}, "target_bpw"),
 ])
