@@ -135,33 +135,45 @@ class _WeightSwap:
                 a = np.asarray(data, dtype=np.float32).reshape(shape)
             else:
                 a = decode(t, data, shape).numpy()
-            if name not in self.saved:
-                self.saved[name] = param.data.clone()
-            param.data.copy_(torch.from_numpy(to_hf_layout(self.spec, self.dims, hf_name, a, tuple(param.shape))))
+            # the decoded tensor becomes the parameter's storage and the original is set aside, not copied:
+            # the model's weights are never held twice (a tied embedding and head share the one Parameter)
+            new = torch.from_numpy(to_hf_layout(self.spec, self.dims, hf_name, a, tuple(param.shape)))
+            new = new.to(dtype=param.dtype, device=param.device)
+            self.saved.setdefault(name, param.data)
+            param.data = new
 
     def restore(self) -> None:
         for name, w in self.saved.items():
-            self.where[name][1].data.copy_(w)
+            self.where[name][1].data = w
         self.saved.clear()
 
 
-def _log_probs(model, blocks: torch.Tensor) -> list[torch.Tensor]:
+# positions whose KL terms are computed at once: [positions, vocab] float32 temporaries of this many elements
+KL_CHUNK_ELEMENTS = 1 << 24
+
+
+def _log_probs(model, blocks: torch.Tensor, dtype: torch.dtype = torch.float16) -> list[torch.Tensor]:
+    """Log-probs per block [seq_len - 1, vocab] in `dtype`, each block's float32 copy freed before the next."""
     device = model_device(model)
     with torch.no_grad():
-        return [model(input_ids=b[None].to(device), use_cache=False).logits[0, :-1].float().log_softmax(-1)
+        return [model(input_ids=b[None].to(device), use_cache=False).logits[0, :-1].float().log_softmax(-1).to(dtype)
                 for b in blocks]
 
 
 def measured_kl(model, blocks: torch.Tensor, base: list[torch.Tensor]) -> float:
-    """Mean KL(base || model) per predicted token; base: log-probs per block [seq_len - 1, vocab] (float16 ok)."""
+    """Mean KL(base || model) per predicted token; base: log-probs per block [seq_len - 1, vocab] (float16 ok).
+    The terms are summed over chunks of positions: no [seq_len, vocab] float32 temporaries beside the logits."""
     total, n = 0.0, 0
     device = model_device(model)
     with torch.no_grad():
         for b, lp in zip(blocks, base):
             lq = model(input_ids=b[None].to(device), use_cache=False).logits[0, :-1].float().log_softmax(-1)
-            lp = lp.float()
-            total += float((lp.exp() * (lp - lq)).sum(dtype=torch.float64))
+            step = max(1, KL_CHUNK_ELEMENTS // lq.shape[-1])
+            for s in range(0, lq.shape[0], step):
+                p = lp[s:s + step].float()
+                total += float((p.exp() * (p - lq[s:s + step])).sum(dtype=torch.float64))
             n += lp.shape[0]
+            del lq
     return total / max(n, 1)
 
 
@@ -178,7 +190,7 @@ def choose_measured(model: torch.nn.Module, c: Candidates, budget_bytes: int, bl
     model.eval()
     swap = _WeightSwap(model)
     # base log-probs kept in float16 ([n, seq_len - 1, vocab]: 0.5 GB for 4 x 256 tokens of a 262k vocabulary)
-    base = [lp.half() for lp in _log_probs(model, blocks)]
+    base = _log_probs(model, blocks)
     trials = []
     try:
         with progress_bar("measuring allocations (KL on held-out calibration)", total=len(cands)) as advance:

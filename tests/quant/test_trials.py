@@ -95,7 +95,27 @@ def test_measured_choice_is_the_lowest_measured_kl(setup):
 
 def test_measured_kl_is_zero_for_the_base(setup):
     model, _, _, held = setup
-    base = _log_probs(model, held)
+    base = _log_probs(model, held, torch.float32)
     assert abs(measured_kl(model, held, base)) < 1e-6
     with torch.no_grad():
         assert measured_kl(model, held, [lp.half() for lp in base]) < 1e-3  # float16 storage of the base
+
+
+def test_measured_kl_over_position_chunks_equals_one_pass(setup, monkeypatch):
+    """The KL terms summed over chunks of positions equal the sum over the whole [positions, vocab] at once."""
+    import birdbone_core.quant.trials as trials_mod
+
+    model, _, _, held = setup
+    base = _log_probs(model, held, torch.float32)
+    with torch.no_grad():
+        w = model.get_submodule("model.layers.0.mlp.down_proj").weight
+        saved = w.clone()
+        w.mul_(1.05)                                   # a model that differs from the base
+    try:
+        whole = measured_kl(model, held, base)
+        monkeypatch.setattr(trials_mod, "KL_CHUNK_ELEMENTS", 7 * model.config.vocab_size)   # 7 positions a chunk
+        chunked = measured_kl(model, held, base)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert whole > 1e-6 and chunked == pytest.approx(whole, rel=1e-9)
