@@ -3,12 +3,14 @@
 #   make airflow-venv    .venv-airflow from the committed lock requirements/airflow.txt
 #   make test-airflow    the DAG tests (DagBag, dag.test end to end, pod specs, real Airflow + UI, nightly)
 #   make demo-airflow    birdbone_compress once with dag.test() on MODEL/RECIPE; prints GGUF/ledger/report
+#                        (SIZE=100MB or SIZE=40%: quantize the GGUF to that file size)
 VENV_AIRFLOW ?= .venv-airflow
 AIRFLOW_PY   := $(VENV_AIRFLOW)/bin/python
 UI_TEST_DIR  := tests/dags/ui
 DEMO_MODEL   ?=
 DEMO_RECIPE  ?= birdbone_core/recipes/demo.yaml
 DEMO_RUN_ID  ?= demo-airflow
+SIZE         ?=
 
 .PHONY: airflow-venv test-airflow demo-airflow
 
@@ -29,4 +31,4 @@ test-airflow: $(VENV_AIRFLOW)/.stamp $(VENV)/.core $(UI_TEST_DIR)/node_modules/.
 
 demo-airflow: $(VENV_AIRFLOW)/.stamp $(VENV)/.demo
 	$(AIRFLOW_PY) dags/run_local.py --recipe "$(DEMO_RECIPE)" --run-id "$(DEMO_RUN_ID)" \
-	  $(if $(DEMO_MODEL),--model "$(DEMO_MODEL)") --versus --cli $(BIN)/birdbone
+	  $(if $(DEMO_MODEL),--model "$(DEMO_MODEL)") $(if $(SIZE),--size "$(SIZE)") --versus --cli $(BIN)/birdbone

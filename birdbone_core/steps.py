@@ -127,7 +127,8 @@ def step_export(run: Run, lm: LoadedModel | None = None):
         lm = lm or load_step_model(str(run.pruned_dir), "pruned model", placement=run.placement(), keep_dtype=True)
         result, q = quantize_and_export(lm.model, lm.tokenizer, recipe.quantize, run.gguf_path(recipe),
                                         calibration=recipe.calibration, source_gguf=source_gguf,
-                                        extra_metadata=meta, report_path=run.root / "quant_report.json")
+                                        extra_metadata=meta, report_path=run.root / "quant_report.json",
+                                        source_bytes=_file_size(m["model"]["path"]) if m["model"]["kind"] != "hub" else None)
         info = {"types": dict(Counter(q.types.values())), "budget_bytes": q.budget_bytes}
     elif lm is None and streamable(run.pruned_dir):   # one tensor at a time from RUN/pruned/
         from birdbone_core.model.load import load_tokenizer

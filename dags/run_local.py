@@ -29,6 +29,11 @@ def recipe_has_waves(path: Path) -> bool:
     return not isinstance(doc, dict) or doc.get("waves") is not None
 
 
+def size_targets(size: str) -> dict:
+    """The DAG's `targets` param for --size: the recipe's quantize.target_size (birdbone init checks it)."""
+    return {"quantize.target_size": size.strip()} if size.strip() else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="", help="HF dir, .gguf or hub id (default: birdbone's built-in model)")
@@ -36,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id", default="local", help="run directory name under --runs-root")
     p.add_argument("--runs-root", default=str(REPO / "runs"))
     p.add_argument("--cli", default=os.environ.get("BIRDBONE_CLI", str(REPO / ".venv" / "bin" / "birdbone")))
+    p.add_argument("--size", default="",
+                   help="quantize the GGUF to this file size (160MB, or a share of the source: 40%%) instead of "
+                        "the recipe's export type: the recipe target quantize.target_size")
     p.add_argument("--versus", action="store_true",
                    help="then `birdbone versus`: the GGUF against llama.cpp's own quantizer at the same file size")
     a = p.parse_args(argv)
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     run = runs_root / a.run_id
     dr = bag.dags["birdbone_compress"].test(
         run_conf={"model": a.model, "recipe": str(Path(a.recipe).absolute()) if a.recipe else "",
-                  "run_id": a.run_id})
+                  "run_id": a.run_id, "targets": size_targets(a.size)})
     state = getattr(dr.state, "value", dr.state)
     print(f"birdbone_compress {dr.run_id}: {state}")
     if state != "success":

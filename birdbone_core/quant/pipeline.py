@@ -11,9 +11,11 @@ from birdbone_core.quant.config import Quantize
 
 
 def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, calibration, source_gguf: Path | None = None,
-                        extra_metadata: dict | None = None, report_path: Path | None = None):
+                        extra_metadata: dict | None = None, report_path: Path | None = None,
+                        source_bytes: int | None = None):
     """calibration: the recipe's `calibration` section (text, n_samples, seq_len, seed); cfg.n_samples
-    overrides its n_samples. Returns (ExportResult, QuantResult)."""
+    overrides its n_samples. source_bytes: what a share (`target_size: 60%`) is of: the model file the user
+    started from (default: source_gguf's size, else the model's F16 bytes). Returns (ExportResult, QuantResult)."""
     from birdbone_core import atomic
     from birdbone_core.data.text import calibration_blocks, read_text
     from birdbone_core.export.gguf_file import export_gguf
@@ -23,7 +25,7 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
     from birdbone_core.quant.trials import choose_measured
     from birdbone_core.runtime import describe
 
-    cfg = resolve_size(model, tokenizer, cfg, out_path, source_gguf, extra_metadata)
+    cfg = resolve_size(model, tokenizer, cfg, out_path, source_gguf, extra_metadata, source_bytes)
     check_budget(model, cfg)  # before the calibration pass
     imatrix = read_imatrix(cfg.imatrix) if cfg.imatrix else None
     text, text_desc = read_text(calibration.text, "calib")
@@ -71,9 +73,9 @@ def target_text(cfg: Quantize) -> str:
 
 
 def resolve_size(model, tokenizer, cfg: Quantize, out_path: Path, source_gguf: Path | None,
-                 extra_metadata: dict | None) -> Quantize:
-    """A file-size target (`target_size`) as the bytes its tensors may take: the size (a share of it: of the
-    source GGUF, else of the model in F16) less the file's header, metadata and tensor table, measured by
+                 extra_metadata: dict | None, source_bytes: int | None = None) -> Quantize:
+    """A file-size target (`target_size`) as the bytes its tensors may take: the size (a share: of
+    `source_bytes`, else of the source GGUF, else of the model in F16) less the file's header, metadata and tensor table, measured by
     writing them (export_gguf(header_only=True)) with this run's metadata and the longest quantizer records
     (every tensor's type as IQ4_NL), and less each tensor's alignment padding."""
     from birdbone_core.errors import BirdboneError
@@ -85,7 +87,8 @@ def resolve_size(model, tokenizer, cfg: Quantize, out_path: Path, source_gguf: P
     value, share = parse_size(cfg.target_size)
     names = [n for n, _ in model.named_parameters()]
     if share:
-        whole = Path(source_gguf).stat().st_size if source_gguf else 2 * sum(p.numel() for p in model.parameters())
+        whole = source_bytes or (Path(source_gguf).stat().st_size if source_gguf else
+                                 2 * sum(p.numel() for p in model.parameters()))
         value *= whole
     records = {"birdbone.quant.types": json.dumps({f"blk.{i}.{n}": "IQ4_NL" for i, n in enumerate(names)},
                                                   separators=(",", ":")),

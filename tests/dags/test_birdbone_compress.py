@@ -91,6 +91,8 @@ def test_wave_slots_follow_the_environment(monkeypatch, tmp_path):
     assert not run_local.recipe_has_waves(tmp_path / "one.yaml")
     assert run_local.recipe_has_waves(tmp_path / "waves.yaml")
     assert not run_local.recipe_has_waves(REPO / "birdbone_core" / "recipes" / "demo.yaml")
+    assert run_local.size_targets(" 40% ") == {"quantize.target_size": "40%"}      # make demo SIZE=40%
+    assert run_local.size_targets("") == {}
 
 
 def test_step_kinds_pools_and_timeouts(dagbag):

@@ -139,3 +139,18 @@ def test_header_only_export_measures_the_real_header(tmp_path, tiny_path):
     assert list(tmp_path.iterdir()) == []
     full = export_gguf(lm.model, lm.tokenizer, tmp_path / "m.gguf", out_type="q8_0", extra_metadata=meta)
     assert head.n_bytes == read_gguf_header(full.path).data_offset
+
+
+def test_export_step_size_is_a_share_of_the_model_the_run_started_from(run_cli, tmp_path, tiny_path):
+    """In a run, `quantize.target_size: 20%` (what `make demo SIZE=20%` sets through the DAG's targets) is a
+    share of the model file the run started from (here the fixture's safetensors), not of the pruned copy."""
+    (tmp_path / "r.yaml").write_text(RECIPE.replace("target_bpw: 4.6, types: [Q4_K, Q4_0]",
+                                                    "target_size: 20%, measure_blocks: 0, "
+                                                    "types: [Q4_0, Q5_0, Q8_0, Q4_K, Q6_K]"))
+    run = tmp_path / "run"
+    for args in (("init", run, "--model", tiny_path, "-r", tmp_path / "r.yaml"), ("prune", run), ("export", run)):
+        code, _, err = run_cli(*args)
+        assert code == 0, (args, err)
+    source = sum(f.stat().st_size for f in tiny_path.glob("*.safetensors"))
+    size = json.loads((run / "run.json").read_text())["steps"]["export"]["bytes"]
+    assert 0.2 * source * 0.97 < size <= 0.2 * source
