@@ -75,9 +75,9 @@ def target_text(cfg: Quantize) -> str:
 def resolve_size(model, tokenizer, cfg: Quantize, out_path: Path, source_gguf: Path | None,
                  extra_metadata: dict | None, source_bytes: int | None = None) -> Quantize:
     """A file-size target (`target_size`) as the bytes its tensors may take: the size (a share: of
-    `source_bytes`, else of the source GGUF, else of the model in F16) less the file's header, metadata and tensor table, measured by
-    writing them (export_gguf(header_only=True)) with this run's metadata and the longest quantizer records
-    (every tensor's type as IQ4_NL), and less each tensor's alignment padding."""
+    `source_bytes`, else of the source GGUF, else of the model in F16) less the file's header, metadata and
+    tensor table, measured by writing them (export_gguf(header_only=True)) with this run's metadata and
+    quantizer records at least as long as the real ones, and less each tensor's alignment padding."""
     from birdbone_core.errors import BirdboneError
     from birdbone_core.export.gguf_file import export_gguf
     from birdbone_core.quant.config import parse_size
