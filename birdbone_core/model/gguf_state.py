@@ -7,6 +7,8 @@ dequantized model in memory."""
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -15,7 +17,6 @@ import gguf
 import numpy as np
 import torch
 
-from birdbone_core import atomic
 from birdbone_core.errors import BirdboneError
 from birdbone_core.model.default import cache_dir_default
 from birdbone_core.model.gguf_header import TensorInfo, read_gguf_header
@@ -46,13 +47,22 @@ def converted_metadata(path: Path) -> Path:
     config = AutoConfig.from_pretrained(str(path.parent), **where)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **where)
     try:
-        with atomic.staged_dir(out) as tmp:
-            config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     except OSError:              # a read-only cache: convert into a temporary directory, every time
-        out = Path(tempfile.mkdtemp(prefix="birdbone-gguf-meta-"))
-        config.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        tmp = out = Path(tempfile.mkdtemp(prefix="birdbone-gguf-meta-"))
+    try:
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if tmp != out:
+            try:
+                os.rename(tmp, out)    # atomic; a process that converted the same header first wins: the same files
+            except OSError:
+                if not (out / "config.json").is_file():
+                    raise
+    finally:
+        if tmp != out:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -220,6 +220,35 @@ def test_gguf_loads_dequantized(tiny_gguf):
     assert lm.tokenizer("Hello world")["input_ids"][0] == 1
 
 
+def test_gguf_metadata_is_converted_once_per_header(tiny_gguf, tmp_path, monkeypatch):
+    """A GGUF's config and tokenizer are converted by transformers once, into $BIRDBONE_CACHE/gguf-meta/<key of
+    the header bytes>; a second load reads that copy (transformers' GGUF parsing is not called again), and
+    the same header copied to another file name shares it."""
+    import shutil
+
+    import transformers
+
+    from birdbone_core.model.gguf_state import converted_metadata
+
+    monkeypatch.setenv("BIRDBONE_CACHE", str(tmp_path / "cache"))
+    path, _ = tiny_gguf
+    first = converted_metadata(path)
+    assert first.parent == tmp_path / "cache" / "gguf-meta" and (first / "config.json").is_file()
+    assert [p.name for p in first.parent.iterdir()] == [first.name]          # no temporary left behind
+
+    real = transformers.AutoConfig.from_pretrained
+
+    def refuse_gguf(*a, **k):
+        assert "gguf_file" not in k, "converted again"
+        return real(*a, **k)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse_gguf)
+    copy = tmp_path / "renamed.gguf"
+    shutil.copy(path, copy)
+    assert converted_metadata(copy) == first
+    assert load_model(str(path)).tokenizer("Hello world")["input_ids"][0] == 1
+
+
 # --- resolve_source -------------------------------------------------------------------------------
 
 
