@@ -24,6 +24,19 @@ def test_round_trip_and_hash(tmp_path):
     assert r.sha256() != Recipe().sha256()
 
 
+@pytest.mark.parametrize("text", [
+    "quantize: {target_size: 40%}",                       # every quantize default, types included
+    "quantize: {target_bpw: 4.5}\nwaves: {max_per_wave: 0.1}\nstructure: {vocab: 32768}",
+    "evaluation: {tasks: [pydocs_cloze]}\nprune: {method: sparsegpt, sparsity: 0.5}",
+])
+def test_every_section_round_trips_with_its_hash(tmp_path, text):
+    """What `birdbone init` writes (dump_recipe) reads back as the same recipe with the same hash, defaults
+    included: each later step checks the hash, so a default that changes on the way back breaks a run."""
+    r = load_recipe(_write(tmp_path, text + "\n"))
+    again = load_recipe(_write(tmp_path, dump_recipe(r)))
+    assert again == r and again.sha256() == r.sha256()
+
+
 @pytest.mark.parametrize("text,needle", [
     ("prune: {sparsity: 1.5}", "prune.sparsity: Input should be less than 1"),
     ("prune: {method: obs}", "prune.method: Input should be 'magnitude', 'wanda' or 'sparsegpt'"),

@@ -93,7 +93,7 @@ class Quantize(_Strict):
                                     "160000000 (bytes), or a share of the source file: 60% or 0.6")
     types: list[str] = Field(default_factory=lambda: ["Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1",
                                                       "Q5_K", "Q6_K", "Q8_0", "IQ4_NL"],
-                             description="candidate block types of 2-D weights")
+                             description="candidate block types of 2-D weights", validate_default=True)
     overrides: dict[str, str] = Field(default_factory=dict, description="regex over GGUF names -> type")
     stress: dict[str, float] = Field(default_factory=dict, description="regex -> error multiplier (more bits)")
     importance: bool = Field(True, description="importance-weighted scale search (our own imatrix)")
