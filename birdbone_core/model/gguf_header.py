@@ -62,13 +62,16 @@ class _Cursor:
         self.pos += size
         return value
 
-    def string(self) -> str:
+    def raw_string(self) -> bytes:
         n = self.take("Q")
         if self.pos + n > len(self.buf):
             raise GgufHeaderError(f"string of {n} bytes at byte {self.pos} runs past the end of the file")
         raw = self.buf[self.pos : self.pos + n]
         self.pos += n
-        return bytes(raw).decode("utf-8", errors="replace")
+        return bytes(raw)
+
+    def string(self) -> str:
+        return self.raw_string().decode("utf-8", errors="replace")
 
     def value(self, vtype: int, key: str):
         if vtype in _SCALAR:
@@ -101,7 +104,9 @@ def read_gguf_header(path: Path) -> GgufHeader:
             return _parse(buf, size)
 
 
-def _parse(buf, size: int) -> GgufHeader:
+def _open(buf) -> tuple[_Cursor, int, int, int]:
+    """A cursor at the first metadata key, after the checked magic, version and counts:
+    (cursor, version, tensor count, key count)."""
     if bytes(buf[:4]) != b"GGUF":
         raise GgufHeaderError(f"bad magic {bytes(buf[:4])!r}, expected b'GGUF'")
     order = "<" if struct.unpack_from("<I", buf, 4)[0] in SUPPORTED_VERSIONS else ">"
@@ -113,7 +118,12 @@ def _parse(buf, size: int) -> GgufHeader:
     n_tensors, n_kv = cur.take("Q"), cur.take("Q")
     if n_tensors > _MAX_COUNT or n_kv > _MAX_COUNT:
         raise GgufHeaderError(f"implausible counts ({n_tensors} tensors, {n_kv} metadata keys)")
-    header = GgufHeader(version=version, byte_order=order, file_size=size)
+    return cur, version, n_tensors, n_kv
+
+
+def _parse(buf, size: int) -> GgufHeader:
+    cur, version, n_tensors, n_kv = _open(buf)
+    header = GgufHeader(version=version, byte_order=cur.order, file_size=size)
     for _ in range(n_kv):
         key = cur.string()
         header.metadata[key] = cur.value(cur.take("I"), key)
@@ -155,19 +165,15 @@ _NUMPY = {0: "u1", 1: "i1", 2: "u2", 3: "i2", 4: "u4", 5: "i4", 6: "f4", 7: "?",
 
 
 def read_gguf_fields(path: Path, prefix: str | tuple[str, ...]) -> dict[str, tuple[int, int | None, object]]:
-    """The metadata keys that start with `prefix` (or one of several), whole: key -> (value type, array element type or None,
-    value), strings as raw bytes, arrays as lists: what gguf.GGUFReader's fields hold, read in a fraction of
-    its time (Gemma 3's 262,144-token vocabulary: about 10 s there). Raises GgufHeaderError (or OSError)."""
+    """The metadata keys that start with `prefix` (or one of several), whole: key -> (value type, array element
+    type or None, value), strings as raw bytes, arrays as lists: what gguf.GGUFReader's fields hold, read in a
+    fraction of its time (Gemma 3's 262,144-token vocabulary: about 10 s there). Raises GgufHeaderError (or
+    OSError)."""
     import numpy as np
 
     def whole(cur: _Cursor, vtype: int, key: str):
         if vtype == _STRING:
-            n = cur.take("Q")
-            raw = bytes(cur.buf[cur.pos:cur.pos + n])
-            if len(raw) != n:
-                raise GgufHeaderError(f"metadata {key}: string runs past the end of the file")
-            cur.pos += n
-            return raw
+            return cur.raw_string()
         if vtype != _ARRAY:
             return cur.value(vtype, key)
         elem, n = cur.take("I"), cur.take("Q")
@@ -184,19 +190,14 @@ def read_gguf_fields(path: Path, prefix: str | tuple[str, ...]) -> dict[str, tup
 
     out: dict[str, tuple[int, int | None, object]] = {}
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if bytes(buf[:4]) != b"GGUF":
-            raise GgufHeaderError(f"bad magic {bytes(buf[:4])!r}, expected b'GGUF'")
-        order = "<" if struct.unpack_from("<I", buf, 4)[0] in SUPPORTED_VERSIONS else ">"
-        cur = _Cursor(buf, order)
-        cur.pos = 8
-        _, n_kv = cur.take("Q"), cur.take("Q")
-        for _ in range(min(n_kv, _MAX_COUNT)):
+        cur, _, _, n_kv = _open(buf)
+        for _ in range(n_kv):
             key = cur.string()
             vtype = cur.take("I")
             if not key.startswith(prefix):
                 cur.value(vtype, key)
                 continue
-            sub = struct.unpack_from(order + "I", buf, cur.pos)[0] if vtype == _ARRAY else None
+            sub = struct.unpack_from(cur.order + "I", buf, cur.pos)[0] if vtype == _ARRAY else None
             out[key] = (vtype, sub, whole(cur, vtype, key))
     return out
 
