@@ -110,7 +110,7 @@ def _load_gguf(path: str, dtype: torch.dtype):
     sm = StreamedModel.open(file, Placement(torch.device("cpu"), str(dtype).removeprefix("torch.")))
     for i in range(sm.n_layers):
         sm.load_layer(i)
-    tokenizer = _gguf_tokenizer(file)
+    tokenizer = _gguf_tokenizer(file, sm.config_dir)
     sm.model.config._name_or_path = str(file.parent)        # as transformers' own GGUF load names it
     return sm.model, tokenizer
 
@@ -257,16 +257,17 @@ def _load_tokenizer(where: str, label: str, **kwargs):
         raise BirdboneError(f"{label}: failed to load tokenizer ({_one_line(exc)})") from exc
 
 
-def _gguf_tokenizer(path: Path):
-    """A GGUF's tokenizer from its converted metadata (model.gguf_state.converted_metadata), read as the
-    tokenizer.json it is: a model-specific class (GemmaTokenizer) would rebuild its own normalizer and
-    pre-tokenizer over it, which is wrong for a byte-level BPE vocabulary in a gemma3 GGUF."""
+def _gguf_tokenizer(path: Path, metadata_dir: Path | None = None):
+    """A GGUF's tokenizer from its converted metadata (model.gguf_state.converted_metadata; `metadata_dir` when
+    already found), read as the tokenizer.json it is: a model-specific class (GemmaTokenizer) would rebuild its
+    own normalizer and pre-tokenizer over it, which is wrong for a byte-level BPE vocabulary in a gemma3 GGUF."""
     from transformers import PreTrainedTokenizerFast
 
     from birdbone_core.model.gguf_state import converted_metadata
 
     try:
-        return PreTrainedTokenizerFast.from_pretrained(str(converted_metadata(path)), local_files_only=True)
+        return PreTrainedTokenizerFast.from_pretrained(str(metadata_dir or converted_metadata(path)),
+                                                       local_files_only=True)
     except Exception as exc:  # tokenizer files are parsed by several libraries, each with its own errors
         raise BirdboneError(f"{path}: failed to load tokenizer ({_one_line(exc)})") from exc
 

@@ -69,8 +69,11 @@ class StreamedModel:
     state: the checkpoint's tensors in the placement's dtype (SafetensorsState).
     """
 
-    def __init__(self, model, state: SafetensorsState, device: torch.device, dtype: torch.dtype, directory: Path):
+    def __init__(self, model, state: SafetensorsState, device: torch.device, dtype: torch.dtype, directory: Path,
+                 config_dir: Path | None = None):
         self.model, self.state, self.device, self.dtype, self.directory = model, state, device, dtype, directory
+        # where config.json and the tokenizer files are: the directory, or a GGUF's converted metadata
+        self.config_dir = config_dir or directory
         self.n_layers = len(decoder_layers(model))
 
     @classmethod
@@ -87,13 +90,14 @@ class StreamedModel:
         if gguf_file:       # dequantized tensor by tensor (model.gguf_state): float32 unless placed otherwise
             from birdbone_core.model.gguf_state import converted_metadata
 
-            config = AutoConfig.from_pretrained(converted_metadata(directory), local_files_only=True)
+            config_dir = converted_metadata(directory)
             dtype = placement.dtype_for(None)
         else:
+            config_dir = directory
             state = SafetensorsState(checks.safetensors_files(directory))
             dtype = placement.dtype_for(next(iter(state.stored.values())), keep=keep_dtype)
             state.dtype = dtype
-            config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
         with init_empty_weights(include_buffers=False):       # parameters on meta, buffers real
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.eval()
@@ -113,7 +117,7 @@ class StreamedModel:
                 for k, buf in module._buffers.items():
                     if buf is not None:
                         module._buffers[k] = buf.to(placement.device)
-        sm = cls(model, state, placement.device, dtype, directory)
+        sm = cls(model, state, placement.device, dtype, directory, config_dir)
         if materialize:
             sm._materialize([n for n in state if not n.startswith("model.layers.")])
         if tied:
