@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from birdbone_core.errors import BirdboneError
+from birdbone_core.report import prune_report
 from birdbone_core.report.data import (
     LAYER_RE,
     WAVE_METRICS,
@@ -190,7 +191,7 @@ def _num3(x) -> str:
 
 
 def _prune_report(root: Path, data: RunData) -> None:
-    rep = _read_json(root / "prune_report.json")
+    rep = _read_json(root / prune_report.FILE)
     if rep is None:
         data.missing.append("no prune_report.json (the pruning step has not finished)")
         return
