@@ -182,6 +182,16 @@ def _cmd_diff(a) -> int:
 def _cmd_revert(a) -> int:
     from birdbone_core.steps import Run, revert
 
+    if a.structure is not None:
+        from birdbone_core import atomic
+        from birdbone_core.structure.records import revert_structure
+
+        src = Path(a.run)
+        src = Run(src).structured_dir if (src / "run.json").is_file() else src
+        atomic.check_output_dir(Path(a.out), "reverted model", not_within=src)
+        out = revert_structure(src, a.structure, Path(a.out))
+        print(f"wrote the exact model after structural wave {a.structure} to {out}")
+        return 0
     out = revert(Run(Path(a.run)), a.to, Path(a.out))
     print(f"wrote the exact state after wave {a.to} to {out}")
     return 0
@@ -286,9 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("b", type=int)
     d.add_argument("--top", type=int, default=20, help="show the N most-changed tensors")
     d.set_defaults(fn=_cmd_diff)
-    rv = sub.add_parser("revert", help="write the exact weights after a wave (0 = base)")
-    rv.add_argument("run")
-    rv.add_argument("--to", type=int, required=True)
+    rv = sub.add_parser("revert", help="write the exact weights after a wave (0 = base), or after a structural "
+                                       "wave (--structure K; 0 = the uncut model)")
+    rv.add_argument("run", help="run directory (or, with --structure, a `birdbone structure` output)")
+    which = rv.add_mutually_exclusive_group(required=True)
+    which.add_argument("--to", type=int, help="ledger wave (0: the run's base)")
+    which.add_argument("--structure", type=int, metavar="K",
+                       help="structural wave (0: the model before any cut), from the cut's wave records")
     rv.add_argument("-o", "--out", required=True, help="output directory (transformers safetensors)")
     rv.set_defaults(fn=_cmd_revert)
 

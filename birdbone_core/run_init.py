@@ -122,8 +122,7 @@ def ensure_structured(run: Run, placement: Placement | None = None) -> None:
     cfg = recipe.structure
     if cfg is None or run.done("structure"):
         return
-    from birdbone_core.eval.perplexity import bits_per_byte
-    from birdbone_core.structure.apply import apply_structure, save_structured
+    from birdbone_core.structure.apply import apply_structure, records_staging, save_structured
 
     t0 = time.perf_counter()
     cal, ev = recipe.calibration, recipe.evaluation
@@ -131,22 +130,21 @@ def ensure_structured(run: Run, placement: Placement | None = None) -> None:
     held, held_desc = read_text(ev.text, "eval")
     corpus = read_text(cfg.vocab_corpus, "calib") if cfg.vocab is not None else None
     lm = load_step_model(run.model_spec(), "source model", run.load_options(), placement or run.placement())
-    bpb_before = bits_per_byte(lm.model, lm.tokenizer, held)
     blocks = calibration_blocks(lm.tokenizer, text, cal.n_samples, cal.seq_len, cal.seed)
     m = run.manifest()["model"]
-    cut = apply_structure(lm.model, lm.tokenizer, cfg, blocks, corpus=corpus,
-                          source_gguf=Path(m["path"]) if m["kind"] == "gguf" else None)
-    bpb_after = bits_per_byte(lm.model, cut.tokenizer, held)
-    record = {"source": run.model_spec(), "calibration": text_desc, **cut.record,
-              "held_out": {"text": held_desc, "bits_per_byte_before": bpb_before["bits_per_byte"],
-                           "bits_per_byte_after": bpb_after["bits_per_byte"], "bytes": bpb_before["bytes"]}}
-    save_structured(lm.model, cut, run.structured_dir, record)
+    with records_staging(run.structured_dir) as records:
+        cut = apply_structure(lm.model, lm.tokenizer, cfg, blocks, corpus=corpus, held=held, records=records,
+                              source_gguf=Path(m["path"]) if m["kind"] == "gguf" else None)
+        record = {"source": run.model_spec(), "calibration": text_desc, **cut.record}
+        record["held_out"] = {"text": held_desc, **record["held_out"]}
+        save_structured(lm.model, cut, run.structured_dir, record, records=records)
+    bpb = record["held_out"]
     summary = {k: record[k] for k in ("params_before", "params_after")}
     if "vocab" in record:
         summary["vocab"] = {k: record["vocab"][k] for k in ("kept", "of", "corpus_tokenizes_identically")}
-    run.mark_done("structure", {**summary, "bits_per_byte_before": bpb_before["bits_per_byte"],
-                                "bits_per_byte_after": bpb_after["bits_per_byte"],
+    run.mark_done("structure", {**summary, "bits_per_byte_before": bpb["bits_per_byte_before"],
+                                "bits_per_byte_after": bpb["bits_per_byte_after"],
                                 "seconds": time.perf_counter() - t0})
     console().print(f"structure: {record['params_before'] / 1e6:.1f}M -> {record['params_after'] / 1e6:.1f}M "
-                    f"parameters; held-out bits per byte {bpb_before['bits_per_byte']:.4f} -> "
-                    f"{bpb_after['bits_per_byte']:.4f}")
+                    f"parameters; held-out bits per byte {bpb['bits_per_byte_before']:.4f} -> "
+                    f"{bpb['bits_per_byte_after']:.4f}")

@@ -2,12 +2,14 @@
 
     birdbone structure MODEL -o OUT [--vocab 32768 [--vocab-corpus FILE]] [--layers N] [--ffn 0.3]
                                     [--heads 0.25] [--metric angular|bi|kl]
+                                    [--waves N --heal-steps S [--stop-loss 0.05]]
 
 Vocabulary first (the LM head is the largest matmul of a small model, and every later calibration forward
 pays for it), then depth (fewer layers to score for width), then width. OUT is a Hugging Face directory
 (the model, its tokenizer, `tokenizer.gguf` when the source was a GGUF, and structure.json: what was
-removed, in the original numbering) that every other command takes: `birdbone quantize OUT -o model.gguf
---bpw 4.5`, `birdbone eval OUT --reference MODEL`.
+removed, in the original numbering; waves/: every wave's record) that every other command takes:
+`birdbone quantize OUT -o model.gguf --bpw 4.5`, `birdbone eval OUT --reference MODEL`, and
+`birdbone revert OUT --structure K -o DIR` for the exact model after wave K (0: the uncut model).
 """
 from __future__ import annotations
 
@@ -39,13 +41,13 @@ def _cmd_structure(a) -> int:
     from birdbone_core.model.gguf_header import written_by_birdbone
     from birdbone_core.run_init import load_with_options
     from birdbone_core.runtime import place
-    from birdbone_core.structure.apply import apply_structure, save_structured
+    from birdbone_core.structure.apply import apply_structure, records_staging, save_structured
     from birdbone_core.structure.config import Structure
 
     try:
         cfg = Structure(vocab=a.vocab, vocab_corpus=a.vocab_corpus, layers=a.layers, ffn=a.ffn, heads=a.heads,
                         per_layer=a.per_layer, metric=a.metric, multiple=a.multiple, heal_steps=a.heal_steps,
-                        heal_lr=a.heal_lr)
+                        heal_lr=a.heal_lr, waves=a.waves, stop_loss=a.stop_loss)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(map(str, first["loc"]))
@@ -57,13 +59,17 @@ def _cmd_structure(a) -> int:
         atomic.check_output_file(Path(a.gguf), "GGUF", written_by_birdbone)
     corpus = read_text(cfg.vocab_corpus, "calib") if cfg.vocab is not None else None
     text, text_desc = read_text(a.text, "calib")
+    held, held_desc = read_text(a.held_out, "eval")
     lm = load_with_options(a.model, {}, place(runtime_of(a)))
     source_gguf = Path(a.model) if a.model.endswith(".gguf") else None
     blocks = calibration_blocks(lm.tokenizer, text, a.n_samples, a.seq_len, 0)
-    cut = apply_structure(lm.model, lm.tokenizer, cfg, blocks, corpus=corpus, source_gguf=source_gguf)
-    record = {"source": a.model, "calibration": {"text": text_desc, "n_samples": a.n_samples, "seq_len": a.seq_len},
-              **cut.record}
-    save_structured(lm.model, cut, out, record, mark=True)
+    with records_staging(out) as records:
+        cut = apply_structure(lm.model, lm.tokenizer, cfg, blocks, corpus=corpus, source_gguf=source_gguf,
+                              held=held, records=records)
+        record = {"source": a.model, "calibration": {"text": text_desc, "n_samples": a.n_samples,
+                                                     "seq_len": a.seq_len}, **cut.record}
+        record["held_out"] = {"text": held_desc, **record["held_out"]}
+        save_structured(lm.model, cut, out, record, mark=True, records=records)
     print(f"{record['params_before'] / 1e6:.1f}M -> {record['params_after'] / 1e6:.1f}M parameters; wrote {out}")
     if a.gguf:
         res = export_gguf(lm.model, cut.tokenizer, Path(a.gguf), out_type=a.gguf_type,
@@ -97,6 +103,14 @@ def add_commands(sub) -> None:
                    help="after the cuts, N steps of distillation from the dense model's top-k logits on the "
                         "calibration windows (0: no healing)")
     p.add_argument("--heal-lr", type=float, default=None, help="healing learning rate (default 3e-5)")
+    p.add_argument("--waves", type=positive_int, default=1,
+                   help="cut layers / FFN / heads in N even waves, each healed by --heal-steps and checked by "
+                        "--stop-loss (the vocabulary goes with the first)")
+    p.add_argument("--stop-loss", type=float, default=None, metavar="SHARE",
+                   help="revert (exactly) the first wave whose held-out bits per byte rise more than SHARE over "
+                        "the uncut model's, and stop there (e.g. 0.05)")
+    p.add_argument("--held-out", help="held-out text for bits per byte after each wave (default: the built-in "
+                                      "held-out slice)")
     p.add_argument("--gguf", metavar="FILE", help="also write the result as a GGUF file stock llama.cpp runs "
                                                   "(or quantize OUT later: birdbone quantize OUT -o F --bpw 4.5)")
     p.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default="q8_0", help="type of --gguf")

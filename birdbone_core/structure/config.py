@@ -1,8 +1,10 @@
 """The recipe's `structure:` section: cuts applied once, before any pruning, to make the run's base model.
 
-    structure: {vocab: 16384, ffn: 0.25, heal_steps: 40}
+    structure: {vocab: 16384, ffn: 0.4, waves: 4, heal_steps: 40, stop_loss: 0.05}
 
-Order: vocabulary, then layers, then FFN neurons / KV groups, then healing (birdbone_core.structure.apply).
+Order within a wave: vocabulary (first wave only), then layers, then FFN neurons / KV groups, then healing,
+then the stop-loss check (birdbone_core.structure.apply). Every wave is recorded so that any earlier state,
+the uncut model included, is rebuilt exactly (birdbone_core.structure.records).
 """
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ class Structure(BaseModel):
     heal_steps: int = Field(0, ge=0, le=1_000_000, description="distillation steps from the uncut model after "
                                                                "the cuts (0: none)")
     heal_lr: float | None = Field(None, gt=0, le=1.0, description="healing learning rate; None = 3e-5")
+    waves: int = Field(1, ge=1, le=100, description="split the layer, FFN and head cuts into this many waves, "
+                                                    "each healed by heal_steps and checked by stop_loss (the "
+                                                    "vocabulary goes with the first)")
+    stop_loss: float | None = Field(None, gt=0, description="largest relative rise of held-out bits per byte over "
+                                                            "the uncut model a wave may leave: a wave beyond it is "
+                                                            "reverted exactly and cutting stops; None = no check")
 
     @model_validator(mode="after")
     def _something(self) -> "Structure":
@@ -37,4 +45,6 @@ class Structure(BaseModel):
             raise ValueError("nothing to remove: give vocab, layers, ffn and/or heads")
         if self.vocab is not None and self.vocab != 0 and self.vocab < 256:
             raise ValueError(f"vocab {self.vocab} is fewer than the 256 byte tokens every vocabulary keeps")
+        if self.per_layer and self.waves > 1:
+            raise ValueError("per_layer ranks every layer's neurons at once: give it waves: 1")
         return self

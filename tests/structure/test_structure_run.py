@@ -49,6 +49,10 @@ def test_structured_run_starts_from_the_cut_model(tiny_path, tmp_path, mode):
     assert cli("revert", run, "--to", "0", "-o", out).returncode == 0
     a, b = load_file(str(out / "model.safetensors")), load_file(str(run / "structured" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and the cut itself is recorded: revert --structure 0 is the source model, bit for bit
+    assert cli("revert", run, "--structure", "0", "-o", tmp_path / "uncut").returncode == 0
+    a, b = load_file(str(tmp_path / "uncut" / "model.safetensors")), load_file(str(tiny_path / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_structure_section_is_validated_and_absent_by_default(tiny_path, tmp_path):
