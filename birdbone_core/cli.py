@@ -159,10 +159,19 @@ def _cmd_log(a) -> int:
     from rich.console import Console
 
     from birdbone_core.ledger import format_log
+    from birdbone_core.steps import Run
+    from birdbone_core.structure.records import read_waves, structure_table
 
+    console = Console(width=max(140, Console().width))
+    if not (Path(a.run) / "run.json").is_file() and read_waves(Path(a.run)):   # a `birdbone structure` output
+        console.print(structure_table(Path(a.run)))
+        return 0
     ledger = _ledger(a)
     ledger.verify()              # a log of a damaged ledger would print what the files no longer hold
-    Console(width=max(140, Console().width)).print(format_log(ledger.log()))
+    cut = Run(Path(a.run)).structured_dir
+    if read_waves(cut):          # the cut the ledger's base was made by
+        console.print(structure_table(cut))
+    console.print(format_log(ledger.log()))
     return 0
 
 
@@ -287,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     vf = sub.add_parser("verify", help="check every file of a run against the hashes recorded when written")
     vf.add_argument("run")
     vf.set_defaults(fn=_cmd_verify)
-    lg = sub.add_parser("log", help="the run's ledger: one line per wave")
+    lg = sub.add_parser("log", help="the run's ledger: one line per wave (and its structural waves, if any)")
     lg.add_argument("run")
     lg.set_defaults(fn=_cmd_log)
     d = sub.add_parser("diff", help="per-tensor changes and metrics between two waves")

@@ -156,3 +156,36 @@ def revert_structure(src: Path, to_wave: int, out: Path) -> Path:
         if generation is not None:
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True))
     return out
+
+
+def describe_cut(wave: dict) -> str:
+    """What one wave removed, in a few words."""
+    parts = []
+    if "vocab" in wave:
+        parts.append(f"vocab {wave['vocab']['of']} -> {wave['vocab']['kept']}")
+    if "layers" in wave:
+        parts.append(f"layers {wave['layers']['removed']} of {wave['layers']['of']}")
+    if "width" in wave:
+        b, a = wave["width"]["sizes_before"], wave["width"]["sizes_after"]
+        parts += [f"{key} {b[key]} -> {a[key]}" for key in ("intermediate_size", "num_key_value_heads")
+                  if b[key] != a[key]]
+        if "ffn_widths" in a:
+            parts.append(f"FFN widths {min(a['ffn_widths'])}..{max(a['ffn_widths'])}")
+    return "; ".join(parts) or "-"
+
+
+def structure_table(src: Path):
+    """A rich Table of the structural waves recorded in `src` (a structured model directory)."""
+    from rich.table import Table
+
+    t = Table(title=f"structural waves ({src}; birdbone revert ... --structure K)")
+    for col in ("wave", "decision", "removed", "bits/byte", "healing KL", "stored"):
+        t.add_column(col, justify="right" if col in ("wave", "bits/byte", "stored") else "left")
+    for w in read_waves(src):
+        f = src / WAVES / str(w["wave"]) / BEFORE
+        heal = w.get("heal")
+        t.add_row(str(w["wave"]), w["decision"], describe_cut(w),
+                  f"{w['bits_per_byte']:.4f}" if "bits_per_byte" in w else "-",
+                  f"{heal['kl_before']:.4f} -> {heal['kl_after']:.4f}" if heal else "-",
+                  f"{f.stat().st_size / 1e6:.1f} MB" if f.is_file() else "-")
+    return t

@@ -49,7 +49,9 @@ def test_structured_run_starts_from_the_cut_model(tiny_path, tmp_path, mode):
     assert cli("revert", run, "--to", "0", "-o", out).returncode == 0
     a, b = load_file(str(out / "model.safetensors")), load_file(str(run / "structured" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # and the cut itself is recorded: revert --structure 0 is the source model, bit for bit
+    # and the cut itself is recorded (`birdbone log` shows it): revert --structure 0 is the source, bit for bit
+    log = cli("log", run)
+    assert log.returncode == 0 and "structural waves" in log.stdout and "accept" in log.stdout
     assert cli("revert", run, "--structure", "0", "-o", tmp_path / "uncut").returncode == 0
     a, b = load_file(str(tmp_path / "uncut" / "model.safetensors")), load_file(str(tiny_path / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -79,6 +79,8 @@ def test_the_stop_loss_reverts_a_costly_wave_exactly(tiny_path, tmp_path):
     assert waves[1]["bits_per_byte"] > 1.02 * json.loads((out / "structure.json").read_text())[
         "held_out"]["bits_per_byte_before"]
     assert not (out / "waves" / "2" / "before.safetensors").exists()      # nothing changed, nothing stored
+    log = cli("log", out)
+    assert log.returncode == 0 and "rollback" in log.stdout and "intermediate_size 512 -> 384" in log.stdout
     # the model is exactly the one after wave 1: the rolled-back wave left no trace in the weights
     assert cli("revert", out, "--structure", "1", "-o", tmp_path / "r1").returncode == 0
     _same_model(tmp_path / "r1", out)
