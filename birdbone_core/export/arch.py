@@ -45,7 +45,7 @@ class ArchSpec:
     permute_qk: bool  # llama.cpp "normal" RoPE layout: interleave the two halves of every q/k head
     norm_offset: float  # added to every *norm.weight (Gemma's (1 + w) RMSNorm)
     allows_qkv_bias: bool
-    ragged_ffn: bool = False  # each layer its own FFN width (a per-layer feed_forward_length array)
+    ragged_ffn: bool = False  # each layer its own FFN width and head counts (per-layer arrays)
 
 
 LLAMA = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, permute_qk=True, norm_offset=0.0, allows_qkv_bias=True)
@@ -65,8 +65,9 @@ ARCHS: dict[str, ArchSpec] = {
 
 
 def for_widths(spec: ArchSpec, dims: "Dims") -> ArchSpec:
-    """The architecture llama.cpp runs this model as: `deci` for a llama model with per-layer FFN widths."""
-    return DECI if spec is LLAMA and len(set(dims.n_ff_layers)) > 1 else spec
+    """The architecture llama.cpp runs this model as: `deci` for a llama model with per-layer FFN widths or
+    head counts."""
+    return DECI if spec is LLAMA and dims.ragged else spec
 
 
 def arch_for(config: Any) -> ArchSpec:
@@ -92,6 +93,14 @@ class Dims:
     n_vocab: int
     n_ff: int  # the largest FFN width; narrower (pruned) layers are zero-padded to it
     n_ff_layers: tuple[int, ...]
+    n_head_layers: tuple[int, ...] = ()    # per layer (a per-layer head cut: deci); () = n_head everywhere
+    n_head_kv_layers: tuple[int, ...] = ()
+
+    @property
+    def ragged(self) -> bool:
+        """Layers of different FFN widths or head counts (llama.cpp's deci runs them; others zero-pad FFNs)."""
+        return len(set(self.n_ff_layers)) > 1 or len(set(self.n_head_layers)) > 1 or \
+            len(set(self.n_head_kv_layers)) > 1
 
 
 def _cfg(config: Any, name: str, default: Any = None) -> Any:
@@ -118,19 +127,25 @@ def model_dims(config: Any, state: Mapping[str, torch.Tensor]) -> Dims:
     if embed is None:
         raise BirdboneError("model has no model.embed_tokens.weight; cannot export it to GGUF")
     n_vocab = int(embed[0])
-    n_ff_list = []
+    n_ff_list, heads, kv_heads = [], [], []
     for il in range(n_layer):
         q = state.get(f"model.layers.{il}.self_attn.q_proj.weight")
         k = state.get(f"model.layers.{il}.self_attn.k_proj.weight")
         gate = state.get(f"model.layers.{il}.mlp.gate_proj.weight")
         if q is None or k is None or gate is None:
             raise BirdboneError(f"layer {il} lacks q_proj/k_proj/gate_proj weights; cannot export it to GGUF")
-        if q[0] != n_head * head_dim or k[0] != n_head_kv * head_dim:
+        h, kv = q[0] // head_dim, k[0] // head_dim
+        if q[0] % head_dim or k[0] % head_dim or h * n_head_kv != kv * n_head or h > n_head:
             raise BirdboneError(
                 f"layer {il}: q_proj/k_proj have {q[0]}/{k[0]} rows but the config says "
-                f"{n_head}x{head_dim}/{n_head_kv}x{head_dim} (per-layer head counts are not supported)")
+                f"{n_head}x{head_dim}/{n_head_kv}x{head_dim} (a layer may only keep fewer whole KV groups)")
         n_ff_list.append(int(gate[0]))
-    return Dims(n_layer, n_embd, n_head, n_head_kv, head_dim, n_vocab, max(n_ff_list), tuple(n_ff_list))
+        heads.append(int(h))
+        kv_heads.append(int(kv))
+    per_head = (tuple(heads), tuple(kv_heads)) if len(set(kv_heads)) > 1 else ((), ())
+    if not per_head[0] and heads[0] != n_head:
+        raise BirdboneError(f"q_proj has {heads[0]} heads of {head_dim} in every layer but the config says {n_head}")
+    return Dims(n_layer, n_embd, n_head, n_head_kv, head_dim, n_vocab, max(n_ff_list), tuple(n_ff_list), *per_head)
 
 
 def _rope_params(config: Any) -> tuple[dict, dict | None]:
@@ -171,8 +186,8 @@ def write_arch_metadata(writer: gguf.GGUFWriter, spec: ArchSpec, config: Any, di
     w.add_embedding_length(dims.n_embd)
     w.add_block_count(dims.n_layer)
     w.add_feed_forward_length(list(dims.n_ff_layers) if spec.ragged_ffn else dims.n_ff)
-    w.add_head_count(dims.n_head)
-    w.add_head_count_kv(dims.n_head_kv)
+    w.add_head_count(list(dims.n_head_layers) if spec.ragged_ffn and dims.n_head_layers else dims.n_head)
+    w.add_head_count_kv(list(dims.n_head_kv_layers) if spec.ragged_ffn and dims.n_head_kv_layers else dims.n_head_kv)
     w.add_key_length(dims.head_dim)
     w.add_value_length(dims.head_dim)
     w.add_rope_dimension_count(dims.head_dim)
@@ -239,10 +254,8 @@ def unpermute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 def to_hf_layout(spec: "ArchSpec", dims: "Dims", hf_name: str, a: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
     """A 2-D tensor in GGUF layout (as a TensorPlan loads it) back to the HF parameter's layout and shape:
     undo the q/k RoPE row permutation and the FFN zero padding."""
-    if spec.permute_qk and ".self_attn.q_proj." in hf_name:
-        a = unpermute_for_rope(a, dims.n_head)
-    elif spec.permute_qk and ".self_attn.k_proj." in hf_name:
-        a = unpermute_for_rope(a, dims.n_head_kv)
+    if spec.permute_qk and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
+        a = unpermute_for_rope(a, a.shape[0] // dims.head_dim)     # this layer's heads (a per-layer cut)
     return np.ascontiguousarray(a[: hf_shape[0], : hf_shape[1]])
 
 
@@ -303,10 +316,8 @@ def plan_tensors(model: torch.nn.Module, spec: ArchSpec, dims: Dims, config: Any
             a = state[hf].detach().to(device="cpu", dtype=torch.float32).numpy()
             if pr or pc:
                 a = np.pad(a, [(0, pr)] + [(0, 0)] * (a.ndim - 2) + [(0, pc)] if a.ndim > 1 else [(0, pr)])
-            if spec.permute_qk and ".self_attn.q_proj." in hf:
-                a = permute_for_rope(a, dims.n_head)
-            elif spec.permute_qk and ".self_attn.k_proj." in hf:
-                a = permute_for_rope(a, dims.n_head_kv)
+            if spec.permute_qk and (".self_attn.q_proj." in hf or ".self_attn.k_proj." in hf):
+                a = permute_for_rope(a, a.shape[0] // dims.head_dim)   # this layer's heads (a per-layer cut)
             if spec.norm_offset and hf.endswith("norm.weight"):
                 a = a + np.float32(spec.norm_offset)
             if q_scale != 1.0 and gn.endswith("attn_q_norm.weight"):

@@ -148,15 +148,22 @@ def _from_pretrained(where, config: dict, dtype, use_safetensors, trust_remote_c
         kwargs["use_safetensors"] = True
     if config.get("model_type") == "gemma3":
         return _load_gemma3_text_only(where, kwargs)
-    if config.get("birdbone_ffn_widths"):
-        return _load_per_layer_ffn(where, config["birdbone_ffn_widths"], kwargs)
+    if config.get("birdbone_ffn_widths") or config.get("birdbone_kv_heads"):
+        return _load_per_layer(where, config, kwargs)
     return _checked_load(AutoModelForCausalLM, where, where, **kwargs)
 
 
-def _load_per_layer_ffn(where, widths: list[int], kwargs) -> PreTrainedModel:
-    """A llama-family model whose layers have different FFN widths (birdbone_core.structure.width, per-layer
-    cut; config.json's intermediate_size is the widest): the model is built from its config, every layer's
-    MLP narrowed to its width, then the safetensors loaded strictly (a missing or mis-shaped tensor is an
+def _narrow(module: torch.nn.Linear, n_out: int | None = None, n_in: int | None = None) -> torch.nn.Linear:
+    """A fresh nn.Linear like `module` with n_out rows / n_in columns (its weights are loaded after)."""
+    return torch.nn.Linear(n_in or module.in_features, n_out or module.out_features, bias=module.bias is not None,
+                           dtype=module.weight.dtype)
+
+
+def _load_per_layer(where, config: dict, kwargs) -> PreTrainedModel:
+    """A llama-family model whose layers have different FFN widths and/or KV head counts
+    (birdbone_core.structure.width, per-layer cut; config.json's intermediate_size and head counts are the
+    largest, birdbone_ffn_widths / birdbone_kv_heads each layer's): the model is built from its config, every
+    layer narrowed to its sizes, then the safetensors loaded strictly (a missing or mis-shaped tensor is an
     error, as in _checked_load)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -164,16 +171,21 @@ def _load_per_layer_ffn(where, widths: list[int], kwargs) -> PreTrainedModel:
     cfg = AutoConfig.from_pretrained(where)
     model = AutoModelForCausalLM.from_config(cfg, dtype=kwargs["dtype"])
     layers = decoder_layers(model)
-    if len(widths) != len(layers):
-        raise BirdboneError(f"{where}: birdbone_ffn_widths has {len(widths)} entries for {len(layers)} layers")
-    for layer, n in zip(layers, widths):
-        mlp = layer.mlp
-        for name in ("gate_proj", "up_proj"):
-            old = getattr(mlp, name)
-            setattr(mlp, name, torch.nn.Linear(old.in_features, n, bias=old.bias is not None, dtype=old.weight.dtype))
-        old = mlp.down_proj
-        mlp.down_proj = torch.nn.Linear(n, old.out_features, bias=old.bias is not None, dtype=old.weight.dtype)
-        mlp.intermediate_size = n
+    for key in ("birdbone_ffn_widths", "birdbone_kv_heads"):
+        if config.get(key) and len(config[key]) != len(layers):
+            raise BirdboneError(f"{where}: {key} has {len(config[key])} entries for {len(layers)} layers")
+    for i, layer in enumerate(layers):
+        if config.get("birdbone_ffn_widths"):
+            n, mlp = config["birdbone_ffn_widths"][i], layer.mlp
+            mlp.gate_proj, mlp.up_proj = _narrow(mlp.gate_proj, n_out=n), _narrow(mlp.up_proj, n_out=n)
+            mlp.down_proj = _narrow(mlp.down_proj, n_in=n)
+            mlp.intermediate_size = n
+        if config.get("birdbone_kv_heads"):
+            att, head_dim = layer.self_attn, layer.self_attn.head_dim
+            group = cfg.num_attention_heads // cfg.num_key_value_heads
+            kv = config["birdbone_kv_heads"][i] * head_dim
+            att.q_proj, att.o_proj = _narrow(att.q_proj, n_out=kv * group), _narrow(att.o_proj, n_in=kv * group)
+            att.k_proj, att.v_proj = _narrow(att.k_proj, n_out=kv), _narrow(att.v_proj, n_out=kv)
     state: dict[str, torch.Tensor] = {}
     for f in sorted(Path(where).glob("*.safetensors")):
         state.update(load_file(str(f)))
@@ -182,7 +194,7 @@ def _load_per_layer_ffn(where, widths: list[int], kwargs) -> PreTrainedModel:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:   # a shape mismatch
-        raise BirdboneError(f"{where}: the weights do not match config.json's per-layer FFN widths "
+        raise BirdboneError(f"{where}: the weights do not match config.json's per-layer widths "
                             f"({str(e).splitlines()[1].strip()})") from None
     missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:

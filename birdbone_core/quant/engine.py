@@ -300,10 +300,8 @@ class _Statistics:
             if H.shape[0] < cols:  # zero-padded FFN columns never see input
                 H = torch.nn.functional.pad(H, (0, cols - H.shape[0], 0, cols - H.shape[0]))
             F = _pad_to(sens.fisher.get(mod, torch.ones(rows)), rows)
-            if spec.permute_qk and ".self_attn.q_proj." in p.hf_name:
-                F = torch.from_numpy(permute_for_rope(F.numpy().reshape(-1, 1), dims.n_head).reshape(-1))
-            elif spec.permute_qk and ".self_attn.k_proj." in p.hf_name:
-                F = torch.from_numpy(permute_for_rope(F.numpy().reshape(-1, 1), dims.n_head_kv).reshape(-1))
+            if spec.permute_qk and (".self_attn.q_proj." in p.hf_name or ".self_attn.k_proj." in p.hf_name):
+                F = torch.from_numpy(permute_for_rope(F.numpy().reshape(-1, 1), rows // dims.head_dim).reshape(-1))
         emb_rows = ((sens.embed_ids, sens.embed_g2) if (sens is not None and sens.embed_ids is not None
                                                          and p.gguf_name == "token_embd.weight") else None)
         imp = None

@@ -79,7 +79,7 @@ def apply_structure(model: torch.nn.Module, tokenizer: Any, cfg: Structure, bloc
     record (birdbone_core.structure.records)."""
     if cfg.per_layer and model.config.model_type not in PER_LAYER_FFN:   # before any work
         raise BirdboneError(f"per_layer: llama.cpp builds every {model.config.model_type} layer with layer 0's "
-                            f"sizes; per-layer FFN widths are for {', '.join(PER_LAYER_FFN)} models (llama.cpp's deci)")
+                            f"sizes; per-layer widths are for {', '.join(PER_LAYER_FFN)} models (llama.cpp's deci)")
     if cfg.stop_loss is not None and held is None:
         raise BirdboneError("structure.stop_loss needs held-out text to score each wave")
     from birdbone_core.eval.perplexity import bits_per_byte
@@ -174,7 +174,8 @@ def _cut(model, cfg: Structure, cut: WaveCut, k: int, d0, live: _Live, corpus, s
         n_layer, widths = len(decoder_layers(model)), current_widths(model)
         ffn = _share_now(widths["intermediate_size"] * n_layer, d0.n_ff * n_layer, cut.ffn,
                          0 if cfg.per_layer else cfg.multiple * n_layer)
-        heads = _share_now(widths["num_key_value_heads"], d0.n_kv, cut.heads, 0)
+        heads = _share_now(widths["num_key_value_heads"] * n_layer, d0.n_kv * n_layer, cut.heads,
+                           0 if cfg.per_layer else n_layer)
     if ffn or heads:
         r = prune_width(model, live.blocks, ffn=ffn, heads=heads, multiple=cfg.multiple,
                         per_layer=cfg.per_layer).record

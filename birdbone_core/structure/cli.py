@@ -91,8 +91,8 @@ def add_commands(sub) -> None:
     p.add_argument("--layers", type=int, default=0, help="decoder layers to drop (never the first or last)")
     p.add_argument("--ffn", type=_ratio, default=0.0, help="share of FFN neurons to remove in every layer")
     p.add_argument("--per-layer", action="store_true",
-                   help="--ffn by one ranking over all layers: each layer keeps its own width (llama/mistral "
-                        "only; the GGUF is llama.cpp's deci architecture)")
+                   help="--ffn and --heads by one ranking over all layers: each layer keeps its own width and KV "
+                        "head count (llama/mistral only; the GGUF is llama.cpp's deci architecture)")
     p.add_argument("--heads", type=_ratio, default=0.0, help="share of KV head groups to remove in every layer")
     p.add_argument("--metric", choices=("angular", "bi", "kl"), default="angular",
                    help="layer importance: angular distance, block influence (1 - cos), or the logits' KL "

@@ -24,8 +24,9 @@ class Structure(BaseModel):
     layers: int = Field(0, ge=0, description="decoder layers to drop (never the first or last)")
     ffn: float = Field(0.0, ge=0.0, lt=1.0, description="share of FFN neurons removed in every layer")
     heads: float = Field(0.0, ge=0.0, lt=1.0, description="share of KV head groups removed in every layer")
-    per_layer: bool = Field(False, description="ffn by one ranking over all layers, so each layer keeps its own "
-                                               "width (llama/mistral only: exported as llama.cpp's deci)")
+    per_layer: bool = Field(False, description="ffn and heads each by one ranking over all layers, so each layer "
+                                               "keeps its own width and KV head count (llama/mistral only: "
+                                               "exported as llama.cpp's deci)")
     metric: Literal["angular", "bi", "kl"] = Field("angular", description="layer importance for `layers`")
     multiple: int = Field(32, ge=1, description="kept FFN / attention widths are multiples of this (256 for "
                                                 "K-quants)")

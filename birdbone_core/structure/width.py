@@ -8,9 +8,9 @@ but the llama / qwen2 / qwen3 / gemma3 loaders and graphs use layer 0's values f
 layer's tensors are created with those sizes (src/models/llama.cpp:53-54,70-72; qwen2.cpp:38-39,43-45;
 qwen3.cpp:36-37,43-45; gemma3.cpp:58-59,66-68), so a layer of another width fails to load ("tensor ... has
 wrong shape", src/llama-model-loader.cpp:917); the graph context also takes layer 0's n_head / n_head_kv
-(src/llama-graph.cpp:1470-1471) for every layer's build_qkv (e.g. src/models/llama.cpp:143-144). birdbone's
-exporter writes one FFN width (zero-padding narrower layers to the widest, which saves nothing) and refuses
-per-layer head counts. So every layer here keeps the same number of neurons and of head groups.
+(src/llama-graph.cpp:1470-1471) for every layer's build_qkv (e.g. src/models/llama.cpp:143-144). So every layer
+of those keeps the same number of neurons and of head groups; llama-family models may instead keep their own
+per layer (`per_layer`), exported as llama.cpp's `deci`, whose graph reads every layer's sizes.
 
 qwen2: llama.cpp builds attn_q and attn_output as n_embd x n_embd (src/models/qwen2.cpp:38-39), i.e. it
 requires n_head * head_dim == hidden_size: head pruning is refused for qwen2, FFN pruning is allowed.
@@ -37,8 +37,9 @@ from birdbone_core.errors import BirdboneError
 from birdbone_core.model.layers import decoder_layers
 from birdbone_core.structure.width_scores import SUPPORTED, Dims, model_dims, width_scores
 
-# model types llama.cpp can run with a different FFN width in every layer: as its `deci` architecture
-# (llama blocks with per-layer feed_forward_length; birdbone_core.export.arch)
+# model types llama.cpp can run with a different FFN width and KV head count in every layer: as its `deci`
+# architecture (llama blocks with per-layer feed_forward_length, head_count and head_count_kv, read per layer
+# by src/models/deci.cpp; birdbone_core.export.arch)
 PER_LAYER_FFN = ("llama", "mistral")
 FFN_MODULES = (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1))  # (name, sliced dim: 0 rows, 1 columns)
 ATTN_MODULES = (("q_proj", 0), ("k_proj", 0), ("v_proj", 0), ("o_proj", 1))
@@ -100,6 +101,26 @@ def kv_keep_count(d: Dims, ratio: float, multiple: int = 32) -> int:
         raise BirdboneError(f"heads={ratio} leaves attn_output rows of {width} ({keep * d.group} heads x "
                             f"{d.head_dim}), not a multiple of {multiple}")
     return keep
+
+
+def kv_keep_counts(scores: torch.Tensor, ratio: float, d: Dims, multiple: int = 32) -> list[int]:
+    """KV groups kept in each layer when the share `ratio` of all groups goes by one ranking over every layer
+    (scores [n_layer, n_kv]): at least one group per layer (attention stays), whole groups with their query
+    heads; each layer's attn_output rows (groups * group * head_dim) must fit `multiple`."""
+    _check_ratio("heads", ratio)
+    total = round((1.0 - ratio) * scores.numel())
+    if total < scores.shape[0]:
+        raise BirdboneError(f"heads={ratio} would leave a layer without attention: every layer keeps one of its "
+                            f"{d.n_kv} KV groups at least")
+    ranked = scores.clone().float()
+    ranked[torch.arange(scores.shape[0]), scores.argmax(dim=1)] = float("inf")   # each layer's best stays
+    picked = ranked.flatten().topk(total).indices // scores.shape[1]
+    counts = torch.bincount(picked, minlength=scores.shape[0]).tolist()
+    for c in set(counts):
+        if c * d.group * d.head_dim % multiple:
+            raise BirdboneError(f"heads={ratio} leaves attn_output rows of {c * d.group * d.head_dim} in a layer, "
+                                f"not a multiple of {multiple}")
+    return counts
 
 
 def top_units(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -191,12 +212,14 @@ def _unslice_linear(module: nn.Linear, rec: SliceRecord) -> None:
 def _set_config(model: nn.Module, widths: dict) -> None:
     widths = dict(widths)
     per_layer = widths.pop("ffn_widths", None)   # llama-family per-layer FFN widths (the config's own: the widest)
+    kv_heads = widths.pop("kv_heads", None)      # llama-family per-layer KV groups (the config's own: the most)
     for key, value in widths.items():
         setattr(model.config, key, value)
-    if per_layer:
-        model.config.birdbone_ffn_widths = list(per_layer)
-    elif hasattr(model.config, "birdbone_ffn_widths"):
-        del model.config.birdbone_ffn_widths
+    for attr, value in (("birdbone_ffn_widths", per_layer), ("birdbone_kv_heads", kv_heads)):
+        if value:
+            setattr(model.config, attr, list(value))
+        elif hasattr(model.config, attr):
+            delattr(model.config, attr)
     for i, layer in enumerate(decoder_layers(model)):
         if hasattr(layer.mlp, "intermediate_size"):
             layer.mlp.intermediate_size = per_layer[i] if per_layer else widths["intermediate_size"]
@@ -208,8 +231,10 @@ def current_widths(model: nn.Module) -> dict:
     out = {"intermediate_size": int(c.intermediate_size), "num_attention_heads": int(c.num_attention_heads),
            "num_key_value_heads": int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads),
            "head_dim": int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)}
-    ffn = [layer.mlp.gate_proj.out_features for layer in decoder_layers(model)]
-    return {**out, "ffn_widths": ffn} if len(set(ffn)) > 1 else out
+    layers = decoder_layers(model)
+    ffn = [layer.mlp.gate_proj.out_features for layer in layers]
+    kv = [layer.self_attn.k_proj.out_features // out["head_dim"] for layer in layers]
+    return {**out, **({"ffn_widths": ffn} if len(set(ffn)) > 1 else {}), **({"kv_heads": kv} if len(set(kv)) > 1 else {})}
 
 
 def _widths(d: Dims) -> dict[str, int]:
@@ -217,42 +242,51 @@ def _widths(d: Dims) -> dict[str, int]:
             "head_dim": d.head_dim}
 
 
+def _ragged(keep, n: int, n_layer: int, what: str, model_type: str) -> tuple[torch.Tensor | list, list[int] | None]:
+    """A list of kept indices per layer: (as a [n_layer, k] tensor when every layer keeps as many, else the
+    list, its lengths); checked to be 1-D, ascending, within 0..n-1, one per layer."""
+    if len(keep) != n_layer:
+        raise BirdboneError(f"{len(keep)} rows of kept {what} for {n_layer} layers")
+    for k in keep:
+        if k.ndim != 1 or len(k) < 1 or k.min() < 0 or k.max() >= n or (k.diff() <= 0).any():
+            raise BirdboneError(f"kept {what} must be 1-D, ascending, within 0..{n - 1}")
+    lengths = [len(k) for k in keep]
+    if len(set(lengths)) == 1:
+        return torch.stack(list(keep)), None
+    if model_type not in PER_LAYER_FFN:
+        raise BirdboneError(f"{model_type}: llama.cpp builds every layer of this architecture with layer 0's sizes; "
+                            f"per-layer widths are for llama-family models ({', '.join(PER_LAYER_FFN)}; exported as "
+                            "llama.cpp's deci)")
+    return list(keep), lengths
+
+
 @torch.no_grad()
 def apply_width(model: nn.Module, ffn_keep: torch.Tensor | list[torch.Tensor] | None = None,
-                kv_keep: torch.Tensor | None = None) -> WidthRecord:
-    """Slice every layer in place. ffn_keep [n_layer, k_ff] kept neurons (or one 1-D tensor per layer, of
-    any lengths: per-layer widths, llama/mistral only), kv_keep [n_layer, k_kv] kept KV heads (None: that
-    part untouched); each row ascending."""
+                kv_keep: torch.Tensor | list[torch.Tensor] | None = None) -> WidthRecord:
+    """Slice every layer in place. ffn_keep [n_layer, k_ff] kept neurons, kv_keep [n_layer, k_kv] kept KV
+    heads (None: that part untouched); each row ascending. Either may instead be one 1-D tensor per layer, of
+    any lengths: per-layer widths, llama/mistral only (llama.cpp's deci)."""
     d = model_dims(model)
     names = {m: n for n, m in model.named_modules()}
     layers = decoder_layers(model)
-    ragged = None
+    mt = model.config.model_type
+    ragged_ff = ragged_kv = None
     if isinstance(ffn_keep, (list, tuple)):
-        widths = [len(k) for k in ffn_keep]
-        if len(set(widths)) > 1:
-            if model.config.model_type not in PER_LAYER_FFN:
-                raise BirdboneError(f"{model.config.model_type}: llama.cpp builds every layer of this architecture "
-                                    "with layer 0's FFN width; per-layer widths are for llama-family models "
-                                    f"({', '.join(PER_LAYER_FFN)}; exported as llama.cpp's deci)")
-            ragged = widths
-        for k in ffn_keep:
-            if k.ndim != 1 or len(k) < 1 or k.min() < 0 or k.max() >= d.n_ff or (k.diff() <= 0).any():
-                raise BirdboneError(f"kept FFN neurons must be 1-D, ascending, within 0..{d.n_ff - 1}")
-        if len(ffn_keep) != d.n_layer:
-            raise BirdboneError(f"{len(ffn_keep)} rows of kept FFN neurons for {d.n_layer} layers")
-        if ragged is None:
-            ffn_keep = torch.stack(list(ffn_keep))
-    n_ff_new = d.n_ff if ffn_keep is None else (max(ragged) if ragged else ffn_keep.shape[1])
-    new = Dims(d.n_layer, n_ff_new, d.n_head if kv_keep is None else
-               kv_keep.shape[1] * d.group, d.n_kv if kv_keep is None else kv_keep.shape[1], d.head_dim)
-    if kv_keep is not None and not SUPPORTED[model.config.model_type]:
-        raise BirdboneError(f"{model.config.model_type}: llama.cpp needs num_attention_heads * head_dim == "
+        ffn_keep, ragged_ff = _ragged(ffn_keep, d.n_ff, d.n_layer, "FFN neurons", mt)
+    if isinstance(kv_keep, (list, tuple)):
+        kv_keep, ragged_kv = _ragged(kv_keep, d.n_kv, d.n_layer, "KV heads", mt)
+    if kv_keep is not None and not SUPPORTED[mt]:
+        raise BirdboneError(f"{mt}: llama.cpp needs num_attention_heads * head_dim == "
                             "hidden_size for this architecture; its heads cannot be pruned")
-    for keep, n in ((None if ragged else ffn_keep, d.n_ff), (kv_keep, d.n_kv)):
+    for keep, n in ((None if ragged_ff else ffn_keep, d.n_ff), (None if ragged_kv else kv_keep, d.n_kv)):
         if keep is not None and (keep.shape[0] != d.n_layer or keep.shape[1] < 1 or keep.min() < 0
                                  or keep.max() >= n or (keep.diff(dim=1) <= 0).any()):
             raise BirdboneError(f"kept indices {tuple(keep.shape)} must be [{d.n_layer}, 1..{n}], ascending, < {n}")
-    rec = WidthRecord(original=_widths(d), pruned={**_widths(new), **({"ffn_widths": ragged} if ragged else {})})
+    n_ff_new = d.n_ff if ffn_keep is None else (max(ragged_ff) if ragged_ff else ffn_keep.shape[1])
+    n_kv_new = d.n_kv if kv_keep is None else (max(ragged_kv) if ragged_kv else kv_keep.shape[1])
+    new = Dims(d.n_layer, n_ff_new, n_kv_new * d.group, n_kv_new, d.head_dim)
+    rec = WidthRecord(original=_widths(d), pruned={**_widths(new), **({"ffn_widths": ragged_ff} if ragged_ff else {}),
+                                                   **({"kv_heads": ragged_kv} if ragged_kv else {})})
     for i, layer in enumerate(layers):
         if ffn_keep is not None:
             for attr, dim in FFN_MODULES:
@@ -302,21 +336,23 @@ def prune_width(model: nn.Module, blocks: torch.Tensor, *, ffn: float = 0.0, hea
                 multiple: int = 32, batch_size: int = 4, per_layer: bool = False) -> WidthReport:
     """Remove the share `ffn` of FFN neurons and `heads` of KV head groups (with their query heads) in
     every layer, the least important by calibration on blocks [n_samples, seq_len]; in place. per_layer:
-    the share `ffn` of all FFN neurons by one ranking over every layer, so layers keep different widths
-    (llama-family only; see PER_LAYER_FFN). All checks run before anything changes; the returned record
+    the shares of all FFN neurons and of all KV groups, each by one ranking over every layer, so layers keep
+    different widths and head counts (llama-family only, exported as llama.cpp's deci; see PER_LAYER_FFN). All checks run before anything changes; the returned record
     undoes it (`restore_width`)."""
     t0 = time.perf_counter()
     if multiple < 1:
         raise BirdboneError(f"multiple={multiple}: must be a positive number of weights")
     if per_layer and model.config.model_type not in PER_LAYER_FFN:
-        raise BirdboneError(f"per-layer FFN widths: llama.cpp builds every {model.config.model_type} layer with "
+        raise BirdboneError(f"per-layer widths: llama.cpp builds every {model.config.model_type} layer with "
                             f"layer 0's sizes; only llama-family models ({', '.join(PER_LAYER_FFN)}) take them "
                             "(as llama.cpp's deci architecture)")
     d = model_dims(model)
     if heads > 0 and not SUPPORTED[model.config.model_type]:
         raise BirdboneError(f"heads={heads}: {model.config.model_type} attention heads cannot be pruned (llama.cpp "
                             "builds its attn_q/attn_output as hidden x hidden); prune its FFN only")
-    k_ff, k_kv = ffn_keep_count(d.n_ff, ffn, multiple), kv_keep_count(d, heads, multiple)
+    k_ff = ffn_keep_count(d.n_ff, ffn, multiple)
+    # per layer, the ranking spans every layer's groups (kv_keep_counts): score them whenever heads go
+    k_kv = d.n_kv - 1 if per_layer and heads > 0 else kv_keep_count(d, heads, multiple)
     before = sum(p.numel() for p in model.parameters())
     f_scores = g_scores = None
     if k_ff < d.n_ff or k_kv < d.n_kv:
@@ -327,6 +363,9 @@ def prune_width(model: nn.Module, blocks: torch.Tensor, *, ffn: float = 0.0, hea
         counts = ffn_keep_counts(f_scores, ffn, multiple)
         ffn_keep = [top_units(f_scores[i:i + 1], c)[0] for i, c in enumerate(counts)]
     kv_keep = top_units(g_scores, k_kv) if g_scores is not None else torch.arange(d.n_kv).expand(d.n_layer, -1)
+    if per_layer and g_scores is not None:
+        counts = kv_keep_counts(g_scores, heads, d, multiple)
+        kv_keep = [top_units(g_scores[i:i + 1], c)[0] for i, c in enumerate(counts)]
     record = apply_width(model, ffn_keep, kv_keep if SUPPORTED[model.config.model_type] else None)
     after = sum(p.numel() for p in model.parameters())
     return WidthReport(record, before, after, f_scores, g_scores, time.perf_counter() - t0)

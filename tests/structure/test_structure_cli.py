@@ -38,15 +38,17 @@ def test_bad_structure_requests_fail_cleanly(tiny_path, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
-def test_structure_per_layer_ffn_writes_a_deci_gguf(tiny_path, tmp_path):
+def test_structure_per_layer_ffn_and_heads_write_a_deci_gguf(tiny_path, tmp_path):
     import gguf
 
     out = tmp_path / "ragged"
-    r = cli("structure", tiny_path, "-o", out, "--ffn", "0.4", "--per-layer", "--n-samples", "4", "--seq-len", "64",
-            "--gguf", tmp_path / "ragged.gguf")
+    r = cli("structure", tiny_path, "-o", out, "--ffn", "0.4", "--heads", "0.375", "--per-layer", "--n-samples", "4",
+            "--seq-len", "64", "--gguf", tmp_path / "ragged.gguf")
     assert r.returncode == 0, r.stderr
-    widths = json.loads((out / "structure.json").read_text())["width"]["sizes_after"]["ffn_widths"]
-    assert len(set(widths)) > 1
+    sizes = json.loads((out / "structure.json").read_text())["width"]["sizes_after"]
+    widths, kv = sizes["ffn_widths"], sizes["kv_heads"]
+    assert len(set(widths)) > 1 and len(set(kv)) > 1 and sum(kv) == 5
     f = gguf.GGUFReader(str(tmp_path / "ragged.gguf")).fields
     assert f["general.architecture"].contents() == "deci" and f["deci.feed_forward_length"].contents() == widths
+    assert f["deci.attention.head_count_kv"].contents() == kv
     assert cli("eval", out, "--reference", tiny_path).returncode == 0      # the directory reloads

@@ -267,6 +267,35 @@ def test_per_layer_ffn_widths_export_as_deci_and_round_trip(_tiny_loaded, calib,
         assert torch.equal(a, b), k
 
 
+@needs_llama_cpp
+def test_per_layer_kv_heads_export_as_deci_and_round_trip(_tiny_loaded, calib, ids, tmp_path):
+    """One ranking over every layer's KV groups (5 of 8 kept: the layers cannot all keep as many): per-layer
+    head_count / head_count_kv in llama.cpp's deci, which runs like torch; the HF directory reloads; the
+    record undoes it bit for bit."""
+    from birdbone_core.eval.llamacpp import llama_logits
+    from birdbone_core.model.load import load_model
+    from birdbone_core.model.save import save_hf
+
+    model = copy.deepcopy(_tiny_loaded.model)
+    rep = prune_width(model, calib, ffn=0.25, heads=0.375, per_layer=True)
+    kv = [layer.self_attn.k_proj.out_features // 64 for layer in decoder_layers(model)]
+    q = [layer.self_attn.q_proj.out_features // 64 for layer in decoder_layers(model)]
+    assert sum(kv) == 5 and len(set(kv)) > 1 and q == [2 * k for k in kv]      # whole groups of 2 query heads
+    res = export_gguf(model, _tiny_loaded.tokenizer, tmp_path / "deci.gguf", out_type="f32")
+    f = gguf.GGUFReader(res.path).fields
+    assert f["general.architecture"].contents() == "deci"
+    assert f["deci.attention.head_count_kv"].contents() == kv and f["deci.attention.head_count"].contents() == q
+    ref = _logits(model, ids).numpy()
+    got = llama_logits(res.path, ids)
+    assert np.abs(got - ref).max() < 2e-3 * np.abs(ref).max()
+    save_hf(model, _tiny_loaded.tokenizer, tmp_path / "hf")
+    again = load_model(str(tmp_path / "hf")).model
+    assert torch.equal(_logits(again, ids), _logits(model, ids))
+    restore_width(model, rep.record)
+    for (k, a), b in zip(_tiny_loaded.model.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
 def test_per_layer_widths_are_refused_where_llama_cpp_cannot_run_them(_tiny_loaded, calib):
     model = _tiny("gemma3_text", len(_tiny_loaded.tokenizer))
     before = copy.deepcopy(model.state_dict())
