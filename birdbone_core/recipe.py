@@ -54,6 +54,11 @@ class Calibration(TextSource):
     n_samples: int = Field(64, ge=1, le=100_000, description="calibration windows (each seq_len tokens)")
     seq_len: int = Field(512, ge=8, le=131_072, description="tokens per calibration window")
 
+    def record(self, text_desc: str | None = None) -> dict:
+        """What run records say of the windows: {text (when given), n_samples, seq_len, seed}."""
+        return {**({"text": text_desc} if text_desc is not None else {}), "n_samples": self.n_samples,
+                "seq_len": self.seq_len, "seed": self.seed}
+
     @model_validator(mode="after")
     def _tokens(self) -> "Calibration":
         if self.n_samples * self.seq_len > MAX_CALIBRATION_TOKENS:

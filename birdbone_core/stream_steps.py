@@ -79,11 +79,9 @@ def prune(run: Run, recipe: Recipe) -> None:
 
 def prune_record(run: Run, recipe: Recipe, report, text_desc: str, runtime: dict, streamed: bool) -> PruneReport:
     """The one-shot prune step's prune_report.json (report.prune_report: the loop's schema, one wave)."""
-    cal = recipe.calibration
     base = run.manifest()["steps"].get("baseline")
     return one_shot_report(report, targets=[recipe.prune.sparsity], base_ppl=base["ppl"] if base else None,
-                           calibration={"text": text_desc, "n_samples": cal.n_samples, "seq_len": cal.seq_len,
-                                        "seed": cal.seed}, runtime=runtime, streamed=streamed)
+                           calibration=recipe.calibration.record(text_desc), runtime=runtime, streamed=streamed)
 
 
 def finish_prune(run: Run, rep: PruneReport) -> None:

@@ -101,8 +101,7 @@ def prepare(ctx: Context) -> dict | None:
     # what the accuracy guardrail compares waves with (a streamed prepare has no tasks to score)
     base_acc = None if streamed else accuracy(ctx, ctx.base().model)
     rec = {"n_waves": ctx.n_waves, "targets": targets(recipe), "base_ppl": ctx.base_ppl(),
-           "calibration": {"text": text_desc, "n_samples": cal.n_samples, "seq_len": cal.seq_len, "seed": cal.seed},
-           "healing_data": {"n_samples": heal_cal.n_samples, "seq_len": heal_cal.seq_len, "seed": heal_cal.seed},
+           "calibration": cal.record(text_desc), "healing_data": heal_cal.record(),
            "runtime": run.manifest()["steps"]["baseline"]["runtime"] if streamed else describe(ctx.base().model),
            "seconds": time.perf_counter() - t0}
     if base_acc is not None:
