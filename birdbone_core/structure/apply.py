@@ -32,7 +32,7 @@ HEAL_TOP_K = 64   # teacher logits kept per position for healing
 
 @dataclass
 class Structured:
-    record: dict                          # structure.json: what went, in the original numbering
+    record: dict                          # structure.json: what went (each wave in the numbering it saw)
     tokenizer: Any                        # the HF tokenizer of the cut model
     gguf_tokenizer: GGUFTokenizer | None  # llama.cpp's tokenizer of the cut model (a GGUF source only)
 
@@ -96,6 +96,7 @@ def apply_structure(model: torch.nn.Module, tokenizer: Any, cfg: Structure, bloc
         before = {n: t.clone() for n, t in saved_state(model).items()}
         config_before = model.config.to_dict()
         gen = getattr(model, "generation_config", None)
+        gen_before = {"generation_config_before": gen.to_dict()} if gen is not None else {}   # ids follow a trim
         prev = _Live(live.tokenizer, live.gguf_tok, live.blocks, live.teacher)
         wave, undo, kept_layers = _cut(model, cfg, cut, k, d0, live, corpus, source_gguf)
         if live.teacher is not None:
@@ -124,7 +125,7 @@ def apply_structure(model: torch.nn.Module, tokenizer: Any, cfg: Structure, bloc
             after = saved_state(model)
             renames = layer_renames(list(before), kept_layers) if wave["decision"] == "accept" else \
                 {n: n for n in before}
-            write_wave(records, k, {**wave, **({"generation_config_before": gen.to_dict()} if gen else {})},
+            write_wave(records, k, {**wave, **gen_before},
                        before, after, renames, config_before,
                        prev.tokenizer if cut.vocab and wave["decision"] == "accept" else None,
                        prev.gguf_tok if cut.vocab and wave["decision"] == "accept" else None)
@@ -204,7 +205,7 @@ def _summarise(record: dict) -> None:
                            "heads": record["config"]["heads"]}
 
 
-STRUCTURE_JSON = "structure.json"   # what went, in the original numbering, beside the cut model
+STRUCTURE_JSON = "structure.json"   # what went (each wave in the numbering it found), beside the cut model
 
 
 @contextmanager

@@ -7,7 +7,7 @@
 Vocabulary first (the LM head is the largest matmul of a small model, and every later calibration forward
 pays for it), then depth (fewer layers to score for width), then width. OUT is a Hugging Face directory
 (the model, its tokenizer, `tokenizer.gguf` when the source was a GGUF, and structure.json: what was
-removed, in the original numbering; waves/: every wave's record) that every other command takes:
+removed, each wave in the numbering it found; waves/: every wave's record) that every other command takes:
 `birdbone quantize OUT -o model.gguf --bpw 4.5`, `birdbone eval OUT --reference MODEL`, and
 `birdbone revert OUT --structure K -o DIR` for the exact model after wave K (0: the uncut model).
 """
