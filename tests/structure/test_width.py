@@ -241,50 +241,30 @@ def test_calibrated_choice_beats_random_choice(_tiny_loaded, calib):
 
 
 @needs_llama_cpp
-def test_per_layer_ffn_widths_export_as_deci_and_round_trip(_tiny_loaded, calib, ids, tmp_path):
-    """One ranking over every layer's neurons: layers keep different widths; the GGUF is llama.cpp's deci
-    with a per-layer feed_forward_length and runs like torch; the HF directory reloads; the record undoes it."""
-    from birdbone_core.eval.llamacpp import llama_logits
-    from birdbone_core.model.load import load_model
-    from birdbone_core.model.save import save_hf
-
-    model = copy.deepcopy(_tiny_loaded.model)
-    rep = prune_width(model, calib, ffn=0.4, per_layer=True)
-    widths = [layer.mlp.gate_proj.out_features for layer in decoder_layers(model)]
-    assert len(set(widths)) > 1 and all(w % 32 == 0 for w in widths)
-    assert abs(sum(widths) - 0.6 * 4 * 512) <= 4 * 16                     # 40% of all neurons, rounded per layer
-    res = export_gguf(model, _tiny_loaded.tokenizer, tmp_path / "deci.gguf", out_type="f32")
-    f = gguf.GGUFReader(res.path).fields
-    assert f["general.architecture"].contents() == "deci" and f["deci.feed_forward_length"].contents() == widths
-    ref = _logits(model, ids).numpy()
-    got = llama_logits(res.path, ids)
-    assert np.abs(got - ref).max() < 2e-3 * np.abs(ref).max()
-    save_hf(model, _tiny_loaded.tokenizer, tmp_path / "hf")
-    again = load_model(str(tmp_path / "hf")).model
-    assert torch.equal(_logits(again, ids), _logits(model, ids))
-    restore_width(model, rep.record)
-    for (k, a), b in zip(_tiny_loaded.model.state_dict().items(), model.state_dict().values(), strict=True):
-        assert torch.equal(a, b), k
-
-
-@needs_llama_cpp
-def test_per_layer_kv_heads_export_as_deci_and_round_trip(_tiny_loaded, calib, ids, tmp_path):
-    """One ranking over every layer's KV groups (5 of 8 kept: the layers cannot all keep as many): per-layer
-    head_count / head_count_kv in llama.cpp's deci, which runs like torch; the HF directory reloads; the
+@pytest.mark.parametrize("heads", [0.0, 0.375], ids=["ffn", "ffn+heads"])
+def test_per_layer_widths_export_as_deci_and_round_trip(_tiny_loaded, calib, ids, tmp_path, heads):
+    """One ranking over every layer's neurons (and KV groups: 5 of 8 kept, so the layers cannot all keep as
+    many): layers keep different widths and head counts; the GGUF is llama.cpp's deci with per-layer
+    feed_forward_length / head_count / head_count_kv and runs like torch; the HF directory reloads; the
     record undoes it bit for bit."""
     from birdbone_core.eval.llamacpp import llama_logits
     from birdbone_core.model.load import load_model
     from birdbone_core.model.save import save_hf
 
     model = copy.deepcopy(_tiny_loaded.model)
-    rep = prune_width(model, calib, ffn=0.25, heads=0.375, per_layer=True)
+    rep = prune_width(model, calib, ffn=0.4, heads=heads, per_layer=True)
+    widths = [layer.mlp.gate_proj.out_features for layer in decoder_layers(model)]
+    assert len(set(widths)) > 1 and all(w % 32 == 0 for w in widths)
+    assert abs(sum(widths) - 0.6 * 4 * 512) <= 4 * 16                     # 40% of all neurons, rounded per layer
     kv = [layer.self_attn.k_proj.out_features // 64 for layer in decoder_layers(model)]
     q = [layer.self_attn.q_proj.out_features // 64 for layer in decoder_layers(model)]
-    assert sum(kv) == 5 and len(set(kv)) > 1 and q == [2 * k for k in kv]      # whole groups of 2 query heads
+    assert q == [2 * k for k in kv]                                        # whole groups of 2 query heads
+    assert kv == [2] * 4 if not heads else (sum(kv) == 5 and len(set(kv)) > 1)
     res = export_gguf(model, _tiny_loaded.tokenizer, tmp_path / "deci.gguf", out_type="f32")
     f = gguf.GGUFReader(res.path).fields
-    assert f["general.architecture"].contents() == "deci"
-    assert f["deci.attention.head_count_kv"].contents() == kv and f["deci.attention.head_count"].contents() == q
+    assert f["general.architecture"].contents() == "deci" and f["deci.feed_forward_length"].contents() == widths
+    if heads:
+        assert f["deci.attention.head_count_kv"].contents() == kv and f["deci.attention.head_count"].contents() == q
     ref = _logits(model, ids).numpy()
     got = llama_logits(res.path, ids)
     assert np.abs(got - ref).max() < 2e-3 * np.abs(ref).max()
