@@ -27,6 +27,7 @@ def test_round_trip_and_hash(tmp_path):
 @pytest.mark.parametrize("text", [
     "quantize: {target_size: 40%}",                       # every quantize default, types included
     "quantize: {target_bpw: 4.5}\nwaves: {max_per_wave: 0.1}\nstructure: {vocab: 32768}",
+    "structure: {ffn: 0.4, waves: 4, heal_steps: 10, stop_loss: 0.05}",
     "evaluation: {tasks: [pydocs_cloze]}\nprune: {method: sparsegpt, sparsity: 0.5}",
 ])
 def test_every_section_round_trips_with_its_hash(tmp_path, text):
@@ -35,6 +36,15 @@ def test_every_section_round_trips_with_its_hash(tmp_path, text):
     r = load_recipe(_write(tmp_path, text + "\n"))
     again = load_recipe(_write(tmp_path, dump_recipe(r)))
     assert again == r and again.sha256() == r.sha256()
+
+
+def test_a_structure_section_without_waves_keeps_its_hash():
+    """waves / stop_loss at their defaults are not written: a recipe from before they existed hashes the same."""
+    r = parse_recipe({"structure": {"vocab": 32768}})
+    assert r.model_dump()["structure"] == {"vocab": 32768, "vocab_corpus": None, "layers": 0, "ffn": 0.0,
+                                           "heads": 0.0, "per_layer": False, "metric": "angular", "multiple": 32,
+                                           "heal_steps": 0, "heal_lr": None}
+    assert parse_recipe({"structure": {"vocab": 32768, "waves": 2}}).sha256() != r.sha256()
 
 
 @pytest.mark.parametrize("text,needle", [

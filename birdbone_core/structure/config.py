@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 
 class Structure(BaseModel):
@@ -49,3 +49,14 @@ class Structure(BaseModel):
         if self.per_layer and self.waves > 1:
             raise ValueError("per_layer ranks every layer's neurons at once: give it waves: 1")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_later_defaults(self, handler):
+        # waves / stop_loss are left out at their defaults so that a recipe without them keeps the hash
+        # (Recipe.sha256) and YAML it had before they existed: existing run directories stay valid
+        d = handler(self)
+        if self.waves == 1:
+            d.pop("waves", None)
+        if self.stop_loss is None:
+            d.pop("stop_loss", None)
+        return d
