@@ -128,9 +128,7 @@ def revert_structure(src: Path, to_wave: int, out: Path) -> Path:
     if not 0 <= to_wave <= len(waves):
         raise BirdboneError(f"{src}: no structural wave {to_wave}; the record holds waves 0..{len(waves)}")
     state = _load_state(src)
-    accepted = [w for w in waves if w["decision"] == "accept"]
-    if accepted:
-        _check(state, accepted[-1]["hashes_after"], f"{src} (after wave {accepted[-1]['wave']})")
+    _check(state, waves[-1]["hashes_after"], f"{src} (after wave {waves[-1]['wave']})")   # a rollback's: its before
     config = json.loads((src / "config.json").read_text())
     gen = src / "generation_config.json"
     generation = json.loads(gen.read_text()) if gen.is_file() else None
