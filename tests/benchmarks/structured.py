@@ -208,6 +208,10 @@ def main(argv=None) -> int:
     if a.merge:     # the earlier run's rows for the points not run now
         path = a.out / f"structured-{name}.json"
         old = {r["point"]: r for r in json.loads(path.read_text())["rows"]} if path.is_file() else {}
+        for r in old.values():      # an earlier run's rows keep their speed ratio to that run's reference
+            if "tg_vs_ref" not in r and REF_POINT in old:
+                r["tg_vs_ref"] = r["tg_tps"] / old[REF_POINT]["tg_tps"]
+            r.setdefault("measured", "earlier run")
         new = {r["point"]: r for r in rows}
         rows = [new.get(p.name) or old[p.name] for p in POINTS if p.name in new or p.name in old]
     write_results(a.out, name, spec, held_desc, calib_desc, a.threads, rows)
@@ -228,7 +232,7 @@ def add_kld(out: Path, name: str, work: Path, threads: int) -> int:
     (work / "held.txt").write_text(held)
     base = ref.kld_base(work / "v0-d0-f0-h0.f16.gguf", work / "held.txt", 512, chunks=8, threads=2)
     for r in data["rows"]:
-        if r["vocab"] is None:
+        if r["vocab"] is None and Path(r["gguf"]).is_file():     # an earlier run's row keeps its figure
             k = ref.kld(r["gguf"], base, threads=2)
             r["kld"] = {key: k.get(key) for key in ("mean_kld", "median_kld", "kld_99", "same_top_p", "n_chunks")}
             print(r["point"], r["kld"], flush=True)
@@ -261,8 +265,8 @@ def add_task_accuracy(out: Path, name: str, limit: int, threads: int, rerun: set
     rows = {r["point"]: r for r in data["rows"]}
     for point in TASK_POINTS:
         r = rows.get(point)
-        if r is None or ("tasks" in r and point not in rerun and data.get("tasks_limit") == limit):
-            continue
+        if r is None or ("tasks" in r and point not in rerun) or not Path(r["gguf"]).is_file():
+            continue      # an earlier run's row keeps its scores
         t0 = time.perf_counter()
         with LlamaCppLM(r["gguf"], n_threads=max(threads, 2)) as lm:
             r["tasks"] = run_tasks(lm, ["pydocs_lastword", "pydocs_cloze"], limit=limit, per_doc=True)
@@ -309,13 +313,12 @@ def write_results(out: Path, name: str, spec: str, held_desc: str, calib_desc: s
              f"unhealed.", "",
              "| point | vocab | layers | FFN | heal steps x waves (windows) | GGUF MB | FLOPs/token vs dense | pp tok/s "
              "| tg tok/s | tg vs Q4_K_M-emb_q4_0 | bits/byte | run |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    refs = {r.get("measured"): r["tg_tps"] for r in rows if r["point"] == REF_POINT}
     for r in rows:
         heal = f"{r['heal_steps']} x {r.get('waves', 1)} ({r.get('calib_samples', 16)})" if r["heal_steps"] else "-"
-        vs = r.get("tg_vs_ref") or r["tg_tps"] / refs[r.get("measured")]
+        vs = r["tg_vs_ref"]
         lines.append(f"| {r['point']} | {r['vocab_size']} | {r['layers']} | {r['intermediate_size']} | {heal} | "
                      f"{r['gguf_bytes'] / 1e6:.1f} | {r['flops_vs_dense']:.2f} | {r['pp_tps']:.0f} | {r['tg_tps']:.1f} | "
-                     f"{vs:.2f}x | {r['bits_per_byte']:.4f} | {r.get('measured', 'earlier')} |")
+                     f"{vs:.2f}x | {r['bits_per_byte']:.4f} | {r['measured']} |")
     lines += ["", "Healing (top-64 KL to the uncut model, before -> after): " + "; ".join(
         f"{r['point']}: {r['heal']['kl_before']:.3f} -> {r['heal']['kl_after']:.3f} ({r['heal']['seconds']:.0f} s)"
         for r in rows if r.get("heal")), "",
