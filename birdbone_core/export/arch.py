@@ -45,11 +45,11 @@ class ArchSpec:
     permute_qk: bool  # llama.cpp "normal" RoPE layout: interleave the two halves of every q/k head
     norm_offset: float  # added to every *norm.weight (Gemma's (1 + w) RMSNorm)
     allows_qkv_bias: bool
-    ragged_ffn: bool = False  # each layer its own FFN width and head counts (per-layer arrays)
+    per_layer_sizes: bool = False  # each layer its own FFN width and head counts (per-layer arrays)
 
 
 LLAMA = ArchSpec("llama", gguf.MODEL_ARCH.LLAMA, permute_qk=True, norm_offset=0.0, allows_qkv_bias=True)
-DECI = ArchSpec("deci", gguf.MODEL_ARCH.DECI, permute_qk=True, norm_offset=0.0, allows_qkv_bias=True, ragged_ffn=True)
+DECI = ArchSpec("deci", gguf.MODEL_ARCH.DECI, permute_qk=True, norm_offset=0.0, allows_qkv_bias=True, per_layer_sizes=True)
 QWEN2 = ArchSpec("qwen2", gguf.MODEL_ARCH.QWEN2, permute_qk=False, norm_offset=0.0, allows_qkv_bias=True)
 QWEN3 = ArchSpec("qwen3", gguf.MODEL_ARCH.QWEN3, permute_qk=False, norm_offset=0.0, allows_qkv_bias=True)
 GEMMA3 = ArchSpec("gemma3", gguf.MODEL_ARCH.GEMMA3, permute_qk=False, norm_offset=1.0, allows_qkv_bias=False)
@@ -185,9 +185,9 @@ def write_arch_metadata(writer: gguf.GGUFWriter, spec: ArchSpec, config: Any, di
     w.add_context_length(int(_cfg(config, "max_position_embeddings", 4096)))
     w.add_embedding_length(dims.n_embd)
     w.add_block_count(dims.n_layer)
-    w.add_feed_forward_length(list(dims.n_ff_layers) if spec.ragged_ffn else dims.n_ff)
-    w.add_head_count(list(dims.n_head_layers) if spec.ragged_ffn and dims.n_head_layers else dims.n_head)
-    w.add_head_count_kv(list(dims.n_head_kv_layers) if spec.ragged_ffn and dims.n_head_kv_layers else dims.n_head_kv)
+    w.add_feed_forward_length(list(dims.n_ff_layers) if spec.per_layer_sizes else dims.n_ff)
+    w.add_head_count(list(dims.n_head_layers) if spec.per_layer_sizes and dims.n_head_layers else dims.n_head)
+    w.add_head_count_kv(list(dims.n_head_kv_layers) if spec.per_layer_sizes and dims.n_head_kv_layers else dims.n_head_kv)
     w.add_key_length(dims.head_dim)
     w.add_value_length(dims.head_dim)
     w.add_rope_dimension_count(dims.head_dim)
@@ -303,7 +303,7 @@ def plan_tensors(model: torch.nn.Module, spec: ArchSpec, dims: Dims, config: Any
             raise BirdboneError(f"no GGUF name for tensor {hf_name!r} of a {spec.name} model")
 
         pad_rows, pad_cols = 0, 0
-        if spec.ragged_ffn:
+        if spec.per_layer_sizes:
             pass
         elif ".mlp.gate_proj." in hf_name or ".mlp.up_proj." in hf_name:
             pad_rows = dims.n_ff - shape[0]

@@ -131,7 +131,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, out_path: str | os.PathL
     state = model.state_dict() if state is None else state
     dims = model_dims(config, state)
     spec = for_widths(spec, dims)        # llama with per-layer FFN widths or head counts -> llama.cpp's deci
-    if dims.n_head_layers and not spec.ragged_ffn:
+    if dims.n_head_layers and not spec.per_layer_sizes:
         raise BirdboneError(f"layers with different head counts ({list(dims.n_head_kv_layers)} KV heads): llama.cpp "
                             f"builds every {spec.name} layer with layer 0's; only llama-family models take them")
     plans = plan_tensors(model, spec, dims, config, state)
