@@ -127,7 +127,7 @@ def ensure_structured(run: Run, placement: Placement | None = None) -> None:
     t0 = time.perf_counter()
     cal, ev = recipe.calibration, recipe.evaluation
     text, text_desc = read_text(cal.text, "calib")
-    held, held_desc = read_text(ev.text, "eval")
+    held = read_text(ev.text, "eval")                              # (text, description)
     corpus = read_text(cfg.vocab_corpus, "calib") if cfg.vocab is not None else None
     lm = load_step_model(run.model_spec(), "source model", run.load_options(), placement or run.placement())
     blocks = calibration_blocks(lm.tokenizer, text, cal.n_samples, cal.seq_len, cal.seed)
@@ -136,7 +136,6 @@ def ensure_structured(run: Run, placement: Placement | None = None) -> None:
         cut = apply_structure(lm.model, lm.tokenizer, cfg, blocks, corpus=corpus, held=held, records=records,
                               source_gguf=Path(m["path"]) if m["kind"] == "gguf" else None)
         record = {"source": run.model_spec(), "calibration": text_desc, **cut.record}
-        record["held_out"] = {"text": held_desc, **record["held_out"]}
         save_structured(lm.model, cut, run.structured_dir, record, records=records)
     bpb = record["held_out"]
     summary = {k: record[k] for k in ("params_before", "params_after")}

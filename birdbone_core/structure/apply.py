@@ -71,12 +71,12 @@ class _Live:
 
 def apply_structure(model: torch.nn.Module, tokenizer: Any, cfg: Structure, blocks: torch.Tensor, *,
                     corpus: tuple[str, str] | None = None, source_gguf: Path | None = None,
-                    held: str | None = None, records: Path | None = None) -> Structured:
+                    held: tuple[str, str] | None = None, records: Path | None = None) -> Structured:
     """Cut `model` in place, in cfg.waves waves. blocks [n, seq_len]: calibration windows (scoring and
     healing), in the uncut tokenizer's ids; corpus: (text, description) for a vocabulary cut; source_gguf:
-    the GGUF the model came from (its tokenizer is trimmed alongside); held: held-out text, scored in bits
-    per byte after every wave (needed by cfg.stop_loss); records: a directory that receives every wave's
-    record (birdbone_core.structure.records)."""
+    the GGUF the model came from (its tokenizer is trimmed alongside); held: (held-out text, description),
+    scored in bits per byte after every wave (needed by cfg.stop_loss); records: a directory that receives
+    every wave's record (birdbone_core.structure.records)."""
     if cfg.per_layer and model.config.model_type not in PER_LAYER_FFN:   # before any work
         raise BirdboneError(f"per_layer: llama.cpp builds every {model.config.model_type} layer with layer 0's "
                             f"sizes; per-layer widths are for {', '.join(PER_LAYER_FFN)} models (llama.cpp's deci)")
@@ -88,12 +88,14 @@ def apply_structure(model: torch.nn.Module, tokenizer: Any, cfg: Structure, bloc
     # healing distils the uncut model: its top-k logits on the calibration blocks, taken before any cut
     teacher = teacher_topk(model, blocks, HEAL_TOP_K, batch_size=4) if cfg.heal_steps else None
     live = _Live(tokenizer, read_gguf_tokenizer(source_gguf) if source_gguf is not None else None, blocks, teacher)
-    scored = bits_per_byte(model, tokenizer, held) if held is not None else None
+    held_text, held_desc = held if held is not None else (None, None)
+    scored = bits_per_byte(model, tokenizer, held_text) if held is not None else None
     bpb0 = scored["bits_per_byte"] if scored is not None else None
     d0 = model_dims(model) if (cfg.ffn or cfg.heads) else None
     record["waves"] = []
+    keep_before = records is not None or cfg.stop_loss is not None   # a record or a rollback reads it
     for k, cut in enumerate(plan_waves(cfg), 1):
-        before = {n: t.clone() for n, t in saved_state(model).items()}
+        before = {n: t.clone() for n, t in saved_state(model).items()} if keep_before else {}
         config_before = model.config.to_dict()
         gen = getattr(model, "generation_config", None)
         gen_before = {"generation_config_before": gen.to_dict()} if gen is not None else {}   # ids follow a trim
@@ -109,7 +111,7 @@ def apply_structure(model: torch.nn.Module, tokenizer: Any, cfg: Structure, bloc
                             f"{rep.kl_after:.4f} ({rep.steps} steps, {rep.seconds:.0f} s)")
         wave["decision"] = "accept"
         if held is not None:
-            wave["bits_per_byte"] = bpb = bits_per_byte(model, live.tokenizer, held)["bits_per_byte"]
+            wave["bits_per_byte"] = bpb = bits_per_byte(model, live.tokenizer, held_text)["bits_per_byte"]
             if cfg.stop_loss is not None and bpb > bpb0 * (1 + cfg.stop_loss):
                 for fn in reversed(undo):        # exact: the cuts' own records, then the weights before
                     fn()
@@ -136,7 +138,7 @@ def apply_structure(model: torch.nn.Module, tokenizer: Any, cfg: Structure, bloc
     _summarise(record)
     if scored is not None:
         last = [w["bits_per_byte"] for w in record["waves"] if w["decision"] == "accept"]
-        record["held_out"] = {"bits_per_byte_before": bpb0, "bits_per_byte_after": last[-1] if last else bpb0,
+        record["held_out"] = {"text": held_desc, "bits_per_byte_before": bpb0, "bits_per_byte_after": last[-1] if last else bpb0,
                               "bytes": scored["bytes"]}
     record["params_after"] = sum(p.numel() for p in model.parameters())
     return Structured(record, live.tokenizer, live.gguf_tok)

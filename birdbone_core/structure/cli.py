@@ -59,7 +59,7 @@ def _cmd_structure(a) -> int:
         atomic.check_output_file(Path(a.gguf), "GGUF", written_by_birdbone)
     corpus = read_text(cfg.vocab_corpus, "calib") if cfg.vocab is not None else None
     text, text_desc = read_text(a.text, "calib")
-    held, held_desc = read_text(a.held_out, "eval")
+    held = read_text(a.held_out, "eval")                           # (text, description)
     lm = load_with_options(a.model, {}, place(runtime_of(a)))
     source_gguf = Path(a.model) if a.model.endswith(".gguf") else None
     blocks = calibration_blocks(lm.tokenizer, text, a.n_samples, a.seq_len, 0)
@@ -68,7 +68,6 @@ def _cmd_structure(a) -> int:
                               held=held, records=records)
         record = {"source": a.model, "calibration": {"text": text_desc, "n_samples": a.n_samples,
                                                      "seq_len": a.seq_len}, **cut.record}
-        record["held_out"] = {"text": held_desc, **record["held_out"]}
         save_structured(lm.model, cut, out, record, mark=True, records=records)
     print(f"{record['params_before'] / 1e6:.1f}M -> {record['params_after'] / 1e6:.1f}M parameters; wrote {out}")
     if a.gguf:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from birdbone_core import atomic
 from birdbone_core.errors import BirdboneError
+from birdbone_core.ledger import state_of
 from birdbone_core.ledger.delta import bits, tensor_hash
 
 WAVES = "waves"
@@ -32,8 +33,8 @@ _LAYER = re.compile(r"(^|\.)layers\.(\d+)\.")
 
 
 def saved_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state as save_pretrained writes it: detached CPU tensors, a tied head left out."""
-    state = {n: t.detach().cpu() for n, t in model.state_dict().items()}
+    """The model's state as save_pretrained writes it: the ledger's (detached CPU tensors), a tied head left out."""
+    state = state_of(model)
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     return state

@@ -153,7 +153,7 @@ def main(argv=None) -> int:
                                 waves=pt.waves)
                 blocks = calibration_blocks(base.tokenizer, calib, pt.samples, 256, 0)
                 cut = apply_structure(model, tok, cfg, blocks, corpus=(calib, calib_desc), source_gguf=Path(spec),
-                                      held=held)
+                                      held=(held, held_desc))
                 tok, gtok = cut.tokenizer, cut.gguf_tokenizer
                 row["structure_waves"] = [{k: v for k, v in w.items() if k not in ("vocab", "width", "layers")}
                                           for w in cut.record["waves"]]
