@@ -26,6 +26,7 @@ from birdbone_core.model.source import (
     SUPPORTED_GGUF_ARCHS,
     ModelSource,
     check_config,
+    preflight,
     resolve_source,
     stored_dtype,
     supported_list,
@@ -282,6 +283,22 @@ def _gguf_tokenizer(path: Path, metadata_dir: Path | None = None):
                                                        local_files_only=True)
     except Exception as exc:  # tokenizer files are parsed by several libraries, each with its own errors
         raise BirdboneError(f"{path}: failed to load tokenizer ({_one_line(exc)})") from exc
+
+
+def open_streamed(spec: str, placement: Placement, keep_dtype: bool = False):
+    """(StreamedModel, tokenizer) of a local safetensors directory or GGUF file that model.stream.streamable
+    accepts, checked as a load checks it (model.source.preflight) but with only its embedding, final norm and
+    head read: its decoder layers are read one at a time by whoever walks it."""
+    from birdbone_core.model.stream import StreamedModel
+
+    source = resolve_source(spec)
+    preflight(source)
+    with _quiet_transformers_progress():
+        sm = StreamedModel.open(source.path, placement, keep_dtype=keep_dtype)
+        p = Path(source.path)
+        tokenizer = (_gguf_tokenizer(p, sm.config_dir) if source.kind == "gguf"
+                     else _load_tokenizer(str(p), str(p), local_files_only=True))
+    return sm, tokenizer
 
 
 def load_tokenizer(directory: str | Path):

@@ -119,10 +119,20 @@ class StreamedModel:
                         module._buffers[k] = buf.to(placement.device)
         sm = cls(model, state, placement.device, dtype, directory, config_dir)
         if materialize:
-            sm._materialize([n for n in state if not n.startswith("model.layers.")])
-        if tied:
+            sm.materialize_rest()
+        elif tied:
             model.tie_weights()
         return sm
+
+    def materialize_rest(self) -> None:
+        """The embedding, final norm and head from the checkpoint onto the device (again, after `release`)."""
+        self._materialize([n for n in self.state if not n.startswith("model.layers.")])
+        self._tie()
+
+    def _tie(self) -> None:
+        # a tied head shares the embedding's Parameter; moving or materializing either makes a new one
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
 
     def checkpoint_state(self, directory: str | Path | None = None) -> "ModelState":
         """The state of the model as `directory`'s checkpoint holds it (default: the one opened), in the
@@ -165,6 +175,7 @@ class StreamedModel:
     def release(self) -> None:
         """Every parameter back to the meta device (the embedding and head a walk kept), memory handed back."""
         self.model.to("meta")
+        self._tie()
         release_freed_memory()
 
     def layer_state(self, i: int) -> dict[str, torch.Tensor]:

@@ -59,7 +59,8 @@ def _cmd_quantize(a) -> int:
     from birdbone_core.atomic import check_output_file
     from birdbone_core.errors import BirdboneError
     from birdbone_core.model.gguf_header import written_by_birdbone
-    from birdbone_core.model.load import load_model
+    from birdbone_core.model.load import load_model, open_streamed
+    from birdbone_core.model.stream import streamable
     from birdbone_core.quant.config import Quantize
     from birdbone_core.quant.pipeline import quantize_and_export
     from birdbone_core.runtime import place
@@ -98,9 +99,14 @@ def _cmd_quantize(a) -> int:
     if out is None:
         raise BirdboneError("quantize: give -o OUT.gguf")
     check_output_file(out, "quantized GGUF", written_by_birdbone)
-    lm = load_model(spec, placement=placement, keep_dtype=run_dir is not None)   # a run's pruned: stored dtype
+    keep = run_dir is not None                                # a run's pruned model keeps its stored dtype
+    if streamable(spec) and not a.in_memory:                  # one decoder layer in memory at a time
+        model, tokenizer = open_streamed(spec, placement, keep_dtype=keep)
+    else:
+        lm = load_model(spec, placement=placement, keep_dtype=keep)
+        model, tokenizer = lm.model, lm.tokenizer
     src = Path(spec) if spec.endswith(".gguf") else None
-    result, q = quantize_and_export(lm.model, lm.tokenizer, cfg, out, calibration=recipe.calibration,
+    result, q = quantize_and_export(model, tokenizer, cfg, out, calibration=recipe.calibration,
                                     source_gguf=src, report_path=Path(a.report) if a.report else None)
     counts: dict[str, int] = {}
     for t in q.types.values():
@@ -154,6 +160,9 @@ def add_commands(sub) -> None:
     q.add_argument("--shortlist", type=_shortlist, metavar="N|all",
                    help="encode in full only the sizes within N of the survey's pick (default 1); all: every type")
     q.add_argument("--report", help="write a JSON report (types, per-type sensitivity)")
+    q.add_argument("--in-memory", action="store_true",
+                   help="hold the whole model (default: a safetensors or GGUF model of a plain text LM is read "
+                        "one decoder layer at a time; the same file either way)")
     add_runtime_flags(q)
     q.set_defaults(fn=_cmd_quantize)
 

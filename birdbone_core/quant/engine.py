@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -113,9 +114,10 @@ def choose(c: Candidates, total_budget: int) -> QuantResult:
                        c.gptq_won, c.seconds + time.time() - t0, kept)
 
 
-def check_budget(model: torch.nn.Module, cfg: Quantize) -> None:
-    """Fail fast (before calibration and encoding) when even the smallest allowed types exceed the budget."""
-    plans, todo, fixed_types, n_weights = _plan(model, cfg)
+def check_budget(model: torch.nn.Module, cfg: Quantize, state: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Fail fast (before calibration and encoding) when even the smallest allowed types exceed the budget.
+    state: the model's tensors when they are not in `model` (export_gguf's `state`)."""
+    plans, todo, fixed_types, n_weights = _plan(model, cfg, state)
     smallest = sum(min(get_format(t).n_bytes(int(np.prod(p.shape))) for t in types) for p, types in todo)
     smallest += sum(get_format(fixed_types[p.gguf_name]).n_bytes(int(np.prod(p.shape)))
                     for p in plans if p.gguf_name in fixed_types)
@@ -127,11 +129,11 @@ def check_budget(model: torch.nn.Module, cfg: Quantize) -> None:
                             f"({smallest} bytes with the allowed types)")
 
 
-def _plan(model: torch.nn.Module, cfg: Quantize):
+def _plan(model: torch.nn.Module, cfg: Quantize, state: Mapping[str, torch.Tensor] | None = None):
     """(tensor plans, [(plan, candidate types)] for the budget, {name: fixed type}, total weights)."""
     config = model.config
     spec = arch_for(config)
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     dims = model_dims(config, state)
     plans = plan_tensors(model, spec, dims, config, state)
     fixed_types: dict[str, str] = {}
@@ -157,32 +159,35 @@ def _plan(model: torch.nn.Module, cfg: Quantize):
 
 
 def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity | None,
-                       imatrix: Imatrix | None = None, source_gguf=None, cache: dict | None = None) -> Candidates:
+                       imatrix: Imatrix | None = None, source_gguf=None, cache: dict | None = None,
+                       state: Mapping[str, torch.Tensor] | None = None, device: torch.device | None = None) -> Candidates:
     """Encode every 2-D weight in its candidate types (GPTQ where statistics exist) and measure each.
     With `cfg.shortlist` set, a survey (`quant.survey`) first narrows each tensor's types to those the
     budget could pick. cache: a dict kept between calls on the same model and statistics (a benchmark
-    trying several budgets); it holds the survey's estimates and every full encoding made."""
+    trying several budgets); it holds the survey's estimates and every full encoding made. state: the
+    model's tensors when they are not in `model` (a streamed model: each is read when its turn comes);
+    device: where GPTQ runs (default: the model's)."""
     t0 = time.time()
     cache = {} if cache is None else cache
-    plans, todo, fixed_types, n_weights = _plan(model, cfg)
+    plans, todo, fixed_types, n_weights = _plan(model, cfg, state)
     source: dict[str, tuple[str, np.ndarray]] = {}
     if source_gguf is not None and cfg.keep_source:
         from birdbone_core.quant.source import source_blocks
 
         source = source_blocks(source_gguf, plans, {p.gguf_name: types for p, types in todo})
-    stats = _Statistics(model, plans, cfg, sens, imatrix)
+    stats = _Statistics(model, plans, cfg, sens, imatrix, state)
     settings = GPTQSettings(block_size=cfg.gptq.block_size, damp=cfg.gptq.damp, act_order=cfg.gptq.act_order,
                             static_scales=cfg.gptq.static_scales)
     budgeted = sum(int(np.prod(p.shape)) for p, _ in todo)
     fixed, fixed_bytes = _fixed(plans, fixed_types)
+    device = device or model_device(model)     # where GPTQ's column loops run
     if cfg.shortlist is not None and len(todo) > 0:
         todo = _shortlisted(todo, stats, cfg, settings, source, cache, budget_bytes(cfg, n_weights) - fixed_bytes,
-                            budgeted, model_device(model))
+                            budgeted, device)
     options: dict[str, dict[str, tuple[int, float]]] = {}
     candidates: dict[str, dict[str, np.ndarray]] = {}
     alternates: dict[str, dict[str, tuple[np.ndarray, float]]] = {}
     won: dict[str, dict[str, bool]] = {}
-    device = model_device(model)
     with progress_bar("quantizing tensors", total=sum(len(t) for _, t in todo)) as advance:
         for p, types in todo:
             name = p.gguf_name
@@ -277,9 +282,9 @@ class _Statistics:
     Hessian H [cols, cols], output Fisher F [rows] (q/k rows permuted as the export permutes them), the
     embedding's lookup rows, and the importance the codecs weigh columns by."""
 
-    def __init__(self, model, plans, cfg: Quantize, sens: Sensitivity | None, imatrix: Imatrix | None):
+    def __init__(self, model, plans, cfg: Quantize, sens: Sensitivity | None, imatrix: Imatrix | None, state=None):
         self.spec = arch_for(model.config)
-        self.dims = model_dims(model.config, model.state_dict())
+        self.dims = model_dims(model.config, model.state_dict() if state is None else state)
         self.tied = not any(p.hf_name == "lm_head.weight" for p in plans)
         self.cfg, self.sens, self.imatrix = cfg, sens, imatrix
 

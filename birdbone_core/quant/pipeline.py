@@ -13,32 +13,56 @@ from birdbone_core.quant.config import Quantize
 def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, calibration, source_gguf: Path | None = None,
                         extra_metadata: dict | None = None, report_path: Path | None = None,
                         source_bytes: int | None = None):
-    """calibration: the recipe's `calibration` section (text, n_samples, seq_len, seed); cfg.n_samples
+    """model: a causal LM held in memory, or a model.stream.StreamedModel (read one decoder layer at a time:
+    calibration and trials through quant.stream, the candidates and the export one tensor at a time, the
+    Hessians spilled to a scratch directory beside out_path; the same file either way).
+    calibration: the recipe's `calibration` section (text, n_samples, seq_len, seed); cfg.n_samples
     overrides its n_samples. source_bytes: what a share (`target_size: 60%`) is of: the model file the user
     started from (default: source_gguf's size, else the model's F16 bytes). Returns (ExportResult, QuantResult)."""
+    import tempfile
+
     from birdbone_core import atomic
     from birdbone_core.data.text import calibration_blocks, read_text
     from birdbone_core.export.gguf_file import export_gguf
+    from birdbone_core.model.stream import StreamedModel
     from birdbone_core.quant.calibration import collect_sensitivity
     from birdbone_core.quant.engine import budget_bytes, check_budget, choose, measure_candidates
     from birdbone_core.quant.importance import read_imatrix
+    from birdbone_core.quant.stream import SpilledTensors, stream_measured_kl, stream_sensitivity
     from birdbone_core.quant.trials import choose_measured
     from birdbone_core.runtime import describe
 
-    cfg = resolve_size(model, tokenizer, cfg, out_path, source_gguf, extra_metadata, source_bytes)
-    check_budget(model, cfg)  # before the calibration pass
+    sm = model if isinstance(model, StreamedModel) else None
+    net, state = (sm.model, sm.checkpoint_state()) if sm else (model, None)
+    cfg = resolve_size(net, tokenizer, cfg, out_path, source_gguf, extra_metadata, source_bytes, state)
+    check_budget(net, cfg, state)  # before the calibration pass
     imatrix = read_imatrix(cfg.imatrix) if cfg.imatrix else None
     text, text_desc = read_text(calibration.text, "calib")
     n = cfg.n_samples or calibration.n_samples
     blocks = calibration_blocks(tokenizer, text, n, calibration.seq_len, calibration.seed)
-    sens = collect_sensitivity(model, blocks)
-    cands = measure_candidates(model, cfg, sens, imatrix, source_gguf)
-    budget = budget_bytes(cfg, cands.n_weights)
-    if cfg.measure_blocks:
-        held = calibration_blocks(tokenizer, text, cfg.measure_blocks, calibration.seq_len, calibration.seed + 1)
-        q, _ = choose_measured(model, cands, budget, held)
-    else:
-        q = choose(cands, budget)
+    held = (calibration_blocks(tokenizer, text, cfg.measure_blocks, calibration.seq_len, calibration.seed + 1)
+            if cfg.measure_blocks else None)
+    runtime = describe(net)
+    with tempfile.TemporaryDirectory(dir=Path(out_path).parent, prefix=".birdbone-quant-") as scratch:
+        if sm is None:
+            sens = collect_sensitivity(net, blocks)
+            cands = measure_candidates(net, cfg, sens, imatrix, source_gguf)
+        else:
+            sens = stream_sensitivity(sm, blocks, SpilledTensors(Path(scratch)))
+            device = sm.device
+            sm.release()                  # the embedding and head too: the candidates read each tensor alone
+            cands = measure_candidates(net, cfg, sens, imatrix, source_gguf, state=state, device=device)
+        del sens
+        budget = budget_bytes(cfg, cands.n_weights)
+        if held is None:
+            q = choose(cands, budget)
+        elif sm is None:
+            q, _ = choose_measured(net, cands, budget, held)
+        else:
+            sm.materialize_rest()
+            q, _ = choose_measured(None, cands, budget, held,
+                                   measure=lambda allocations: stream_measured_kl(sm, allocations, held))
+            sm.release()
     trials = q.trials
     meta: dict[str, Any] = dict(extra_metadata or {})
     meta.update({
@@ -54,15 +78,15 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
     if trials:
         meta["birdbone.quant.trials"] = json.dumps([{"types": t.big_types, "measured_kl": round(t.measured_kl, 6),
                                                      "chosen": t.chosen} for t in trials], separators=(",", ":"))
-    result = export_gguf(model, tokenizer, out_path, out_type="f16", source_gguf=source_gguf,
-                         extra_metadata=meta, quantized=q.quantized)
+    result = export_gguf(net, tokenizer, out_path, out_type="f16", source_gguf=source_gguf,
+                         extra_metadata=meta, quantized=q.quantized, state=state)
     if report_path is not None:
         atomic.write_json(report_path, {
             "gguf": str(result.path), "file_bytes": result.n_bytes, "tensor_bytes": q.n_bytes,
             "budget_bytes": q.budget_bytes, "bits_per_weight": q.bits_per_weight, "seconds": round(q.seconds, 1),
             "types": q.types, "kept_source_blocks": q.kept_source, "sensitivity": q.errors, "gptq_beat_rounding": q.gptq_won,
             "trials": [dict(vars(t)) for t in trials], "settings": cfg.model_dump(mode="json"),
-            "runtime": describe(model)})
+            "runtime": runtime | ({"streamed": True} if sm else {})})
     return result, q
 
 
@@ -73,7 +97,7 @@ def target_text(cfg: Quantize) -> str:
 
 
 def resolve_size(model, tokenizer, cfg: Quantize, out_path: Path, source_gguf: Path | None,
-                 extra_metadata: dict | None, source_bytes: int | None = None) -> Quantize:
+                 extra_metadata: dict | None, source_bytes: int | None = None, state=None) -> Quantize:
     """A file-size target (`target_size`) as the bytes its tensors may take: the size (a share: of
     `source_bytes`, else of the source GGUF, else of the model in F16) less the file's header, metadata and
     tensor table, measured by writing them (export_gguf(header_only=True)) with this run's metadata and
@@ -97,7 +121,8 @@ def resolve_size(model, tokenizer, cfg: Quantize, out_path: Path, source_gguf: P
                "birdbone.quant.method": "x" * 64, "birdbone.quant.calibration": "x" * 256,
                "birdbone.quant.kept_source_blocks": 0}
     header = export_gguf(model, tokenizer, out_path, out_type="f16", source_gguf=source_gguf,
-                         extra_metadata={**(extra_metadata or {}), **records}, header_only=True).n_bytes
+                         extra_metadata={**(extra_metadata or {}), **records}, header_only=True,
+                         state=state).n_bytes
     padding = 32 * (len(names) + 8)              # GGUF aligns every tensor's data to 32 bytes
     tensor_bytes = int(value) - header - padding
     if tensor_bytes <= 0:

@@ -160,48 +160,68 @@ def _log_probs(model, blocks: torch.Tensor, dtype: torch.dtype = torch.float16) 
                 for b in blocks]
 
 
+def kl_sum(lp: torch.Tensor, lq: torch.Tensor) -> float:
+    """Sum over positions of KL(p || q) for log-probs lp (float16 ok), lq [positions, vocab], over chunks of
+    positions: no [positions, vocab] float32 temporaries beside lq."""
+    total = 0.0
+    step = max(1, KL_CHUNK_ELEMENTS // lq.shape[-1])
+    for s in range(0, lq.shape[0], step):
+        p = lp[s:s + step].float()
+        total += float((p.exp() * (p - lq[s:s + step])).sum(dtype=torch.float64))
+    return total
+
+
 def measured_kl(model, blocks: torch.Tensor, base: list[torch.Tensor]) -> float:
-    """Mean KL(base || model) per predicted token; base: log-probs per block [seq_len - 1, vocab] (float16 ok).
-    The terms are summed over chunks of positions: no [seq_len, vocab] float32 temporaries beside the logits."""
+    """Mean KL(base || model) per predicted token; base: log-probs per block [seq_len - 1, vocab] (float16 ok)."""
     total, n = 0.0, 0
     device = model_device(model)
     with torch.no_grad():
         for b, lp in zip(blocks, base):
             lq = model(input_ids=b[None].to(device), use_cache=False).logits[0, :-1].float().log_softmax(-1)
-            step = max(1, KL_CHUNK_ELEMENTS // lq.shape[-1])
-            for s in range(0, lq.shape[0], step):
-                p = lp[s:s + step].float()
-                total += float((p.exp() * (p - lq[s:s + step])).sum(dtype=torch.float64))
+            total += kl_sum(lp, lq)
             n += lp.shape[0]
             del lq
     return total / max(n, 1)
 
 
-def choose_measured(model: torch.nn.Module, c: Candidates, budget_bytes: int, blocks: torch.Tensor,
-                    share: float = BIG_SHARE) -> tuple[QuantResult, list[Trial]]:
-    """The allocation with the lowest measured KL among `allocations` (see the module docstring)."""
+def in_memory_kl(model: torch.nn.Module, blocks: torch.Tensor):
+    """measure(allocations) -> [measured KL] for choose_measured: each allocation's decoded tensors swapped
+    into `model` in turn (restored exactly after)."""
+    def measure(allocations: list[dict]) -> list[float]:
+        was_training = model.training
+        model.eval()
+        swap = _WeightSwap(model)
+        # base log-probs in float16 ([n, seq_len - 1, vocab]: 0.5 GB for 4 x 256 tokens of a 262k vocabulary)
+        base = _log_probs(model, blocks)
+        out = []
+        try:
+            with progress_bar("measuring allocations (KL on held-out calibration)", total=len(allocations)) as advance:
+                for q in allocations:
+                    swap.put(q)
+                    out.append(measured_kl(model, blocks, base))
+                    swap.restore()
+                    advance()
+        finally:
+            swap.restore()
+            model.train(was_training)
+        return out
+    return measure
+
+
+def choose_measured(model: torch.nn.Module | None, c: Candidates, budget_bytes: int, blocks: torch.Tensor | None,
+                    share: float = BIG_SHARE, measure=None) -> tuple[QuantResult, list[Trial]]:
+    """The allocation with the lowest measured KL among `allocations` (see the module docstring).
+    measure(allocations) -> [KL]: default in_memory_kl(model, blocks) (a streamed model:
+    quant.stream.stream_measured_kl)."""
     t0 = time.time()
     big = big_tensors(c, share)
     cands = allocations(c, budget_bytes, big)
     if len(cands) < 2:
         r = cands[0][1] if cands else choose(c, budget_bytes)
         return r, []
-    was_training = model.training
-    model.eval()
-    swap = _WeightSwap(model)
-    # base log-probs kept in float16 ([n, seq_len - 1, vocab]: 0.5 GB for 4 x 256 tokens of a 262k vocabulary)
-    base = _log_probs(model, blocks)
-    trials = []
-    try:
-        with progress_bar("measuring allocations (KL on held-out calibration)", total=len(cands)) as advance:
-            for combo, r, estimate in cands:
-                swap.put(r.quantized)
-                trials.append(Trial(combo, estimate, measured_kl(model, blocks, base), r.n_bytes))
-                swap.restore()
-                advance()
-    finally:
-        swap.restore()
-        model.train(was_training)
+    measure = measure or in_memory_kl(model, blocks)
+    kls = measure([r.quantized for _, r, _ in cands])
+    trials = [Trial(combo, estimate, kl, r.n_bytes) for (combo, r, estimate), kl in zip(cands, kls)]
     best = min(range(len(trials)), key=lambda i: (trials[i].measured_kl, i))
     trials[best].chosen = True
     r = cands[best][1]
