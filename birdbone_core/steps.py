@@ -124,12 +124,21 @@ def step_export(run: Run, lm: LoadedModel | None = None):
     if recipe.quantize is not None:  # mixed types under a bit budget (birdbone_core.quant)
         from birdbone_core.quant.pipeline import quantize_and_export
 
-        lm = lm or load_step_model(str(run.pruned_dir), "pruned model", placement=run.placement(), keep_dtype=True)
-        result, q = quantize_and_export(lm.model, lm.tokenizer, recipe.quantize, run.gguf_path(recipe),
+        if lm is None and streamable(run.pruned_dir):     # one decoder layer in memory at a time
+            from birdbone_core.model.load import open_streamed
+
+            model, tokenizer = open_streamed(str(run.pruned_dir), run.placement(), keep_dtype=True)
+        else:
+            lm = lm or load_step_model(str(run.pruned_dir), "pruned model", placement=run.placement(), keep_dtype=True)
+            model, tokenizer = lm.model, lm.tokenizer
+        result, q = quantize_and_export(model, tokenizer, recipe.quantize, run.gguf_path(recipe),
                                         calibration=recipe.calibration, source_gguf=source_gguf,
                                         extra_metadata=meta, report_path=run.root / "quant_report.json",
                                         source_bytes=_file_size(m["model"]["path"]) if m["model"]["kind"] != "hub" else None)
         info = {"types": dict(Counter(q.types.values())), "budget_bytes": q.budget_bytes}
+        if lm is None:
+            info.update(runtime={"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")},
+                        streamed=True)
     elif lm is None and streamable(run.pruned_dir):   # one tensor at a time from RUN/pruned/
         from birdbone_core.model.load import load_tokenizer
         from birdbone_core.model.stream import StreamedModel

@@ -173,8 +173,12 @@ class StreamedModel:
         release_freed_memory()
 
     def release(self) -> None:
-        """Every parameter back to the meta device (the embedding and head a walk kept), memory handed back."""
-        self.model.to("meta")
+        """Every parameter back to the meta device (the embedding and head a walk kept), memory handed back.
+        The buffers (RoPE frequencies, embedding scale) stay: they are computed, not read."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, _ in list(self.model.named_parameters()):
+            set_module_tensor_to_device(self.model, name, "meta")
         self._tie()
         release_freed_memory()
 

@@ -105,6 +105,7 @@ def test_export_step_with_quantize_section(run_cli, tmp_path, tiny_path):
     assert info["path"] == str(ggufs[0]) and info["bytes"] == ggufs[0].stat().st_size
     assert info["types"] == {t: n for t, n in ((t, list(types.values()).count(t)) for t in set(types.values()))}
     assert 0 < info["bits_per_weight"] <= 4.6 and info["budget_bytes"] > 0
+    assert info["streamed"] is True and rep["runtime"]["streamed"] is True   # RUN/pruned read a layer at a time
 
 
 @pytest.mark.parametrize("size", ["1.9MB", "45%"])
