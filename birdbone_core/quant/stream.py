@@ -12,7 +12,7 @@ tokens); the final norm and head give the loss gradient at the last layer's outp
 layer first: each layer is loaded again, recomputed from its kept input with grad (the collector's hooks
 gather X^T X and the output g^2 on the way) and backpropagated into the gradient at its input. Each layer's
 Hessians go to disk as soon as its backward is done. The same kernels see the same tensors in the same
-order as in the whole-model pass, so the statistics are the same (tests/quant/test_stream.py).
+order as in the whole-model pass, so the statistics are the same (tests/quant/test_quant_stream.py).
 
 The trials run every allocation in lockstep: each layer is read once, and each allocation's hidden states go
 through it with that allocation's decoded tensors swapped in (the originals put back after).

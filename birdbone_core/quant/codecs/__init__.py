@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -42,6 +44,9 @@ CHUNK_WEIGHTS = 1 << 18
 # and on a shared, busy machine their spinning barriers made encoding ten times slower. None: leave
 # torch's setting alone.
 THREADS: int | None = 1
+# Chunks coded side by side instead, each by its own thread with its ops inline (torch releases the GIL
+# inside an op); chunks are independent, so the bytes are the same for any number.
+WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 # Importance is floored at this fraction of its mean, so a span of all-zero importance (an unused
 # column range) still gets a usable scale instead of llama.cpp's degenerate zero one.
 IMPORTANCE_FLOOR = 1e-6
@@ -111,11 +116,28 @@ def encode_torch(name, W, importance=None) -> tuple[torch.Tensor, tuple[int, ...
     qw = None if qw is None else qw.view(nb, codec.block_size)
     out = torch.empty((rows, nb * codec.type_size), dtype=torch.uint8, device=X.device)
     step = max(1, (codec.chunk_weights or CHUNK_WEIGHTS) // cols)
-    with torch.inference_mode(), _threads():
-        for r0 in range(0, rows, step):
-            chunk = X[r0:r0 + step].reshape(-1, nb, codec.block_size)
-            out[r0:r0 + step] = codec.encode(chunk, qw).reshape(chunk.shape[0], -1)
+
+    def one(r0: int) -> None:
+        chunk = X[r0:r0 + step].reshape(-1, nb, codec.block_size)
+        out[r0:r0 + step] = codec.encode(chunk, qw).reshape(chunk.shape[0], -1)
+    _each_chunk(range(0, rows, step), one)
     return out, shape
+
+
+def _each_chunk(starts: range, fn) -> None:
+    """fn(start) for every chunk, on WORKERS threads when there are several chunks (host tensors only)."""
+    with _threads():
+        if WORKERS == 1 or len(starts) < 2:
+            with torch.inference_mode():
+                for s in starts:
+                    fn(s)
+            return
+
+        def run(s: int) -> None:
+            with torch.inference_mode():         # per thread
+                fn(s)
+        with ThreadPoolExecutor(WORKERS) as pool:
+            list(pool.map(run, starts))
 
 
 def encode(name, W, importance=None) -> np.ndarray:
@@ -144,9 +166,10 @@ def decode(name, packed, shape: Sequence[int]) -> torch.Tensor:
     blocks = b.view(-1, codec.type_size)
     out = torch.empty((blocks.shape[0], codec.block_size), dtype=torch.float32, device=b.device)
     step = max(1, (CHUNK_WEIGHTS * 4) // codec.block_size)
-    with torch.inference_mode(), _threads():
-        for i in range(0, blocks.shape[0], step):
-            out[i:i + step] = codec.decode(blocks[i:i + step])
+
+    def one(i: int) -> None:
+        out[i:i + step] = codec.decode(blocks[i:i + step])
+    _each_chunk(range(0, blocks.shape[0], step), one)
     return out.view(shape)
 
 
