@@ -160,13 +160,16 @@ def _plan(model: torch.nn.Module, cfg: Quantize, state: Mapping[str, torch.Tenso
 
 def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity | None,
                        imatrix: Imatrix | None = None, source_gguf=None, cache: dict | None = None,
-                       state: Mapping[str, torch.Tensor] | None = None, device: torch.device | None = None) -> Candidates:
+                       state: Mapping[str, torch.Tensor] | None = None, device: torch.device | None = None,
+                       spill=None) -> Candidates:
     """Encode every 2-D weight in its candidate types (GPTQ where statistics exist) and measure each.
     With `cfg.shortlist` set, a survey (`quant.survey`) first narrows each tensor's types to those the
     budget could pick. cache: a dict kept between calls on the same model and statistics (a benchmark
     trying several budgets); it holds the survey's estimates and every full encoding made. state: the
     model's tensors when they are not in `model` (a streamed model: each is read when its turn comes);
-    device: where GPTQ runs (default: the model's)."""
+    device: where GPTQ runs (default: the model's). spill(packed) -> the array to keep instead (e.g.
+    quant.stream.SpilledArrays: a copy on disk, mapped), applied to every encoding as it is made."""
+    keep = spill or (lambda a: a)
     t0 = time.time()
     cache = {} if cache is None else cache
     plans, todo, fixed_types, n_weights = _plan(model, cfg, state)
@@ -211,10 +214,13 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
                         if e_p < e_g:
                             first, other = other, first
                         big = rows * cols >= ALTERNATE_SHARE * budgeted  # the measured choice will try both
-                        cache[name, t] = (first[1], first[0], first[0] is r.packed, other if big else None)
+                        cache[name, t] = (first[1], keep(first[0]), first[0] is r.packed,
+                                          (keep(other[0]), other[1]) if big else None)
+                        del r, first, other
                     else:
-                        pk, _ = encode_torch(t, W, imp)
-                        cache[name, t] = (encoded_loss(t, pk.numpy(), W, H, F, emb_rows), pk.numpy(), False, None)
+                        pk = encode_torch(t, W, imp)[0].numpy()
+                        cache[name, t] = (encoded_loss(t, pk, W, H, F, emb_rows), keep(pk), False, None)
+                del W, H, F, emb_rows, imp, gptq
             for t in types:
                 fmt = get_format(t)
                 n_bytes = fmt.n_bytes(int(np.prod(p.shape)))

@@ -28,7 +28,7 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
     from birdbone_core.quant.calibration import collect_sensitivity
     from birdbone_core.quant.engine import budget_bytes, check_budget, choose, measure_candidates
     from birdbone_core.quant.importance import read_imatrix
-    from birdbone_core.quant.stream import SpilledTensors, stream_measured_kl, stream_sensitivity
+    from birdbone_core.quant.stream import SpilledArrays, SpilledTensors, stream_measured_kl, stream_sensitivity
     from birdbone_core.quant.trials import choose_measured
     from birdbone_core.runtime import describe
 
@@ -51,16 +51,17 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
             sens = stream_sensitivity(sm, blocks, SpilledTensors(Path(scratch)))
             device = sm.device
             sm.release()                  # the embedding and head too: the candidates read each tensor alone
-            cands = measure_candidates(net, cfg, sens, imatrix, source_gguf, state=state, device=device)
+            cands = measure_candidates(net, cfg, sens, imatrix, source_gguf, state=state, device=device,
+                                       spill=SpilledArrays(Path(scratch)))
         del sens
         budget = budget_bytes(cfg, cands.n_weights)
         if held is None:
             q = choose(cands, budget)
         elif sm is None:
-            q, _ = choose_measured(net, cands, budget, held)
+            q, _ = choose_measured(net, cands, budget, held, release=True)
         else:
             sm.materialize_rest()
-            q, _ = choose_measured(None, cands, budget, held,
+            q, _ = choose_measured(None, cands, budget, held, release=True,
                                    measure=lambda allocations: stream_measured_kl(sm, allocations, held))
             sm.release()
     trials = q.trials

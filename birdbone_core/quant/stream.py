@@ -61,6 +61,21 @@ class SpilledTensors(Mapping):
         return len(self.files)
 
 
+class SpilledArrays:
+    """Packed encodings kept on disk: put(a) writes a .npy file and returns it memory-mapped (read-only), so
+    the candidates of every tensor take page cache, not the process's memory, until they are read."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.n = 0
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        path = self.directory / f"packed-{self.n}.npy"
+        self.n += 1
+        np.save(path, np.ascontiguousarray(a))
+        return np.load(path, mmap_mode="r")
+
+
 def _frozen(layer: torch.nn.Module) -> torch.nn.Module:
     for p in layer.parameters():        # gradients flow through the layer, never into its weights
         p.requires_grad_(False)
@@ -162,10 +177,12 @@ def _restore(swapped: list) -> None:
         p.data = old
 
 
-def _log_probs(model, norm, h: torch.Tensor) -> torch.Tensor:
+def _log_probs(model, norm, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token log-probs [T - 1, vocab] float32 of one block's last hidden states h [1, T, d], as the
-    model's own forward computes its logits."""
-    logits = model.get_output_embeddings()(norm(h))[0, :-1].float()
+    model's own forward computes its logits (weight: the head's weight in place of its own)."""
+    head = model.get_output_embeddings()
+    y = norm(h)
+    logits = (head(y) if weight is None else torch.nn.functional.linear(y, weight, head.bias))[0, :-1].float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
@@ -200,15 +217,18 @@ def stream_measured_kl(sm: StreamedModel, allocations: list[dict], blocks: torch
                     _restore(swapped)
                 sm.release_layer(i)
                 advance()
-        # base log-probs kept in float16, as trials.choose_measured keeps them
-        base = [_log_probs(model, norm, h).to(torch.float16) for h in hidden[0]]
         kls = []
         for v, q in enumerate(allocations, start=1):
             swapped = _swapped(decoded, q, head, head_name.removesuffix("weight"))
+            original = swapped[0][1] if swapped else head.weight
             total, n = 0.0, 0
-            for lp, h in zip(base, hidden[v]):
+            for h0, h in zip(hidden[0], hidden[v]):
+                # the base's log-probs again for each allocation, not all blocks' held at once (4 x 256
+                # tokens of a 262k vocabulary: 0.5 GB), rounded to float16 as the in-memory trials keep them
+                lp = _log_probs(model, norm, h0, original).to(torch.float16)
                 total += kl_sum(lp, _log_probs(model, norm, h))
                 n += lp.shape[0]
+                del lp
             _restore(swapped)
             kls.append(total / max(n, 1))
     return kls

@@ -209,16 +209,20 @@ def in_memory_kl(model: torch.nn.Module, blocks: torch.Tensor):
 
 
 def choose_measured(model: torch.nn.Module | None, c: Candidates, budget_bytes: int, blocks: torch.Tensor | None,
-                    share: float = BIG_SHARE, measure=None) -> tuple[QuantResult, list[Trial]]:
+                    share: float = BIG_SHARE, measure=None, release: bool = False) -> tuple[QuantResult, list[Trial]]:
     """The allocation with the lowest measured KL among `allocations` (see the module docstring).
     measure(allocations) -> [KL]: default in_memory_kl(model, blocks) (a streamed model:
-    quant.stream.stream_measured_kl)."""
+    quant.stream.stream_measured_kl). release: the caller is done with `c`: the encodings no allocation
+    uses are dropped before measuring (c.packed and c.alternates are emptied)."""
     t0 = time.time()
     big = big_tensors(c, share)
     cands = allocations(c, budget_bytes, big)
     if len(cands) < 2:
         r = cands[0][1] if cands else choose(c, budget_bytes)
         return r, []
+    if release:
+        c.packed.clear()
+        c.alternates.clear()
     measure = measure or in_memory_kl(model, blocks)
     kls = measure([r.quantized for _, r, _ in cands])
     trials = [Trial(combo, estimate, kl, r.n_bytes) for (combo, r, estimate), kl in zip(cands, kls)]
