@@ -37,7 +37,7 @@ from birdbone_core.quant.codecs import decode, encode_torch
 from birdbone_core.quant.formats import get_format
 
 # Weights per row chunk of one GPTQ pass (rows are independent; chunking bounds the working set).
-ROW_CHUNK_WEIGHTS = 1 << 24
+ROW_CHUNK_WEIGHTS = 1 << 22
 
 
 @dataclass(frozen=True)

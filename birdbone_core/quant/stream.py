@@ -33,7 +33,7 @@ from birdbone_core.model.walk import capture_layer_inputs, layer_out
 from birdbone_core.progress import progress_bar
 from birdbone_core.quant.calibration import Collector, Sensitivity, head_loss_grad
 from birdbone_core.quant.codecs import decode
-from birdbone_core.quant.trials import kl_sum
+from birdbone_core.quant.trials import KL_CHUNK_ELEMENTS, kl_sum
 
 
 class SpilledTensors(Mapping):
@@ -147,6 +147,7 @@ class _Decoded:
         plans = plan_tensors(model, self.spec, self.dims, model.config, state)
         self.gguf_name = {p.hf_name: p.gguf_name for p in plans if len(p.shape) == 2}
         self.shapes = {p.gguf_name: p.shape for p in plans}
+        self.n_vocab = self.dims.n_vocab
 
     def swap(self, quantized: dict, hf_name: str, param: torch.nn.Parameter) -> torch.Tensor | None:
         """Put the allocation's decoded tensor for `hf_name` into `param`; returns the original storage."""
@@ -224,11 +225,15 @@ def stream_measured_kl(sm: StreamedModel, allocations: list[dict], blocks: torch
             total, n = 0.0, 0
             for h0, h in zip(hidden[0], hidden[v]):
                 # the base's log-probs again for each allocation, not all blocks' held at once (4 x 256
-                # tokens of a 262k vocabulary: 0.5 GB), rounded to float16 as the in-memory trials keep them
-                lp = _log_probs(model, norm, h0, original).to(torch.float16)
-                total += kl_sum(lp, _log_probs(model, norm, h))
-                n += lp.shape[0]
-                del lp
+                # tokens of a 262k vocabulary: 0.5 GB), rounded to float16 as the in-memory trials keep
+                # them; a chunk of positions at a time ([positions, vocab] float32 temporaries)
+                step = max(1, KL_CHUNK_ELEMENTS // decoded.n_vocab)
+                for s in range(0, h.shape[1] - 1, step):
+                    span = slice(s, min(s + step + 1, h.shape[1]))   # + the next position: log-probs drop the last
+                    lp = _log_probs(model, norm, h0[:, span], original).to(torch.float16)
+                    total += kl_sum(lp, _log_probs(model, norm, h[:, span]))
+                    n += lp.shape[0]
+                    del lp
             _restore(swapped)
             kls.append(total / max(n, 1))
     return kls

@@ -1,7 +1,8 @@
 """The default suite's guard against a step that materializes the whole model: the baseline (`prepare`), a
-one-shot prune and the GGUF export of a generated 0.74B llama (tests/benchmarks/make_models.py `stream-test`,
-bf16 on disk), each streamed layer by layer, must each peak below half the model's float32 bytes. Holding the model whole in bf16 alone would reach that
-bound, before the interpreter, torch and transformers (~0.5 GB) are counted."""
+one-shot prune, the GGUF export and `birdbone quantize` of a generated 0.74B llama
+(tests/benchmarks/make_models.py `stream-test`, bf16 on disk), each streamed layer by layer, must each peak
+below half the model's float32 bytes. Holding the model whole in bf16 alone would reach that bound, before
+the interpreter, torch and transformers (~0.5 GB) are counted."""
 from __future__ import annotations
 
 import importlib.util
@@ -34,7 +35,7 @@ def _peak_rss(log: Path, *args: str) -> int:
     return peak
 
 
-def test_streamed_prune_and_export_stay_under_half_the_models_fp32_bytes(tmp_path):
+def test_streamed_prune_export_and_quantize_stay_under_half_the_models_fp32_bytes(tmp_path):
     model = tmp_path / "stream-test"
     made = _make_models().make("stream-test", model)
     fp32_bytes = 4 * made["parameters"]
@@ -45,6 +46,11 @@ def test_streamed_prune_and_export_stay_under_half_the_models_fp32_bytes(tmp_pat
     _peak_rss(tmp_path / "init.log", "init", str(run), "--model", str(model), "-r", str(tmp_path / "recipe.yaml"))
 
     peaks = {step: _peak_rss(tmp_path / f"{step}.log", step, str(run)) for step in ("baseline", "prune", "export")}
+    # the quantizer: calibration forward and backward, encodings and export (Q8_0 only, to stay quick)
+    gguf_out = tmp_path / "q.gguf"
+    peaks["quantize"] = _peak_rss(tmp_path / "quantize.log", "quantize", str(model), "-o", str(gguf_out),
+                                  "-r", str(tmp_path / "recipe.yaml"), "--bpw", "8.6", "--types", "Q8_0",
+                                  "--no-gptq", "--measure-blocks", "0", "--shortlist", "all", "--n-samples", "2")
     print(f"{made['parameters']:,} parameters, fp32 {fp32_bytes / 2**30:.2f} GiB; peak RSS " +
           ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in peaks.items()))
     assert all(v < fp32_bytes / 2 for v in peaks.values()), peaks
@@ -55,3 +61,6 @@ def test_streamed_prune_and_export_stay_under_half_the_models_fp32_bytes(tmp_pat
     assert float((w == 0).float().mean()) == 0.5 and w.dtype.itemsize == 2
     steps = json.loads((run / "run.json").read_text())["steps"]
     assert steps["prune"]["sparsity"] == 0.5 and steps["export"]["bytes"] > made["parameters"] * 2
+    import gguf
+    types = {t.tensor_type.name for t in gguf.GGUFReader(gguf_out).tensors}
+    assert types == {"Q8_0", "F32"} and gguf_out.stat().st_size > made["parameters"]
