@@ -9,9 +9,8 @@ around it), one after another on this machine:
   export), then `birdbone prune RUN` and `birdbone export RUN`, both streamed layer by layer
   (birdbone_core.model.stream): a safetensors source in its stored dtype (bf16 for the generated models),
   a GGUF source (Gemma) dequantized tensor by tensor to fp32.
-- `birdbone quantize SRC --bpw 4.5` (same calibration): the quantizer holds the whole model. It is run only
-  where its memory, extrapolated from the smallest model's measured bytes per parameter, fits in 80% of
-  this machine's RAM; otherwise the row says how much it would need.
+- `birdbone quantize SRC --bpw 4.5` (same calibration), streamed layer by layer (birdbone_core.quant.stream)
+  in fp32; `--quantize-in-memory` runs the whole-model path instead (a `quantize_in_memory` job beside it).
 - llm-compressor's GPTQ W4A16 one-shot (its own venv, `make -C tests/benchmarks/llmc`) on Gemma and the 1B
   model, when that venv exists, with the very same calibration tokens (Gemma: from a safetensors copy of the
   dequantized GGUF, made once and not timed, since llm-compressor loads Hugging Face directories).
@@ -117,15 +116,30 @@ def prune_export(name: str, src: Path, work: Path, logs: Path) -> dict:
     return out
 
 
-def quantize(name: str, src: Path, work: Path, logs: Path) -> dict:
+def quantize(name: str, src: Path, work: Path, logs: Path, in_memory: bool = False) -> dict:
     out = work / f"{name}-q.gguf"
     recipe = recipe_file(work, name, False)
-    r = child(birdbone("quantize", src, "-o", out, "--bpw", 4.5, "-r", recipe, "--n-samples", N_SAMPLES),
-              logs / f"{name}-quantize.log")
+    report = work / f"{name}-q.json"
+    r = child(birdbone("quantize", src, "-o", out, "--bpw", 4.5, "-r", recipe, "--n-samples", N_SAMPLES,
+                       "--report", report, *(["--in-memory"] if in_memory else [])),
+              logs / f"{name}-quantize{'-in-memory' if in_memory else ''}.log")
     if r["exit"] == 0:
         r["gguf_bytes"] = out.stat().st_size
+        r["streamed"] = bool(json.loads(report.read_text())["runtime"].get("streamed"))
+        r["gguf_sha256"] = sha256_of(out)
     out.unlink(missing_ok=True)
+    report.unlink(missing_ok=True)
     return r
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def llmc_gptq(name: str, src: Path, work: Path, logs: Path) -> dict:
@@ -169,8 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/birdbone-scale"))
     ap.add_argument("--out", type=Path, default=RESULTS / "scale")
     ap.add_argument("--skip", default="", help="comma-separated jobs to skip: prune_export, quantize, llmc")
-    ap.add_argument("--no-memory-guard", action="store_true",
-                    help="run `birdbone quantize` even where the smallest model's bytes per parameter say it would not fit")
+    ap.add_argument("--quantize-in-memory", action="store_true",
+                    help="also run `birdbone quantize --in-memory` (the whole model in fp32) beside the streamed one")
     ap.add_argument("--merge", action="store_true",
                     help="keep OUT.json's other rows and jobs; replace only what this run measures")
     a = ap.parse_args(argv)
@@ -179,13 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     logs = a.work / "logs"
     logs.mkdir(exist_ok=True)
     ram = mem_total()
-    rows, per_param = [], None
+    rows = []
     old_json = Path(f"{a.out}.json")
     if a.merge and old_json.is_file():
         rows = json.loads(old_json.read_text())["rows"]
-        per_param = next((r["quantize"]["peak_rss_bytes"] / r["parameters"] for r in rows
-                          if r.get("quantize", {}).get("exit") == 0), None)
-    measured_here = False
     for name in a.models.split(","):
         src, n_params, stored = source_for(name, a.work)
         print(f"{name}: {n_params:,} parameters ({stored}) at {src}", flush=True)
@@ -197,16 +208,9 @@ def main(argv: list[str] | None = None) -> None:
         if "prune_export" not in skip:
             row["prune_export"] = prune_export(name, src, a.work, logs)
         if "quantize" not in skip:
-            need = per_param * n_params if per_param else None
-            if need is not None and need > 0.8 * ram and not a.no_memory_guard:
-                row["quantize"] = {"skipped": f"would need about {need / GIB:.0f} GiB ({per_param:.0f} bytes per "
-                                              f"parameter, as measured on the smallest model); this machine "
-                                              f"has {ram / GIB:.0f} GiB"}
-            else:
-                row["quantize"] = quantize(name, src, a.work, logs)
-                if row["quantize"]["exit"] == 0 and not measured_here:  # this run's figure beats an old one
-                    per_param = row["quantize"]["peak_rss_bytes"] / n_params
-                    measured_here = True
+            row["quantize"] = quantize(name, src, a.work, logs)
+            if a.quantize_in_memory:
+                row["quantize_in_memory"] = quantize(name, src, a.work, logs, in_memory=True)
         if "llmc" not in skip and name in ("gemma-3-270m", "llama-3.2-1b"):
             row["llmc_gptq_w4a16"] = llmc_gptq(name, src, a.work, logs) if LLMC_PY.is_file() else \
                 {"skipped": "no .venv-llmc (make -C tests/benchmarks/llmc)"}

@@ -50,13 +50,20 @@ def render_markdown(info: dict) -> str:
                 wall, peak, extra = _cells(pe[step], fp32)
                 jobs.append(("SparseGPT 50% prune" if step == "prune" else "GGUF Q8_0 export", wall, peak,
                              extra or note))
-        for key, label in (("quantize", "`birdbone quantize --bpw 4.5`"),
+        for key, label in (("quantize_in_memory", "`birdbone quantize --bpw 4.5 --in-memory`"),
+                           ("quantize", "`birdbone quantize --bpw 4.5`"),
                            ("llmc_gptq_w4a16", "llm-compressor GPTQ W4A16")):
             j = _job(r, key)
             if j is not None:
                 wall, peak, extra = _cells(j, fp32)
                 if not extra and "gguf_bytes" in j:
-                    extra = f"GGUF {j['gguf_bytes'] / 1e6:.0f} MB"
+                    how = ("streamed layer by layer, fp32; " if j.get("streamed") else
+                           "whole model in memory, fp32; " if "streamed" in j else "")
+                    extra = f"{how}GGUF {j['gguf_bytes'] / 1e6:.0f} MB"
+                    twin = _job(r, "quantize_in_memory") if key == "quantize" else None
+                    if twin is not None and twin.get("gguf_sha256") and j.get("gguf_sha256"):
+                        extra += (", the same bytes as in memory" if twin["gguf_sha256"] == j["gguf_sha256"]
+                                  else ", bytes differ from the in-memory file")
                 jobs.append((label, wall, peak, extra))
         for job, wall, peak, note in jobs:
             lines.append(f"| {r['model']} | {r['parameters'] / 1e9:.2f}B | {job} | {wall} | {peak} | {note} |")
