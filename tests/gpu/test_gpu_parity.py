@@ -11,7 +11,8 @@ tests/benchmarks/results/gpu-suite.md so the criteria can be tightened from real
     GPTQ              the plain codec rounding byte-identical (the codecs run on the host); GPTQ's levels
                       >= 98% identical and its output error tr(dW H dW^T) within 2%
     quantize (GGUF)   float32 weights: KLD to the dense model within 5% (+0.002) of the CPU file's;
-                      bf16 weights (the CUDA default): within 25% (+0.005)
+                      bf16 weights (the CUDA default): within 25% (+0.005); streamed layer by layer on the
+                      device: the in-memory file's bytes, or its KLD within 2%
     healing           blockwise and distill, float32: every step's loss within 5% of the CPU curve's, the
                       final loss / KL within 5%
     steps             compress and the wave loop run on the device and record it; a run prepared on the
@@ -192,6 +193,23 @@ def test_quantize_on_device_kld_close_to_cpu(tmp_path, tiny_path, dense_gguf, re
            f"<= {1 + rel} (+{floor})")
     record(f"quantize Q4_K/Q6_K 5 bpw, weights {dtype}", "tensors given the same type", same_types, "(recorded)")
     assert k_dev <= k_cpu * (1 + rel) + floor, (k_dev, k_cpu)
+
+
+def test_streamed_quantize_on_device_matches_in_memory_on_device(tmp_path, tiny_path, dense_gguf, record):
+    """The quantizer streamed layer by layer on the device against the whole model on the device: on the CPU
+    the two write the same bytes (tests/quant/test_quant_stream.py); here the KLD must agree within 2%."""
+    args = ("--bpw", "4.5", "--n-samples", "4", "--measure-blocks", "2", "--device", DEVICE, "--dtype", "float32")
+    files = {}
+    for side in ("streamed", "in-memory"):
+        path = tmp_path / f"{side}.gguf"
+        r = cli("quantize", tiny_path, "-o", path, *args, *(["--in-memory"] if side == "in-memory" else []))
+        assert r.returncode == 0, r.stderr
+        files[side] = path
+    same = files["streamed"].read_bytes() == files["in-memory"].read_bytes()
+    k_s, k_m = _kld(files["streamed"], dense_gguf), _kld(files["in-memory"], dense_gguf)
+    record("quantize 4.5 bpw streamed vs in memory, on the device", "KLD streamed / in memory", k_s / k_m,
+           "within 2%" + (" (the same bytes)" if same else " (bytes differ)"))
+    assert same or abs(k_s / k_m - 1) <= 0.02, (k_s, k_m)
 
 
 def _pruned_pair(lm, blocks, device):
