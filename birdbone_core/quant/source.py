@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from birdbone_core.errors import BirdboneError
+from birdbone_core.quant.codecs import codec_names, decode
 from birdbone_core.quant.formats import FORMATS, get_format
 
 
@@ -26,7 +27,6 @@ def source_blocks(path: Path, plans, allowed: dict[str, list[str]]) -> dict[str,
     The tensor table comes from the fast header walk (gguf.GGUFReader would first build every metadata
     item: ~45 s for a 262k-token vocabulary); the data is read through a memory map."""
     from gguf.constants import GGMLQuantizationType
-    from gguf.quants import dequantize
 
     from birdbone_core.model.gguf_header import GgufHeaderError, read_gguf_header
 
@@ -44,14 +44,15 @@ def source_blocks(path: Path, plans, allowed: dict[str, list[str]]) -> dict[str,
         except ValueError:
             continue
         name = qtype.name
-        if p is None or name not in FORMATS or get_format(name).block_size == 1 or name not in allowed.get(t.name, ()):
+        if (p is None or name not in FORMATS or name not in codec_names() or get_format(name).block_size == 1
+                or name not in allowed.get(t.name, ())):
             continue
         # gguf shapes are innermost-first; plans are outermost-first (rows, row length)
         if tuple(reversed(t.shape)) != tuple(p.shape):
             continue
         rows = int(np.prod(p.shape[:-1]))
         data = np.asarray(data_map[t.offset:t.offset + t.n_bytes]).reshape(rows, -1)   # [rows, row bytes]
-        W_src = dequantize(data, qtype).reshape(p.shape)
-        if np.array_equal(W_src.astype(np.float32), p.load()):
+        W_src = decode(name, data, p.shape).numpy()          # gguf-py's values, bit for bit
+        if np.array_equal(W_src, p.load()):
             kept[t.name] = (name, np.ascontiguousarray(data, dtype=np.uint8))
     return kept
