@@ -82,18 +82,19 @@ def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
     return float(((dW @ H.float()) * dW).sum(dtype=torch.float64))
 
 
-# The last few factors, by the Hessian's bytes: q/k/v (and gate/up) share one H, so their GPTQ runs
-# one after another factor it once.
+# The last factor, by the Hessian's bytes: q/k/v (and gate/up) share one H and are encoded one after
+# another, so they factor it once. One: a big model's factors are large (8192 x 8192: 268 MB).
 _FACTORS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-FACTORS_KEPT = 2
+FACTORS_KEPT = 1
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """float32 upper Cholesky factor of (H + damp * mean(diag H) I)^-1, computed in float64."""
     key = (hashlib.blake2b(H.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest(),
            tuple(H.shape), str(H.dtype), str(H.device), damp)
     U = _FACTORS.get(key)
     if U is None:
-        U = _FACTORS[key] = _factor(H, damp)
+        U = _FACTORS[key] = _factor(H, damp).to(torch.float32)
         while len(_FACTORS) > FACTORS_KEPT:
             _FACTORS.popitem(last=False)
     _FACTORS.move_to_end(key)
@@ -101,16 +102,21 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _factor(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1 (float64), damping raised until it exists."""
-    n = H.shape[0]
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1 (float64), damping raised until it exists.
+    Two [n, n] float64 temporaries at a time (an 8192-column Hessian: 0.5 GB each)."""
     H = H.double()
     mean = float(torch.diag(H).mean())
     lam = damp * mean if mean > 0 else 1e-6
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
     for _ in range(8):
-        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        A = H.clone()
+        A.diagonal().add_(lam)                 # H + lam * I, without an identity matrix beside it
+        L, info = torch.linalg.cholesky_ex(A)
+        del A
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            Hinv = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0:
                 return U
         lam = lam * 10 if lam > 0 else 1e-6
@@ -156,7 +162,7 @@ def gptq_quantize_many(W: torch.Tensor, H: torch.Tensor, qtypes, settings: GPTQS
     static = settings.static_scales or settings.act_order
     perm = (torch.argsort(torch.diag(H0), descending=True, stable=True) if settings.act_order
             else torch.arange(cols, device=device))
-    U = _inverse_cholesky(H0[perm][:, perm], settings.damp).to(torch.float32)
+    U = _inverse_cholesky(H0[perm][:, perm], settings.damp)
     # dynamic grids are fitted per format as GPTQ goes; a table format (IQ4_NL) has its own nearest-level rule
     affine = [n for n in names if n not in grid.TABLE]
     groups = ([affine] if affine else []) + [[n] for n in names if n in grid.TABLE] if static else [[n] for n in names]

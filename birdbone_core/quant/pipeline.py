@@ -64,30 +64,31 @@ def quantize_and_export(model, tokenizer, cfg: Quantize, out_path: Path, *, cali
             q, _ = choose_measured(None, cands, budget, held, release=True,
                                    measure=lambda allocations: stream_measured_kl(sm, allocations, held))
             sm.release()
-    trials = q.trials
-    meta: dict[str, Any] = dict(extra_metadata or {})
-    meta.update({
-        "birdbone.quant.types": json.dumps(q.types, separators=(",", ":")),
-        "birdbone.quant.budget_bytes": int(q.budget_bytes),
-        "birdbone.quant.tensor_bytes": int(q.n_bytes),
-        "birdbone.quant.target": target_text(cfg),
-        "birdbone.quant.method": ("gptq" + (" act-order" if cfg.gptq.act_order else "") if cfg.gptq.enabled
-                                  else "rounding") + (" imatrix-file" if imatrix else ""),
-        "birdbone.quant.calibration": f"{text_desc}, {n} x {calibration.seq_len}",
-        "birdbone.quant.kept_source_blocks": len(q.kept_source),
-    })
-    if trials:
-        meta["birdbone.quant.trials"] = json.dumps([{"types": t.big_types, "measured_kl": round(t.measured_kl, 6),
-                                                     "chosen": t.chosen} for t in trials], separators=(",", ":"))
-    result = export_gguf(net, tokenizer, out_path, out_type="f16", source_gguf=source_gguf,
-                         extra_metadata=meta, quantized=q.quantized, state=state)
-    if report_path is not None:
-        atomic.write_json(report_path, {
-            "gguf": str(result.path), "file_bytes": result.n_bytes, "tensor_bytes": q.n_bytes,
-            "budget_bytes": q.budget_bytes, "bits_per_weight": q.bits_per_weight, "seconds": round(q.seconds, 1),
-            "types": q.types, "kept_source_blocks": q.kept_source, "sensitivity": q.errors, "gptq_beat_rounding": q.gptq_won,
-            "trials": [dict(vars(t)) for t in trials], "settings": cfg.model_dump(mode="json"),
-            "runtime": runtime | ({"streamed": True} if sm else {})})
+        # written while the scratch directory (the chosen encodings, memory-mapped) is still there
+        trials = q.trials
+        meta: dict[str, Any] = dict(extra_metadata or {})
+        meta.update({
+            "birdbone.quant.types": json.dumps(q.types, separators=(",", ":")),
+            "birdbone.quant.budget_bytes": int(q.budget_bytes),
+            "birdbone.quant.tensor_bytes": int(q.n_bytes),
+            "birdbone.quant.target": target_text(cfg),
+            "birdbone.quant.method": ("gptq" + (" act-order" if cfg.gptq.act_order else "") if cfg.gptq.enabled
+                                      else "rounding") + (" imatrix-file" if imatrix else ""),
+            "birdbone.quant.calibration": f"{text_desc}, {n} x {calibration.seq_len}",
+            "birdbone.quant.kept_source_blocks": len(q.kept_source),
+        })
+        if trials:
+            meta["birdbone.quant.trials"] = json.dumps([{"types": t.big_types, "measured_kl": round(t.measured_kl, 6),
+                                                         "chosen": t.chosen} for t in trials], separators=(",", ":"))
+        result = export_gguf(net, tokenizer, out_path, out_type="f16", source_gguf=source_gguf,
+                             extra_metadata=meta, quantized=q.quantized, state=state)
+        if report_path is not None:
+            atomic.write_json(report_path, {
+                "gguf": str(result.path), "file_bytes": result.n_bytes, "tensor_bytes": q.n_bytes,
+                "budget_bytes": q.budget_bytes, "bits_per_weight": q.bits_per_weight, "seconds": round(q.seconds, 1),
+                "types": q.types, "kept_source_blocks": q.kept_source, "sensitivity": q.errors, "gptq_beat_rounding": q.gptq_won,
+                "trials": [dict(vars(t)) for t in trials], "settings": cfg.model_dump(mode="json"),
+                "runtime": runtime | ({"streamed": True} if sm else {})})
     return result, q
 
 
