@@ -150,6 +150,22 @@ def release_freed_memory(collect: bool = True) -> None:
         _LIBC.malloc_trim(0)
 
 
+def drop_mapped_pages(a) -> None:
+    """Hand back the resident pages of the read-only file mapping an array reads from (numpy's memmap, or a
+    view of one): a tensor written out of a mapped file would otherwise stay in this process's memory, the
+    whole mapped file once every tensor is written. The data stays in the page cache; reading it again
+    faults it back in. Anything else (ordinary arrays, writable mappings) is left alone."""
+    import mmap
+
+    obj, depth = a, 0
+    while obj is not None and depth < 8:
+        m = getattr(obj, "_mmap", None)
+        if isinstance(m, mmap.mmap) and getattr(obj, "mode", None) == "r" and hasattr(m, "madvise"):
+            m.madvise(mmap.MADV_DONTNEED)
+            return
+        obj, depth = getattr(obj, "base", None), depth + 1
+
+
 def _libc():
     import ctypes
     import ctypes.util

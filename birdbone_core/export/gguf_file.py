@@ -28,6 +28,7 @@ from birdbone_core.export.vocab import write_vocab
 from birdbone_core.model.checks import F16_MAX
 from birdbone_core.progress import progress_bar
 from birdbone_core.quant.formats import can_apply, get_format
+from birdbone_core.runtime import drop_mapped_pages
 
 # out_type -> (format of 2-D weights, general.file_type, fallback format for rows that don't fit the blocks)
 OUT_TYPES: dict[str, tuple[str, gguf.LlamaFileType, str | None]] = {
@@ -217,6 +218,7 @@ def _write(model: torch.nn.Module, tokenizer: Any, path: Path, spec, dims, confi
                 check_storable(p.gguf_name, src, types[p.gguf_name])
                 data = q[1] if q is not None else _encode(src, types[p.gguf_name])
                 writer.write_tensor_data(data)
+                drop_mapped_pages(data)         # encodings read from a scratch file leave memory once written
                 advance()
     finally:
         writer.close()

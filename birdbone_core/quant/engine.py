@@ -34,7 +34,7 @@ from birdbone_core.quant.error import encoded_loss
 from birdbone_core.quant.formats import can_apply, get_format
 from birdbone_core.quant.gptq import GPTQSettings, gptq_quantize_many
 from birdbone_core.quant.importance import Imatrix
-from birdbone_core.runtime import model_device
+from birdbone_core.runtime import model_device, release_freed_memory
 
 # A tensor holding at least this share of the budgeted weights keeps both of its encodings per type
 # (GPTQ's and plain rounding's): the estimate ranks them, quant.trials measures them.
@@ -221,6 +221,7 @@ def measure_candidates(model: torch.nn.Module, cfg: Quantize, sens: Sensitivity 
                         pk = encode_torch(t, W, imp)[0].numpy()
                         cache[name, t] = (encoded_loss(t, pk, W, H, F, emb_rows), keep(pk), False, None)
                 del W, H, F, emb_rows, imp, gptq
+                release_freed_memory(collect=False)     # each tensor's temporaries differ in size: trim
             for t in types:
                 fmt = get_format(t)
                 n_bytes = fmt.n_bytes(int(np.prod(p.shape)))

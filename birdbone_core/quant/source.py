@@ -19,6 +19,7 @@ import numpy as np
 from birdbone_core.errors import BirdboneError
 from birdbone_core.quant.codecs import codec_names, decode
 from birdbone_core.quant.formats import FORMATS, get_format
+from birdbone_core.runtime import drop_mapped_pages
 
 
 def source_blocks(path: Path, plans, allowed: dict[str, list[str]]) -> dict[str, tuple[str, np.ndarray]]:
@@ -55,4 +56,5 @@ def source_blocks(path: Path, plans, allowed: dict[str, list[str]]) -> dict[str,
         W_src = decode(name, data, p.shape).numpy()          # gguf-py's values, bit for bit
         if np.array_equal(W_src, p.load()):
             kept[t.name] = (name, np.ascontiguousarray(data, dtype=np.uint8))
+        drop_mapped_pages(data_map)         # read again only if the budget keeps these blocks
     return kept

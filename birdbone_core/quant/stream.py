@@ -34,6 +34,7 @@ from birdbone_core.progress import progress_bar
 from birdbone_core.quant.calibration import Collector, Sensitivity, head_loss_grad
 from birdbone_core.quant.codecs import decode
 from birdbone_core.quant.trials import KL_CHUNK_ELEMENTS, kl_sum
+from birdbone_core.runtime import drop_mapped_pages
 
 
 class SpilledTensors(Mapping):
@@ -157,6 +158,7 @@ class _Decoded:
         t, data = quantized[name]
         a = (np.asarray(data, dtype=np.float32).reshape(self.shapes[name]) if t in ("F16", "F32")
              else decode(t, data, self.shapes[name]).numpy())
+        drop_mapped_pages(data)                # a spilled encoding: its pages leave memory again
         new = torch.from_numpy(to_hf_layout(self.spec, self.dims, hf_name, a, tuple(param.shape)))
         old = param.data
         param.data = new.to(dtype=param.dtype, device=param.device)
