@@ -2,9 +2,8 @@
 from the file (its offset from the header, birdbone_core.model.gguf_header), dequantized (bit for bit as
 gguf-py dequantizes them), and given the transform transformers' GGUF loader applies (its per-architecture
 TensorProcessor: Llama's q/k rows back to HF's RoPE layout, Gemma's norms minus 1) under the name that
-loader gives it. So a streamed
-model from a GGUF sees the very tensors `from_pretrained(..., gguf_file=...)` builds, without the whole
-dequantized model in memory."""
+loader gives it. So a streamed model from a GGUF sees the very tensors `from_pretrained(..., gguf_file=...)`
+builds, without the whole dequantized model in memory."""
 from __future__ import annotations
 
 import hashlib

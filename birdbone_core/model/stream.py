@@ -120,8 +120,8 @@ class StreamedModel:
         sm = cls(model, state, placement.device, dtype, directory, config_dir)
         if materialize:
             sm.materialize_rest()
-        elif tied:
-            model.tie_weights()
+        else:
+            sm._tie()
         return sm
 
     def materialize_rest(self) -> None:

@@ -40,7 +40,7 @@ class Collector:
         self.d_model = emb.weight.shape[1]
         self.scale = float(getattr(emb, "scalar_embed_scale", 1.0) or 1.0)  # Gemma scales lookups by sqrt(d)
         self.g2: dict[str, torch.Tensor] = {}
-        self.stats: dict[str, InputStats] = {}
+        self._attached: dict[str, InputStats] = {}   # X^T X of the modules hooked now (attach .. close)
         self.seen: list = []            # inputs of the current forward: cleared per batch
         self.emb_ids: list[torch.Tensor] = []
         self.emb_g2: list[torch.Tensor] = []

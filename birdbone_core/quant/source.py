@@ -18,7 +18,6 @@ import numpy as np
 
 from birdbone_core.errors import BirdboneError
 from birdbone_core.quant.codecs import codec_names, decode
-from birdbone_core.quant.formats import FORMATS, get_format
 from birdbone_core.runtime import drop_mapped_pages
 
 
@@ -45,8 +44,7 @@ def source_blocks(path: Path, plans, allowed: dict[str, list[str]]) -> dict[str,
         except ValueError:
             continue
         name = qtype.name
-        if (p is None or name not in FORMATS or name not in codec_names() or get_format(name).block_size == 1
-                or name not in allowed.get(t.name, ())):
+        if p is None or name not in codec_names() or name not in allowed.get(t.name, ()):   # block types only
             continue
         # gguf shapes are innermost-first; plans are outermost-first (rows, row length)
         if tuple(reversed(t.shape)) != tuple(p.shape):

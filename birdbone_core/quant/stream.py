@@ -26,14 +26,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from birdbone_core.export.arch import arch_for, model_dims, plan_tensors, to_hf_layout
+from birdbone_core.export.arch import arch_for, model_dims, plan_tensors
 from birdbone_core.model.layers import decoder_layers, final_norm, linear_modules
 from birdbone_core.model.stream import StreamedModel, layer_prefix
 from birdbone_core.model.walk import capture_layer_inputs, layer_out
 from birdbone_core.progress import progress_bar
 from birdbone_core.quant.calibration import Collector, Sensitivity, head_loss_grad
-from birdbone_core.quant.codecs import decode
-from birdbone_core.quant.trials import KL_CHUNK_ELEMENTS, kl_sum
+from birdbone_core.quant.trials import KL_CHUNK_ELEMENTS, hf_weight, kl_sum
 from birdbone_core.runtime import drop_mapped_pages
 
 
@@ -77,20 +76,14 @@ class SpilledArrays:
         return np.load(path, mmap_mode="r")
 
 
-def _frozen(layer: torch.nn.Module) -> torch.nn.Module:
-    for p in layer.parameters():        # gradients flow through the layer, never into its weights
-        p.requires_grad_(False)
-    return layer
-
-
 def stream_sensitivity(sm: StreamedModel, blocks: torch.Tensor, spill: SpilledTensors | None = None,
                        batch_size: int = 1) -> Sensitivity:
     """calibration.collect_sensitivity of `sm` on blocks [n, seq_len], one decoder layer in memory at a time
     (see the module docstring); Hessians go to `spill` (default: held in memory)."""
     model = sm.model
     layers = decoder_layers(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    for p in model.parameters():        # the layers' meta parameters too: a loaded layer keeps the flag, so
+        p.requires_grad_(False)         # gradients flow through the layers, never into their weights
     col = Collector(model, spill)
     batches = list(blocks.split(batch_size))
     device = sm.device
@@ -119,7 +112,7 @@ def stream_sensitivity(sm: StreamedModel, blocks: torch.Tensor, spill: SpilledTe
     with progress_bar("calibration backward (layer by layer)", total=len(layers)) as advance:
         for i in reversed(range(len(layers))):
             sm.load_layer(i)
-            layer = _frozen(layers[i])
+            layer = layers[i]
             handles = col.attach({layer_prefix(i) + n: m for n, m in linear_modules(layer).items()})
             with torch.enable_grad():
                 for b in range(len(batches)):
@@ -156,12 +149,10 @@ class _Decoded:
         if name is None or name not in quantized:
             return None
         t, data = quantized[name]
-        a = (np.asarray(data, dtype=np.float32).reshape(self.shapes[name]) if t in ("F16", "F32")
-             else decode(t, data, self.shapes[name]).numpy())
+        new = hf_weight(self.spec, self.dims, hf_name, t, data, self.shapes[name], param)
         drop_mapped_pages(data)                # a spilled encoding: its pages leave memory again
-        new = torch.from_numpy(to_hf_layout(self.spec, self.dims, hf_name, a, tuple(param.shape)))
         old = param.data
-        param.data = new.to(dtype=param.dtype, device=param.device)
+        param.data = new
         return old
 
 

@@ -111,6 +111,15 @@ def allocations(c: Candidates, budget_bytes: int, big: list[str]) -> list[tuple[
     return out
 
 
+def hf_weight(spec, dims, hf_name: str, t: str, data, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """The tensor GGUF data `data` of type `t` and GGUF `shape` decodes to, in the HF layout, dtype and
+    device of the parameter `like` (q/k rows un-permuted, FFN padding dropped)."""
+    a = (np.asarray(data, dtype=np.float32).reshape(shape) if t in ("F16", "F32")
+         else decode(t, data, shape).numpy())
+    new = torch.from_numpy(to_hf_layout(spec, dims, hf_name, a, tuple(like.shape)))
+    return new.to(dtype=like.dtype, device=like.device)
+
+
 class _WeightSwap:
     """Put decoded GGUF tensors into the model's parameters (HF layout) and restore the originals exactly."""
 
@@ -130,15 +139,9 @@ class _WeightSwap:
             if name not in self.where:
                 continue
             hf_name, param = self.where[name]
-            shape = self.shapes[name]
-            if t in ("F16", "F32"):
-                a = np.asarray(data, dtype=np.float32).reshape(shape)
-            else:
-                a = decode(t, data, shape).numpy()
             # the decoded tensor becomes the parameter's storage and the original is set aside, not copied:
             # the model's weights are never held twice (a tied embedding and head share the one Parameter)
-            new = torch.from_numpy(to_hf_layout(self.spec, self.dims, hf_name, a, tuple(param.shape)))
-            new = new.to(dtype=param.dtype, device=param.device)
+            new = hf_weight(self.spec, self.dims, hf_name, t, data, self.shapes[name], param)
             self.saved.setdefault(name, param.data)
             param.data = new
 

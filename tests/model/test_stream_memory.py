@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+import gguf
 import yaml
 from clitools import run_measured
 from tiny_recipes import tiny_recipe
@@ -61,6 +62,5 @@ def test_streamed_prune_export_and_quantize_stay_under_half_the_models_fp32_byte
     assert float((w == 0).float().mean()) == 0.5 and w.dtype.itemsize == 2
     steps = json.loads((run / "run.json").read_text())["steps"]
     assert steps["prune"]["sparsity"] == 0.5 and steps["export"]["bytes"] > made["parameters"] * 2
-    import gguf
     types = {t.tensor_type.name for t in gguf.GGUFReader(gguf_out).tensors}
     assert types == {"Q8_0", "F32"} and gguf_out.stat().st_size > made["parameters"]
